@@ -1,0 +1,465 @@
+//! The `shoal` command line: `node`, `dev`, `check-config`, `demo-backend`, and the admin
+//! verbs (`pool`, `backend`, `status`) that talk to any node's admin API.
+
+pub mod client;
+pub mod dev;
+mod output;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use http::Method;
+use serde_json::{Value, json};
+use shoal_proto::admin::{ClusterView, PoolHealth, WriteResult};
+use shoal_proto::{Algorithm, Pool};
+
+use crate::dataplane::Limits;
+use crate::node::NodeOptions;
+use client::{AdminClient, ApiFailure};
+
+/// shoal: a clustered load balancer.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a load-balancer node.
+    Node(NodeArgs),
+    /// Run a local demo cluster with demo backends.
+    Dev(dev::DevArgs),
+    /// Validate a config file (shoal TOML or seed 004 JSON); exits non-zero on a problem.
+    CheckConfig { file: PathBuf },
+    /// Manage pools.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Manage backends.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Show the cluster: nodes, roles, leader, indexes.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A demo backend: HTTP (`/healthz` → ok) or TCP echo with seed 004 heartbeats.
+    DemoBackend(crate::demo::DemoArgs),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Node id, unique in the cluster (default: the host name).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Admin API address.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub admin: SocketAddr,
+    /// Where the node keeps its state.
+    #[arg(long, default_value = "shoal-data")]
+    pub data_dir: PathBuf,
+    /// Initial pools: shoal TOML or a seed 004 JSON file; re-applied when the file changes.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Port of the node's HTTP listener (HTTP pools attach to it by URL pattern).
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    /// IP every data listener binds (default: the seed config's IP, else 0.0.0.0).
+    #[arg(long)]
+    pub listen_ip: Option<IpAddr>,
+    /// Data-plane worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// This node's zone, for zone-aware routing.
+    #[arg(long, default_value = "")]
+    pub zone: String,
+    /// Seconds established connections get to finish on shutdown.
+    #[arg(long, default_value_t = 10)]
+    pub drain_timeout: u64,
+    /// Largest request head in bytes (431 beyond).
+    #[arg(long, default_value_t = 65536)]
+    pub max_header_bytes: usize,
+    /// Client connections open at once, per worker.
+    #[arg(long, default_value_t = 50000)]
+    pub max_connections: usize,
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+impl NodeArgs {
+    pub fn options(&self) -> NodeOptions {
+        NodeOptions {
+            id: self.id.clone().unwrap_or_else(default_id),
+            admin: self.admin,
+            data_dir: self.data_dir.clone(),
+            config: self.config.clone(),
+            listen_ip: self.listen_ip,
+            http_port: self.http_port,
+            threads: self.threads,
+            zone: self.zone.clone(),
+            limits: Limits {
+                max_header_bytes: self.max_header_bytes,
+                max_connections: self.max_connections,
+                ..Limits::default()
+            },
+            drain_timeout: Duration::from_secs(self.drain_timeout),
+        }
+    }
+}
+
+fn default_id() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "shoal-1".into())
+}
+
+/// Where the admin API is.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Admin API of any node.
+    #[arg(long, env = "SHOAL_ADMIN", default_value = "http://127.0.0.1:8081")]
+    pub admin: String,
+    /// Print the raw JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Create a pool or change its settings.
+    Add(PoolAddArgs),
+    /// Remove a pool (established connections finish).
+    Rm {
+        pool: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List pools.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a pool's health table.
+    Health {
+        pool: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PoolAddArgs {
+    pub pool: String,
+    /// URL pattern (HTTP pools), Go ServeMux style: "/", "/api/", "host/path".
+    #[arg(long)]
+    pub pattern: Option<String>,
+    /// Listener port (TCP pools).
+    #[arg(long)]
+    pub listen: Option<u16>,
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Http)]
+    pub protocol: ProtocolArg,
+    #[arg(long, value_enum, default_value_t = AlgorithmArg::RoundRobin)]
+    pub algorithm: AlgorithmArg,
+    /// Health check kind (default: http for HTTP pools, tcp for TCP pools, heartbeat with --heartbeat-port).
+    #[arg(long, value_enum)]
+    pub check: Option<CheckArg>,
+    #[arg(long)]
+    pub health_path: Option<String>,
+    #[arg(long)]
+    pub interval_ms: Option<u64>,
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    #[arg(long)]
+    pub rise: Option<u32>,
+    #[arg(long)]
+    pub fall: Option<u32>,
+    /// UDP port for seed 004 heartbeats.
+    #[arg(long)]
+    pub heartbeat_port: Option<u16>,
+    /// Accept backends that identify themselves by heartbeat without being configured.
+    #[arg(long)]
+    pub self_register: bool,
+    /// Require a 2xx status from health checks too.
+    #[arg(long)]
+    pub require_2xx: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ProtocolArg {
+    Http,
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AlgorithmArg {
+    RoundRobin,
+    LeastConn,
+    P2c,
+    Maglev,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum CheckArg {
+    Http,
+    Tcp,
+    Heartbeat,
+    None,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCmd {
+    /// Add a backend (refused if its first health check fails, unless --force).
+    Add(BackendAddArgs),
+    /// Remove a backend (established connections finish).
+    Rm {
+        pool: String,
+        addr: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop sending new work to a backend (or resume with --undo).
+    Drain {
+        pool: String,
+        addr: String,
+        #[arg(long)]
+        undo: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BackendAddArgs {
+    pub pool: String,
+    /// Backend address, ip:port.
+    pub addr: String,
+    #[arg(long)]
+    pub url_path: Option<String>,
+    #[arg(long)]
+    pub weight: Option<u32>,
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// UDP address the backend sends heartbeats from (heartbeat pools).
+    #[arg(long)]
+    pub heartbeat_addr: Option<SocketAddr>,
+    /// Add even if the first health check fails.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Runs a parsed command line to completion.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Node(args) => run_node(args),
+        Command::Dev(args) => dev::run(args),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::DemoBackend(args) => crate::demo::run(args),
+        other => client_main(other),
+    }
+}
+
+/// Sets up logging for long-running commands.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("shoal-control").enable_all().build()
+}
+
+fn run_node(args: NodeArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(2, format!("cannot start runtime: {e}")),
+    };
+    rt.block_on(async {
+        let node = match crate::node::start(args.options()).await {
+            Ok(n) => n,
+            Err(e) => return fail(1, format!("{e:#}")),
+        };
+        wait_for_signal().await;
+        node.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match crate::config::load(file) {
+        Ok(cfg) => {
+            println!("{}: ok, {}", file.display(), crate::config::summary(&cfg));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, format!("{}: {e}", file.display())),
+    }
+}
+
+/// Prints `error: msg` and returns the exit code.
+pub fn fail(code: u8, msg: String) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(code)
+}
+
+fn client_main(cmd: Command) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(2, format!("cannot start runtime: {e}")),
+    };
+    match rt.block_on(client_verb(cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<ApiFailure>() {
+            Some(f) => fail(1, format!("{} ({})", f.message, f.status)),
+            None => fail(1, format!("{e:#}")),
+        },
+    }
+}
+
+/// Percent-encodes what may not stand in a URL path segment (IPv6 brackets, '%', '/').
+pub fn seg(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '[' => "%5B".to_string(),
+            ']' => "%5D".to_string(),
+            '%' => "%25".to_string(),
+            '/' => "%2F".to_string(),
+            ' ' => "%20".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+async fn client_verb(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Pool(PoolCmd::Add(args)) => pool_add(args).await,
+        Command::Pool(PoolCmd::Rm { pool, client }) => {
+            let r: WriteResult =
+                connect(&client)?.call(Method::DELETE, &format!("/v1/pools/{}", seg(&pool)), None).await?;
+            output::written(&client, &r, &format!("pool {pool} removed"))
+        }
+        Command::Pool(PoolCmd::List { client }) => {
+            let pools: Vec<Pool> = connect(&client)?.get("/v1/pools").await?;
+            output::pools(&client, &pools)
+        }
+        Command::Pool(PoolCmd::Health { pool, client }) => {
+            let h: PoolHealth = connect(&client)?.get(&format!("/v1/pools/{}/health", seg(&pool))).await?;
+            output::health(&client, &h)
+        }
+        Command::Backend(BackendCmd::Add(args)) => backend_add(args).await,
+        Command::Backend(BackendCmd::Rm { pool, addr, client }) => {
+            let path = format!("/v1/pools/{}/backends/{}", seg(&pool), seg(&addr));
+            let r: WriteResult = connect(&client)?.call(Method::DELETE, &path, None).await?;
+            output::written(&client, &r, &format!("backend {addr} removed from {pool}"))
+        }
+        Command::Backend(BackendCmd::Drain { pool, addr, undo, client }) => {
+            let path = format!("/v1/pools/{}/backends/{}/drain", seg(&pool), seg(&addr));
+            let r: WriteResult = connect(&client)?.call(Method::PUT, &path, Some(json!({ "drain": !undo }))).await?;
+            let what = if undo { "back in rotation" } else { "draining" };
+            output::written(&client, &r, &format!("backend {addr} of {pool} {what}"))
+        }
+        Command::Status { client } => {
+            let v: ClusterView = connect(&client)?.get("/v1/cluster").await?;
+            output::cluster(&client, &v)
+        }
+        Command::Node(_) | Command::Dev(_) | Command::CheckConfig { .. } | Command::DemoBackend(_) => Ok(()),
+    }
+}
+
+fn connect(client: &ClientArgs) -> anyhow::Result<AdminClient> {
+    AdminClient::new(&client.admin)
+}
+
+async fn pool_add(a: PoolAddArgs) -> anyhow::Result<()> {
+    let tcp = matches!(a.protocol, ProtocolArg::Tcp) || (a.listen.is_some() && a.pattern.is_none());
+    let protocol = if tcp { "tcp" } else { "http" };
+    let algorithm = match a.algorithm {
+        AlgorithmArg::RoundRobin => Algorithm::RoundRobin,
+        AlgorithmArg::LeastConn => Algorithm::LeastConn,
+        AlgorithmArg::P2c => Algorithm::P2c,
+        AlgorithmArg::Maglev => Algorithm::Maglev,
+    };
+    let mut health = serde_json::Map::new();
+    let check = a.check.map(|c| format!("{c:?}").to_lowercase());
+    insert_some(&mut health, "check", check.map(Value::from));
+    insert_some(&mut health, "path", a.health_path.map(Value::from));
+    insert_some(&mut health, "interval_ms", a.interval_ms.map(Value::from));
+    insert_some(&mut health, "timeout_ms", a.timeout_ms.map(Value::from));
+    insert_some(&mut health, "rise", a.rise.map(Value::from));
+    insert_some(&mut health, "fall", a.fall.map(Value::from));
+    insert_some(&mut health, "heartbeat_port", a.heartbeat_port.map(Value::from));
+    if a.require_2xx {
+        health.insert("require_2xx".into(), Value::from(true));
+    }
+    let mut body =
+        json!({ "protocol": protocol, "algorithm": algorithm, "health": health, "self_register": a.self_register });
+    if let Some(p) = &a.pattern {
+        body["pattern"] = Value::from(p.clone());
+    }
+    if let Some(l) = a.listen {
+        body["listen"] = Value::from(l);
+    }
+    let path = format!("/v1/pools/{}", seg(&a.pool));
+    let r: WriteResult = connect(&a.client)?.call(Method::PUT, &path, Some(body)).await?;
+    output::written(&a.client, &r, &format!("pool {} saved", a.pool))
+}
+
+fn insert_some(map: &mut serde_json::Map<String, Value>, key: &str, value: Option<Value>) {
+    if let Some(v) = value {
+        map.insert(key.into(), v);
+    }
+}
+
+async fn backend_add(a: BackendAddArgs) -> anyhow::Result<()> {
+    let mut body = serde_json::Map::new();
+    insert_some(&mut body, "url_path", a.url_path.map(Value::from));
+    insert_some(&mut body, "weight", a.weight.map(Value::from));
+    insert_some(&mut body, "zone", a.zone.map(Value::from));
+    insert_some(&mut body, "heartbeat_addr", a.heartbeat_addr.map(|h| Value::from(h.to_string())));
+    if a.force {
+        body.insert("force".into(), Value::from(true));
+    }
+    let path = format!("/v1/pools/{}/backends/{}", seg(&a.pool), seg(&a.addr));
+    let r: WriteResult = connect(&a.client)?.call(Method::PUT, &path, Some(Value::Object(body))).await?;
+    output::written(&a.client, &r, &format!("backend {} added to {}", a.addr, a.pool))
+}

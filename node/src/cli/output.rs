@@ -1,0 +1,135 @@
+//! What the CLI prints: aligned tables like seed 003's `poolHealth`, or raw JSON with `--json`.
+
+use serde::Serialize;
+use shoal_proto::admin::{ClusterView, PoolHealth, WriteResult};
+use shoal_proto::{Pool, Protocol};
+
+use super::ClientArgs;
+
+/// Prints rows as columns separated by two spaces, padded to the widest cell.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub fn written(c: &ClientArgs, r: &WriteResult, what: &str) -> anyhow::Result<()> {
+    if c.json {
+        return json(r);
+    }
+    println!("{what} (config version {})", r.version);
+    Ok(())
+}
+
+pub fn health(c: &ClientArgs, h: &PoolHealth) -> anyhow::Result<()> {
+    if c.json {
+        return json(h);
+    }
+    let status = if h.fail_open { format!("{} (fail-open)", h.status.as_str()) } else { h.status.as_str().to_string() };
+    print!("{}", table(&[vec!["Pool".into(), "Status".into()], vec![h.pool.clone(), status]]));
+    let mut rows =
+        vec![vec!["Backend".into(), "Status".into(), "Weight".into(), "Zone".into(), "Active".into(), "Note".into()]];
+    for b in &h.backends {
+        let mut note = b.reason.clone().unwrap_or_default();
+        if b.dynamic {
+            note = format!("self-registered {note}").trim().to_string();
+        }
+        rows.push(vec![
+            b.addr.to_string(),
+            b.status.as_str().into(),
+            b.weight.to_string(),
+            b.zone.clone(),
+            b.active.to_string(),
+            note,
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(())
+}
+
+pub fn pools(c: &ClientArgs, pools: &[Pool]) -> anyhow::Result<()> {
+    if c.json {
+        return json(&pools);
+    }
+    let mut rows = vec![vec!["Pool".into(), "Frontend".into(), "Algorithm".into(), "Check".into(), "Backends".into()]];
+    for p in pools {
+        let frontend = match p.spec.protocol {
+            Protocol::Http => format!("http {}", p.spec.pattern.clone().unwrap_or_default()),
+            Protocol::Tcp => format!("tcp :{}", p.spec.listen.unwrap_or(0)),
+        };
+        let algorithm = serde_json::to_value(p.spec.algorithm)?.as_str().unwrap_or("").to_string();
+        let check = format!("{:?}", p.spec.check()).to_lowercase();
+        rows.push(vec![p.name.clone(), frontend, algorithm, check, p.backends.len().to_string()]);
+    }
+    print!("{}", table(&rows));
+    Ok(())
+}
+
+pub fn cluster(c: &ClientArgs, v: &ClusterView) -> anyhow::Result<()> {
+    if c.json {
+        return json(v);
+    }
+    println!(
+        "answered by {}  leader {}  term {}  commit {}  applied {}  config version {}",
+        v.node,
+        v.leader.as_deref().unwrap_or("(none)"),
+        v.term,
+        v.commit_index,
+        v.applied_index,
+        v.config_version
+    );
+    let mut rows = vec![vec![
+        "Node".into(),
+        "Role".into(),
+        "Voter".into(),
+        "Live".into(),
+        "Ready".into(),
+        "Admin".into(),
+        "HTTP".into(),
+        "Cluster".into(),
+        "Zone".into(),
+    ]];
+    for n in &v.nodes {
+        rows.push(vec![
+            n.id.clone(),
+            n.role.clone(),
+            yes(n.voter),
+            yes(n.live),
+            yes(n.ready),
+            n.admin.clone(),
+            n.http.clone().unwrap_or_default(),
+            n.cluster.clone().unwrap_or_default(),
+            n.zone.clone(),
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(())
+}
+
+fn yes(b: bool) -> String {
+    if b { "yes".into() } else { "no".into() }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_aligns_like_the_seed() {
+        let t = super::table(&[
+            vec!["Backend".into(), "Status".into()],
+            vec!["127.0.0.1:8082".into(), "BS_HEALTHY".into()],
+        ]);
+        assert_eq!(t, "Backend         Status\n127.0.0.1:8082  BS_HEALTHY\n");
+    }
+}

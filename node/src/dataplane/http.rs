@@ -1,0 +1,549 @@
+//! L7 HTTP/1.1 reverse proxy (seed 003): pools matched by URL pattern, keep-alive connection
+//! reuse to backends, `X-Forwarded-*` headers, hop-by-hop headers removed, bodies streamed in
+//! both directions, `Upgrade` (WebSocket) relayed byte for byte once both sides agree.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use super::mux::{Route, join_path};
+use super::{DpCtx, connect_backend, relay};
+use crate::metrics::{ListenerMetrics, PoolMetrics};
+use crate::routing::{ActiveGuard, BackendRt, BackendShared, PoolRt, Table};
+
+/// Most backends tried for one request (only retried when nothing was sent).
+const MAX_ATTEMPTS: usize = 3;
+
+/// Facts about the client connection a request arrived on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Serves HTTP/1.1 on one accepted client connection (plain or TLS).
+pub async fn serve<S>(io: S, conn: ConnInfo, ctx: Arc<DpCtx>, lm: ListenerMetrics)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc_ctx = ctx.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = svc_ctx.clone();
+        async move { Ok::<_, Infallible>(handle(req, conn, &ctx).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.limits.header_timeout)
+        .max_buf_size(ctx.limits.max_header_bytes.max(8192))
+        .max_headers(ctx.limits.max_headers);
+    let served = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    tokio::pin!(served);
+    let mut shutdown = ctx.shutdown.clone();
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        _ = shutdown.wait() => {
+            // Finish the request in flight, then close instead of keeping the connection alive.
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
+        lm.failed.inc();
+        tracing::debug!(client = %conn.peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Routes and proxies one request; every failure becomes a short HTTP error.
+async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &DpCtx) -> Response<ProxyBody> {
+    let table = ctx.table.load_full();
+    if let Some(bad) = reject_smuggling(req.headers()) {
+        return error(StatusCode::BAD_REQUEST, bad, true);
+    }
+    let host = host_of(&req);
+    match table.mux.route(&host, req.uri().path()) {
+        Route::NotFound => error(StatusCode::NOT_FOUND, "no pool matches this URL", false),
+        Route::Redirect(path) => redirect(&path, req.uri()),
+        Route::Pool(idx) => {
+            let pool = &table.pools[idx];
+            let resp = forward(req, conn, ctx, &table, pool).await;
+            pool.metrics.response(resp.status().as_u16());
+            resp
+        }
+    }
+}
+
+/// Request shapes that smuggle a second request past a proxy: refused outright (RFC 9112 §6.3).
+fn reject_smuggling(headers: &HeaderMap) -> Option<&'static str> {
+    let te = headers.get_all(header::TRANSFER_ENCODING).iter().count();
+    let cl: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if te > 0 && !cl.is_empty() {
+        return Some("both Transfer-Encoding and Content-Length");
+    }
+    if cl.len() > 1 {
+        return Some("more than one Content-Length");
+    }
+    if te > 0 {
+        let chunked_last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().to_ascii_lowercase().ends_with("chunked"));
+        if !chunked_last {
+            return Some("Transfer-Encoding without final chunked");
+        }
+    }
+    None
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    conn: ConnInfo,
+    ctx: &DpCtx,
+    table: &Table,
+    pool: &PoolRt,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    if !table.ready || pool.routable.is_empty() {
+        pool.metrics.no_backend.inc();
+        return error(StatusCode::BAD_GATEWAY, "no healthy backend", false);
+    }
+    let upgrade = wants_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    prepare_headers(&mut parts.headers, conn, upgrade);
+    let mut body = Some(body);
+    let mut tried: HashSet<usize> = HashSet::new();
+    for attempt in 0..MAX_ATTEMPTS.min(pool.routable.len()) {
+        let Some(idx) = pool.balancer.pick(&pool.routable, conn.peer.ip(), &|i| tried.contains(&i)) else { break };
+        tried.insert(idx);
+        let backend = &pool.routable[idx];
+        if attempt > 0 {
+            pool.metrics.retries.inc();
+        }
+        let guard = backend.shared.track();
+        match exchange(&parts, &mut body, backend, pool, ctx).await {
+            Exchange::Response(resp, sender) => {
+                return respond(resp, sender, guard, backend, pool, client_upgrade, started);
+            }
+            Exchange::RetryElsewhere => continue,
+            Exchange::Failed(status, msg) => return error(status, msg, false),
+        }
+    }
+    pool.metrics.no_backend.inc();
+    error(StatusCode::BAD_GATEWAY, "no backend could be reached", false)
+}
+
+/// Outcome of sending the request to one backend.
+enum Exchange {
+    Response(Response<Incoming>, SendRequest<Incoming>),
+    /// Nothing was sent: another backend may take the request.
+    RetryElsewhere,
+    Failed(StatusCode, &'static str),
+}
+
+async fn exchange(
+    req: &http::request::Parts,
+    body: &mut Option<Incoming>,
+    backend: &BackendRt,
+    pool: &PoolRt,
+    ctx: &DpCtx,
+) -> Exchange {
+    // A pooled connection may have been closed by the backend meanwhile: hyper hands the
+    // request back unsent, and we retry on a fresh connection to the same backend.
+    let mut pooled = backend.shared.pool.take();
+    loop {
+        let fresh = pooled.is_none();
+        let mut sender = match pooled.take() {
+            Some(s) => s,
+            None => match open(backend, pool, ctx).await {
+                Ok(s) => s,
+                Err(()) => return Exchange::RetryElsewhere,
+            },
+        };
+        if sender.ready().await.is_err() {
+            if fresh {
+                return Exchange::Failed(StatusCode::BAD_GATEWAY, "backend closed the connection");
+            }
+            continue;
+        }
+        let Some(b) = body.take() else { return Exchange::Failed(StatusCode::BAD_GATEWAY, "request body lost") };
+        let out = backend_request(req, b, backend);
+        let sent = tokio::time::timeout(pool.response_timeout, sender.try_send_request(out)).await;
+        match sent {
+            Err(_) => {
+                tracing::warn!(pool = %pool.name, backend = %backend.key, "backend response timeout");
+                return Exchange::Failed(StatusCode::GATEWAY_TIMEOUT, "backend response timeout");
+            }
+            Ok(Ok(resp)) => return Exchange::Response(resp, sender),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) if !fresh => {
+                    *body = Some(unsent.into_body());
+                    continue;
+                }
+                _ => {
+                    let err = e.into_error();
+                    tracing::warn!(pool = %pool.name, backend = %backend.key, error = %err, "backend exchange failed");
+                    ctx.reporter.passive_failure(&pool.name, backend.addr, format!("exchange: {err}"));
+                    return Exchange::Failed(StatusCode::BAD_GATEWAY, "backend failed to answer");
+                }
+            },
+        }
+    }
+}
+
+/// Opens a new keep-alive connection to `backend`; failures are reported as passive.
+async fn open(backend: &BackendRt, pool: &PoolRt, ctx: &DpCtx) -> Result<SendRequest<Incoming>, ()> {
+    let stream = match connect_backend(backend.addr, pool.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            pool.metrics.connect_error(&backend.key);
+            ctx.reporter.passive_failure(&pool.name, backend.addr, format!("connect: {e}"));
+            tracing::warn!(pool = %pool.name, backend = %backend.key, error = %e, "backend connect failed");
+            return Err(());
+        }
+    };
+    let io = TokioIo::new(stream);
+    match hyper::client::conn::http1::Builder::new().handshake(io).await {
+        Ok((sender, conn)) => {
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            Ok(sender)
+        }
+        Err(e) => {
+            tracing::warn!(backend = %backend.key, error = %e, "backend handshake failed");
+            Err(())
+        }
+    }
+}
+
+fn backend_request(req: &http::request::Parts, body: Incoming, backend: &BackendRt) -> Request<Incoming> {
+    let path = join_path(&backend.url_path, req.uri.path());
+    let uri = match req.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut out = Request::new(body);
+    *out.method_mut() = req.method.clone();
+    *out.uri_mut() = Uri::try_from(uri).unwrap_or_else(|_| Uri::from_static("/"));
+    *out.version_mut() = http::Version::HTTP_11;
+    *out.headers_mut() = req.headers.clone();
+    if !out.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&backend.key)
+    {
+        out.headers_mut().insert(header::HOST, v);
+    }
+    out
+}
+
+fn respond(
+    mut resp: Response<Incoming>,
+    sender: SendRequest<Incoming>,
+    guard: ActiveGuard,
+    backend: &Arc<BackendRt>,
+    pool: &PoolRt,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let status = resp.status();
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = client_upgrade {
+            let backend_upgrade = hyper::upgrade::on(&mut resp);
+            spawn_tunnel(client, backend_upgrade, guard, backend.clone(), pool);
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(parts, ProxyBody::empty());
+        }
+        return error(StatusCode::BAD_GATEWAY, "backend switched protocols unasked", false);
+    }
+    strip_hop_by_hop(resp.headers_mut(), false);
+    let done = ResponseGuard {
+        _active: guard,
+        conn: Some((sender, backend.shared.clone())),
+        started,
+        metrics: pool.metrics.clone(),
+    };
+    resp.map(|body| ProxyBody::Backend { body, guard: Some(done) })
+}
+
+/// Relays an upgraded (WebSocket) connection once both sides have switched protocols.
+/// It lives in its own task: reconfiguration and draining never touch it.
+fn spawn_tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    guard: ActiveGuard,
+    rt: Arc<BackendRt>,
+    pool: &PoolRt,
+) {
+    let metrics = pool.metrics.clone();
+    let idle = pool.idle_timeout;
+    let pool_name = pool.name.clone();
+    tokio::spawn(async move {
+        let (client, backend) = match tokio::try_join!(client, backend) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(pool = %pool_name, backend = %rt.key, error = %e, "upgrade failed");
+                return;
+            }
+        };
+        metrics.upgrades.inc();
+        let (moved, ended) = relay::relay(TokioIo::new(client), TokioIo::new(backend), idle).await;
+        metrics.upgrades.dec();
+        metrics.bytes_in.inc_by(moved.up);
+        metrics.bytes_out.inc_by(moved.down);
+        drop(guard);
+        tracing::info!(pool = %pool_name, backend = %rt.key, client_to_backend = moved.up, backend_to_client = moved.down, ?ended, "upgraded connection closed");
+    });
+}
+
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), keeping `Upgrade` on upgrade requests.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::UPGRADE,
+    ] {
+        if keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn prepare_headers(headers: &mut HeaderMap, conn: ConnInfo, upgrade: bool) {
+    strip_hop_by_hop(headers, upgrade);
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let ip = conn.peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    let proto = if conn.tls { "https" } else { "http" };
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+}
+
+/// The Host header (or URI authority) without port, lower-cased, for host patterns.
+fn host_of(req: &Request<Incoming>) -> String {
+    let raw = req.uri().host().or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok())).unwrap_or("");
+    strip_port(raw).to_ascii_lowercase()
+}
+
+fn strip_port(raw: &str) -> &str {
+    if raw.starts_with('[') {
+        return raw.find(']').map_or(raw, |i| &raw[..=i]);
+    }
+    match raw.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => raw,
+    }
+}
+
+fn redirect(path: &str, uri: &Uri) -> Response<ProxyBody> {
+    let location = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut resp = Response::new(ProxyBody::full(format!("<a href=\"{location}\">Moved Permanently</a>.\n")));
+    *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// A short plain-text error; `close` also ends the client connection.
+pub fn error(status: StatusCode, msg: &str, close: bool) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(format!(
+        "{} {}: {msg}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if close {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// What finishing (or abandoning) a proxied response does.
+struct ResponseGuard {
+    _active: ActiveGuard,
+    /// Returned to the idle pool only when the body ended cleanly.
+    conn: Option<(SendRequest<Incoming>, Arc<BackendShared>)>,
+    started: Instant,
+    metrics: Arc<PoolMetrics>,
+}
+
+impl ResponseGuard {
+    fn complete(mut self) {
+        if let Some((sender, shared)) = self.conn.take() {
+            shared.pool.put(sender);
+        }
+    }
+}
+
+impl Drop for ResponseGuard {
+    fn drop(&mut self) {
+        self.metrics.duration.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+pin_project! {
+    /// Response body: streamed from a backend, or a small body of our own.
+    #[project = ProxyBodyProj]
+    pub enum ProxyBody {
+        Backend { #[pin] body: Incoming, guard: Option<ResponseGuard> },
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl ProxyBody {
+    pub fn full(data: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Full { data: Some(data.into()) }
+    }
+
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Full { data: None }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBodyProj::Backend { body, guard } => {
+                let polled = body.poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => {
+                        if let Some(g) = guard.take() {
+                            g.complete();
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => drop(guard.take()),
+                    _ => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full { data } => data.is_none(),
+            ProxyBody::Backend { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            ProxyBody::Backend { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        let conn = ConnInfo { peer: "10.0.0.9:5555".parse().expect("addr"), tls: true };
+        prepare_headers(&mut h, conn, false);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert_eq!(reject_smuggling(&h), None);
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert!(reject_smuggling(&h).is_some());
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(reject_smuggling(&h).is_some());
+        let mut h = HeaderMap::new();
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked, gzip"));
+        assert!(reject_smuggling(&h).is_some());
+    }
+}

@@ -1,0 +1,280 @@
+//! The data plane: worker threads, each a single-threaded tokio runtime with its own
+//! `SO_REUSEPORT` socket per listener, accepting and proxying client connections. Workers read
+//! only the routing [`Table`](crate::routing::Table) snapshot and report observations through
+//! a bounded channel; they never talk to Raft or gossip.
+
+pub mod balancer;
+pub mod http;
+pub mod maglev;
+pub mod mux;
+pub mod pool;
+pub mod relay;
+pub mod tcp;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol as SockProto, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::AbortHandle;
+
+use crate::health::Reporter;
+use crate::metrics::{ListenerMetrics, Metrics};
+use crate::routing::SharedTable;
+use crate::shutdown::{Phase, Shutdown};
+
+/// Limits that protect the node from its clients. Defaults are safe for an edge proxy.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest request head (line plus headers) in bytes; beyond it the client gets 431.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// A client must send its whole request head within this time (slowloris defence).
+    pub header_timeout: Duration,
+    /// Client connections open at once per worker; further accepts wait for a slot.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_timeout: Duration::from_secs(10),
+            max_connections: 50_000,
+        }
+    }
+}
+
+/// What every worker shares.
+pub struct DpCtx {
+    pub table: SharedTable,
+    pub metrics: Arc<Metrics>,
+    pub reporter: Reporter,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+}
+
+/// What a listener serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// The node's HTTP listener: pools attach by URL pattern.
+    Http,
+    /// A TCP pool's listener, by its port.
+    Tcp(u16),
+}
+
+enum WorkerCmd {
+    Listen { addr: SocketAddr, kind: ListenerKind, socket: std::net::TcpListener, metrics: ListenerMetrics },
+    Close(SocketAddr),
+}
+
+/// Handle on the worker threads.
+pub struct DataPlane {
+    workers: Vec<(mpsc::UnboundedSender<WorkerCmd>, JoinHandle<()>)>,
+    ctx: Arc<DpCtx>,
+    open: Mutex<HashMap<SocketAddr, ListenerKind>>,
+    /// Listeners that could not be opened, with the reason (shown by the admin API).
+    pub errors: Mutex<BTreeMap<String, String>>,
+}
+
+impl DataPlane {
+    /// Starts `threads` workers.
+    pub fn start(threads: usize, ctx: DpCtx) -> io::Result<DataPlane> {
+        let ctx = Arc::new(ctx);
+        let mut workers = Vec::new();
+        for id in 0..threads.max(1) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let wctx = ctx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("shoal-worker-{id}"))
+                .spawn(move || worker_main(id, rx, wctx))?;
+            workers.push((tx, thread));
+        }
+        Ok(DataPlane { workers, ctx, open: Mutex::default(), errors: Mutex::default() })
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Opens, keeps or closes listeners so exactly `wanted` are served. Returns the bound
+    /// addresses of the listeners opened now (port 0 resolves to a real port).
+    pub fn set_listeners(&self, wanted: &[(SocketAddr, ListenerKind)]) -> Vec<(ListenerKind, SocketAddr)> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let closing: Vec<SocketAddr> = open.keys().filter(|a| !wanted.iter().any(|(w, _)| w == *a)).copied().collect();
+        for addr in closing {
+            open.remove(&addr);
+            self.broadcast(|| WorkerCmd::Close(addr));
+            tracing::info!(%addr, "listener closed; established connections continue");
+        }
+        let mut opened = Vec::new();
+        for (addr, kind) in wanted {
+            if open.contains_key(addr) {
+                continue;
+            }
+            match self.bind_all(*addr, kind) {
+                Ok(bound) => {
+                    open.insert(*addr, kind.clone());
+                    self.errors.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr.to_string());
+                    opened.push((kind.clone(), bound));
+                }
+                Err(e) => {
+                    tracing::error!(%addr, ?kind, error = %e, "cannot open listener");
+                    self.errors.lock().unwrap_or_else(|e| e.into_inner()).insert(addr.to_string(), e.to_string());
+                }
+            }
+        }
+        opened
+    }
+
+    /// Binds one `SO_REUSEPORT` socket per worker. A plain bind first makes sure nobody else
+    /// (another process, or another node on this IP) already holds the address.
+    fn bind_all(&self, addr: SocketAddr, kind: &ListenerKind) -> io::Result<SocketAddr> {
+        let probe = std::net::TcpListener::bind(addr)?;
+        let bound = probe.local_addr()?;
+        drop(probe);
+        let name = listener_name(kind, bound);
+        let metrics = self.ctx.metrics.listener(&name);
+        let sockets: Vec<std::net::TcpListener> =
+            (0..self.workers.len()).map(|_| reuseport_listener(bound)).collect::<io::Result<_>>()?;
+        for ((tx, _), socket) in self.workers.iter().zip(sockets) {
+            let _ = tx.send(WorkerCmd::Listen { addr, kind: kind.clone(), socket, metrics: metrics.clone() });
+        }
+        tracing::info!(addr = %bound, listener = %name, "listening");
+        Ok(bound)
+    }
+
+    fn broadcast(&self, cmd: impl Fn() -> WorkerCmd) {
+        for (tx, _) in &self.workers {
+            let _ = tx.send(cmd());
+        }
+    }
+
+    /// Waits for the workers to finish (they stop on the `Stopped` phase).
+    pub fn join(self) {
+        drop(self.ctx);
+        for (tx, thread) in self.workers {
+            drop(tx);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The `listener` label of a listener's metrics.
+pub fn listener_name(kind: &ListenerKind, addr: SocketAddr) -> String {
+    match kind {
+        ListenerKind::Http => format!("http:{}", addr.port()),
+        ListenerKind::Tcp(port) => format!("tcp:{port}"),
+    }
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProto::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Connects to a backend with a timeout, Nagle off.
+pub async fn connect_backend(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timeout"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn worker_main(id: usize, rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>) {
+    pool::set_worker(id);
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(worker = id, error = %e, "cannot start worker runtime");
+            return;
+        }
+    };
+    rt.block_on(run_worker(rx, ctx));
+}
+
+async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>) {
+    let mut accepting: HashMap<SocketAddr, AbortHandle> = HashMap::new();
+    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(WorkerCmd::Listen { addr, kind, socket, metrics }) => {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => {
+                            let task = tokio::spawn(accept_loop(listener, kind, ctx.clone(), slots.clone(), metrics));
+                            if let Some(old) = accepting.insert(addr, task.abort_handle()) {
+                                old.abort();
+                            }
+                        }
+                        Err(e) => tracing::error!(%addr, error = %e, "worker cannot adopt listener"),
+                    }
+                }
+                Some(WorkerCmd::Close(addr)) => {
+                    if let Some(task) = accepting.remove(&addr) {
+                        task.abort();
+                    }
+                }
+                None => break,
+            },
+            _ = shutdown.wait() => break,
+        }
+    }
+    // Stop accepting; connections in flight finish until the node moves to `Stopped`.
+    accepting.values().for_each(AbortHandle::abort);
+    let max = ctx.limits.max_connections as u32;
+    tokio::select! {
+        _ = slots.acquire_many(max) => {}
+        _ = shutdown.wait_for(Phase::Stopped) => {}
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    kind: ListenerKind,
+    ctx: Arc<DpCtx>,
+    slots: Arc<Semaphore>,
+    lm: ListenerMetrics,
+) {
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let (stream, peer) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        lm.accepted.inc();
+        lm.active.inc();
+        let (ctx, lm, kind) = (ctx.clone(), lm.clone(), kind.clone());
+        tokio::spawn(async move {
+            match kind {
+                ListenerKind::Http => {
+                    let conn = http::ConnInfo { peer, tls: false };
+                    http::serve(stream, conn, ctx, lm.clone()).await;
+                }
+                ListenerKind::Tcp(port) => tcp::serve(stream, peer, port, ctx, lm.clone()).await,
+            }
+            lm.active.dec();
+            drop(permit);
+        });
+    }
+}

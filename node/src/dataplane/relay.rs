@@ -1,0 +1,119 @@
+//! Full-duplex byte relay between a client and a backend: each direction copies until EOF
+//! and then half-closes the other side, so either peer may finish first; an optional idle
+//! timeout ends connections silent in both directions.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// Per-direction buffer.
+const BUF: usize = 32 * 1024;
+
+/// Bytes moved each way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Client to backend.
+    pub up: u64,
+    /// Backend to client.
+    pub down: u64,
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Both sides closed.
+    Closed,
+    /// Nothing moved for the idle timeout.
+    Idle,
+    Error(io::Error),
+}
+
+/// Relays until both directions are done, an error, or the idle timeout.
+pub async fn relay<C, B>(client: C, backend: B, idle: Option<Duration>) -> (Moved, Ended)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut br, mut bw) = tokio::io::split(backend);
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let up = Arc::new(AtomicU64::new(0));
+    let down = Arc::new(AtomicU64::new(0));
+    let both = async {
+        tokio::try_join!(pipe(&mut cr, &mut bw, &up, &last, start), pipe(&mut br, &mut cw, &down, &last, start))
+    };
+    let ended = tokio::select! {
+        r = both => match r { Ok(_) => Ended::Closed, Err(e) => Ended::Error(e) },
+        _ = idle_watch(idle, &last, start) => Ended::Idle,
+    };
+    (Moved { up: up.load(Ordering::Relaxed), down: down.load(Ordering::Relaxed) }, ended)
+}
+
+async fn pipe<R, W>(r: &mut R, w: &mut W, count: &AtomicU64, last: &AtomicU64, start: Instant) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: the peer may still answer on the other direction.
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn idle_watch(idle: Option<Duration>, last: &AtomicU64, start: Instant) {
+    let Some(idle) = idle else { return std::future::pending().await };
+    loop {
+        let last_at = start + Duration::from_millis(last.load(Ordering::Relaxed));
+        let deadline = last_at + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn relays_both_ways_and_half_closes() {
+        let (client, mut client_peer) = tokio::io::duplex(1024);
+        let (backend, mut backend_peer) = tokio::io::duplex(1024);
+        let task = tokio::spawn(relay(client, backend, None));
+        client_peer.write_all(b"hello").await.expect("write");
+        let mut buf = [0u8; 5];
+        backend_peer.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"hello");
+        client_peer.shutdown().await.expect("half close");
+        backend_peer.write_all(b"bye!!!").await.expect("answer after half close");
+        backend_peer.shutdown().await.expect("close");
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.expect("read rest");
+        assert_eq!(rest, b"bye!!!");
+        let (moved, ended) = task.await.expect("join");
+        assert_eq!(moved, Moved { up: 5, down: 6 });
+        assert!(matches!(ended, Ended::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_ends_silent_connections() {
+        let (client, _c) = tokio::io::duplex(64);
+        let (backend, _b) = tokio::io::duplex(64);
+        let (_, ended) = relay(client, backend, Some(Duration::from_secs(5))).await;
+        assert!(matches!(ended, Ended::Idle));
+    }
+}

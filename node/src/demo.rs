@@ -1,0 +1,287 @@
+//! `shoal demo-backend`: stand-in backends for demos and tests. HTTP mode answers `/healthz`
+//! with `ok` (switchable to `fail`), names itself in every answer, echoes request bodies and
+//! serves `/bytes/N`. TCP mode echoes bytes and speaks seed 004's heartbeat protocol.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use shoal_proto::heartbeat::{self, Datagram};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// HTTP mode: address to serve on.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Name reported in answers (default: the listen address).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// TCP mode: echo server address (announced in heartbeats).
+    #[arg(long, requires = "udp")]
+    pub tcp: Option<SocketAddr>,
+    /// TCP mode: UDP address heartbeats are sent from.
+    #[arg(long, requires = "tcp")]
+    pub udp: Option<SocketAddr>,
+    /// Heartbeat sockets of the balancer nodes (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub heartbeat_to: Vec<SocketAddr>,
+    /// Milliseconds between `OK` heartbeats.
+    #[arg(long, default_value_t = 500)]
+    pub interval_ms: u64,
+    /// Authenticator appended to identification datagrams (pools with a heartbeat secret).
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// TCP mode: a line sent first on every connection (tells which backend answered).
+    #[arg(long)]
+    pub banner: Option<String>,
+}
+
+/// Runs the demo backend until Ctrl-C.
+pub fn run(args: DemoArgs) -> ExitCode {
+    crate::cli::init_logging(crate::cli::LogFormat::Human);
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return crate::cli::fail(2, format!("cannot start runtime: {e}")),
+    };
+    rt.block_on(async move {
+        let result = tokio::select! {
+            r = serve_args(args) => r,
+            _ = crate::cli::wait_for_signal() => Ok(()),
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => crate::cli::fail(1, format!("{e:#}")),
+        }
+    })
+}
+
+async fn serve_args(args: DemoArgs) -> anyhow::Result<()> {
+    match (args.listen, args.tcp, args.udp) {
+        (Some(listen), _, _) => {
+            let listener = TcpListener::bind(listen).await?;
+            let name = args.name.unwrap_or_else(|| listen.to_string());
+            tracing::info!(%listen, %name, "demo HTTP backend listening");
+            serve_http(listener, name, Arc::new(AtomicBool::new(true))).await;
+            Ok(())
+        }
+        (None, Some(tcp), Some(udp)) => {
+            let listener = TcpListener::bind(tcp).await?;
+            let socket = UdpSocket::bind(udp).await?;
+            tracing::info!(%tcp, %udp, targets = ?args.heartbeat_to, "demo TCP echo backend with heartbeats");
+            let hb = heartbeats(
+                socket,
+                tcp,
+                udp,
+                args.heartbeat_to.clone(),
+                Duration::from_millis(args.interval_ms),
+                args.secret.clone(),
+            );
+            tokio::select! {
+                _ = serve_echo_with_banner(listener, args.banner.clone()) => {}
+                _ = hb => {}
+            }
+            Ok(())
+        }
+        _ => anyhow::bail!("give --listen ADDR (HTTP) or --tcp ADDR --udp ADDR (TCP echo with heartbeats)"),
+    }
+}
+
+/// Serves the demo HTTP backend; `healthy` switches `/healthz` between `ok` and `fail`.
+pub async fn serve_http(listener: TcpListener, name: String, healthy: Arc<AtomicBool>) {
+    let name: Arc<str> = name.into();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        let (name, healthy) = (name.clone(), healthy.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| answer(req, name.clone(), healthy.clone()));
+            let conn =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
+            let _ = conn.await;
+        });
+    }
+}
+
+type DemoBody = BoxBody<Bytes, hyper::Error>;
+
+fn full(data: impl Into<Bytes>) -> DemoBody {
+    Full::new(data.into()).map_err(|never: Infallible| match never {}).boxed()
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    name: Arc<str>,
+    healthy: Arc<AtomicBool>,
+) -> Result<Response<DemoBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = match (req.method().as_str(), path.as_str()) {
+        _ if is_websocket(&req) => websocket_echo(req),
+        (_, "/healthz") => Response::new(full(if healthy.load(Ordering::Relaxed) { "ok\n" } else { "fail\n" })),
+        ("POST", "/_demo/health") => {
+            let fail = req.uri().query().is_some_and(|q| q.contains("fail"));
+            healthy.store(!fail, Ordering::Relaxed);
+            Response::new(full("switched\n"))
+        }
+        (_, p) if p.starts_with("/bytes/") => {
+            let n: usize = p["/bytes/".len()..].parse().unwrap_or(0).min(64 << 20);
+            Response::new(full(vec![b'x'; n]))
+        }
+        ("POST" | "PUT", _) => Response::new(req.into_body().boxed()),
+        _ => {
+            let xff = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+            Response::new(full(format!("hello from {name} path={path} xff={xff}\n")))
+        }
+    };
+    let mut resp = resp;
+    if let Ok(v) = http::HeaderValue::from_str(&name) {
+        resp.headers_mut().insert("x-backend", v);
+    }
+    if path == "/missing" {
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+    }
+    Ok(resp)
+}
+
+fn is_websocket(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Accepts a WebSocket and echoes every data message; pings are answered by tungstenite.
+fn websocket_echo(mut req: Request<Incoming>) -> Response<DemoBody> {
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        let mut r = Response::new(full("missing Sec-WebSocket-Key\n"));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        echo_messages(ws).await;
+    });
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
+    h.insert(http::header::CONNECTION, http::HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = http::HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    resp
+}
+
+async fn echo_messages<S>(mut ws: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    while let Some(Ok(msg)) = ws.next().await {
+        let reply = match msg {
+            Message::Text(_) | Message::Binary(_) => msg,
+            Message::Close(frame) => {
+                let _ = ws.close(frame).await;
+                return;
+            }
+            _ => continue,
+        };
+        if ws.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Echoes every byte back until the client closes.
+pub async fn serve_echo(listener: TcpListener) {
+    serve_echo_with_banner(listener, None).await
+}
+
+/// Like [`serve_echo`], first sending `banner` and a newline on every connection.
+pub async fn serve_echo_with_banner(listener: TcpListener, banner: Option<String>) {
+    let banner: Option<Arc<str>> = banner.map(Into::into);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        tokio::spawn(echo(stream, banner.clone()));
+    }
+}
+
+async fn echo(mut stream: TcpStream, banner: Option<Arc<str>>) {
+    if let Some(b) = banner
+        && stream.write_all(format!("{b}\n").as_bytes()).await.is_err()
+    {
+        return;
+    }
+    let (mut r, mut w) = stream.split();
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
+}
+
+/// Seed 004's backend side: identify each second until acknowledged, then `OK` every
+/// interval; identify again when a balancer answers `AUTH`.
+pub async fn heartbeats(
+    socket: UdpSocket,
+    tcp: SocketAddr,
+    udp: SocketAddr,
+    targets: Vec<SocketAddr>,
+    interval: Duration,
+    secret: Option<String>,
+) {
+    let id = heartbeat::encode_id(tcp, udp, secret.as_deref());
+    let mut acked: HashMap<SocketAddr, bool> = targets.iter().map(|t| (*t, false)).collect();
+    let mut tick = tokio::time::interval(interval.min(Duration::from_secs(1)));
+    let mut last_id = tokio::time::Instant::now() - Duration::from_secs(10);
+    let mut buf = [0u8; 512];
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let identify_due = last_id.elapsed() >= Duration::from_secs(1);
+                for (target, ok) in &acked {
+                    if *ok {
+                        let _ = socket.send_to(heartbeat::OK, target).await;
+                    } else if identify_due {
+                        let _ = socket.send_to(&id, target).await;
+                    }
+                }
+                if identify_due {
+                    last_id = tokio::time::Instant::now();
+                }
+            }
+            got = socket.recv_from(&mut buf) => {
+                let Ok((n, from)) = got else { continue };
+                match heartbeat::decode(&buf[..n]) {
+                    Ok(Datagram::Ok) if acked.get(&from) == Some(&false) => {
+                        acked.insert(from, true);
+                        tracing::info!(balancer = %from, "balancer acknowledged our identification");
+                    }
+                    Ok(Datagram::Auth) => {
+                        tracing::info!(balancer = %from, "balancer asked us to identify again");
+                        acked.insert(from, false);
+                        let _ = socket.send_to(&id, from).await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}

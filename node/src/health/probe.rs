@@ -1,0 +1,90 @@
+//! Active probes: a TCP connect, or an HTTP `GET` whose trimmed body must be one of the
+//! accepted values (seed 003: `ok`), optionally with a 2xx status.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use shoal_proto::{CheckKind, HealthSpec};
+use tokio::net::TcpStream;
+
+/// Largest health body read; anything longer fails the check.
+const MAX_BODY: usize = 4096;
+
+/// Runs one check of `kind` against `addr`. `Err` carries a short reason for operators.
+pub async fn probe(kind: CheckKind, addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> {
+    let timeout = Duration::from_millis(spec.timeout_ms);
+    let run = async {
+        match kind {
+            CheckKind::Tcp => TcpStream::connect(addr).await.map(|_| ()).map_err(|e| format!("connect: {e}")),
+            CheckKind::Http => http_probe(addr, spec).await,
+            CheckKind::Heartbeat | CheckKind::None => Ok(()),
+        }
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} ms", spec.timeout_ms)),
+    }
+}
+
+async fn http_probe(addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let conn_task = tokio::spawn(conn);
+    let req = http::Request::get(spec.path.as_str())
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::USER_AGENT, "shoal-health/1")
+        .header(http::header::CONNECTION, "close")
+        .body(Empty::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let result = async {
+        let resp = send.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+        let status = resp.status();
+        let body =
+            Limited::new(resp.into_body(), MAX_BODY).collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+        judge(spec, status.as_u16(), &body)
+    }
+    .await;
+    conn_task.abort();
+    result
+}
+
+/// Seed 003 ignores the status code; `require_2xx` adds that condition.
+pub fn judge(spec: &HealthSpec, status: u16, body: &[u8]) -> Result<(), String> {
+    if spec.require_2xx && !(200..300).contains(&status) {
+        return Err(format!("status {status}"));
+    }
+    if spec.expect.is_empty() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(body);
+    let trimmed = text.trim();
+    if spec.expect.iter().any(|e| e == trimmed) {
+        Ok(())
+    } else {
+        let shown: String = trimmed.chars().take(40).collect();
+        Err(format!("status {status}, body {shown:?} is not one of {:?}", spec.expect))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judges_like_the_seed() {
+        let spec = HealthSpec::default();
+        assert!(judge(&spec, 200, b"ok\n").is_ok());
+        assert!(judge(&spec, 500, b" OK ").is_ok(), "the seed ignores the status");
+        assert!(judge(&spec, 200, b"okay").is_err());
+        let strict = HealthSpec { require_2xx: true, ..HealthSpec::default() };
+        assert!(judge(&strict, 503, b"ok").is_err());
+        let any = HealthSpec { expect: vec![], ..HealthSpec::default() };
+        assert!(judge(&any, 200, b"whatever").is_ok());
+    }
+}

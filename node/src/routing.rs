@@ -1,0 +1,118 @@
+//! The routing snapshot the data plane reads: one immutable [`Table`] behind an `ArcSwap`,
+//! rebuilt by `reconcile` whenever intent or observations change. Per-backend runtime state
+//! (in-flight counters, idle HTTP connections) lives in [`BackendShared`], which rebuilds carry
+//! over, so a swap never resets counters or drops pooled connections of surviving backends.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use shoal_proto::Protocol;
+
+use crate::dataplane::balancer::Balancer;
+use crate::dataplane::mux::Mux;
+use crate::dataplane::pool::ConnPool;
+use crate::metrics::PoolMetrics;
+
+/// The shared handle the control plane writes and the data plane reads.
+pub type SharedTable = Arc<ArcSwap<Table>>;
+
+/// One routing snapshot.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// Version of the desired state this table was built from.
+    pub version: u64,
+    /// Counts rebuilds; changes on observation changes too.
+    pub generation: u64,
+    pub mux: Mux,
+    /// TCP listen port → index into `pools`.
+    pub tcp: HashMap<u16, usize>,
+    pub pools: Vec<PoolRt>,
+    /// False until the node has the health verdicts it needs (then everything is 502/503).
+    pub ready: bool,
+}
+
+impl Table {
+    pub fn pool(&self, name: &str) -> Option<&PoolRt> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// A pool as the data plane sees it.
+#[derive(Debug)]
+pub struct PoolRt {
+    pub name: String,
+    pub protocol: Protocol,
+    /// Backends that may receive new work, in a deterministic order.
+    pub routable: Vec<Arc<BackendRt>>,
+    /// Runtime state of every known backend of the pool, routable or not.
+    pub shared: HashMap<SocketAddr, Arc<BackendShared>>,
+    pub balancer: Balancer,
+    /// Fewer than the panic threshold are healthy: routing to every backend.
+    pub fail_open: bool,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    /// `None`: connections may idle forever.
+    pub idle_timeout: Option<Duration>,
+    pub backend_tls: bool,
+    /// Carried across rebuilds so the rotation continues where it was.
+    pub rotation: Arc<AtomicUsize>,
+    pub metrics: Arc<PoolMetrics>,
+}
+
+/// A routable backend.
+#[derive(Debug)]
+pub struct BackendRt {
+    /// `ip:port`, the backend's name in state, logs and metrics.
+    pub key: String,
+    pub addr: SocketAddr,
+    pub url_path: String,
+    pub weight: u32,
+    pub zone: String,
+    pub shared: Arc<BackendShared>,
+}
+
+impl BackendRt {
+    #[cfg(test)]
+    pub fn for_test(addr: SocketAddr, weight: u32, shared: Arc<BackendShared>) -> BackendRt {
+        BackendRt { key: addr.to_string(), addr, url_path: "/".into(), weight, zone: String::new(), shared }
+    }
+}
+
+/// Runtime state of a backend that outlives routing snapshots.
+#[derive(Debug, Default)]
+pub struct BackendShared {
+    active: AtomicU64,
+    /// Idle keep-alive connections, one list per data-plane worker.
+    pub pool: ConnPool,
+}
+
+impl BackendShared {
+    pub fn new(workers: usize) -> BackendShared {
+        BackendShared { active: AtomicU64::new(0), pool: ConnPool::new(workers) }
+    }
+
+    /// Connections or requests in flight on this node.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts one unit of work until the guard drops.
+    pub fn track(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+}
+
+/// Decrements a backend's in-flight count when dropped.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<BackendShared>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}

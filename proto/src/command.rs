@@ -1,0 +1,273 @@
+//! Commands: the only way desired state changes. Every node applies the same committed
+//! commands with the same pure [`apply`], so every node holds the same [`State`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{Backend, BackendSpec, CheckKind, Pool, PoolSpec, Protocol, State, backend_key, validate_pool_name};
+
+/// A change of desired state, as proposed through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Create a pool or replace its settings; its backends are kept.
+    PutPool { name: String, spec: PoolSpec },
+    /// Remove a pool and its backends; established connections finish on their own.
+    DeletePool { name: String },
+    /// Create a backend or replace its settings.
+    PutBackend { pool: String, addr: SocketAddr, spec: BackendSpec },
+    /// Remove a backend; established connections finish on their own.
+    DeleteBackend { pool: String, addr: SocketAddr },
+    /// Stop (or resume) sending new work to a backend.
+    SetDrain { pool: String, addr: SocketAddr, drain: bool },
+    /// Several commands applied atomically: all or none.
+    Batch(Vec<Command>),
+    /// Changes nothing; a linearizable read barrier and a liveness probe for writes.
+    Noop,
+}
+
+/// What a successful command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The state's version after the command.
+    pub version: u64,
+}
+
+/// Why a command was refused. Refusals are deterministic, so every node refuses alike.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum ApplyError {
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+    #[error("pool {0:?} does not exist")]
+    NoSuchPool(String),
+    #[error("backend {addr} is not in pool {pool:?}")]
+    NoSuchBackend { pool: String, addr: String },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl ApplyError {
+    /// HTTP status the admin API answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApplyError::Invalid { .. } => 400,
+            ApplyError::NoSuchPool(_) | ApplyError::NoSuchBackend { .. } => 404,
+            ApplyError::Conflict(_) => 409,
+        }
+    }
+}
+
+/// Applies `cmd` to `state`. On error `state` is left exactly as it was.
+pub fn apply(state: &mut State, cmd: &Command) -> Result<Applied, ApplyError> {
+    let mut next = state.clone();
+    apply_inner(&mut next, cmd)?;
+    if !matches!(cmd, Command::Noop) {
+        next.version += 1;
+    }
+    *state = next;
+    Ok(Applied { version: state.version })
+}
+
+fn apply_inner(state: &mut State, cmd: &Command) -> Result<(), ApplyError> {
+    match cmd {
+        Command::PutPool { name, spec } => put_pool(state, name, spec),
+        Command::DeletePool { name } => {
+            state.pools.remove(name).map(|_| ()).ok_or_else(|| ApplyError::NoSuchPool(name.clone()))
+        }
+        Command::PutBackend { pool, addr, spec } => put_backend(state, pool, *addr, spec),
+        Command::DeleteBackend { pool, addr } => {
+            let p = pool_mut(state, pool)?;
+            p.backends.remove(&backend_key(addr)).map(|_| ()).ok_or_else(|| no_backend(pool, addr))
+        }
+        Command::SetDrain { pool, addr, drain } => {
+            let p = pool_mut(state, pool)?;
+            let b = p.backends.get_mut(&backend_key(addr)).ok_or_else(|| no_backend(pool, addr))?;
+            b.spec.drain = *drain;
+            Ok(())
+        }
+        Command::Batch(cmds) => cmds.iter().try_for_each(|c| apply_inner(state, c)),
+        Command::Noop => Ok(()),
+    }
+}
+
+fn put_pool(state: &mut State, name: &str, spec: &PoolSpec) -> Result<(), ApplyError> {
+    validate_pool_name(name)?;
+    let spec = spec.clone().normalize();
+    spec.validate()?;
+    check_conflicts(&state.pools, name, &spec)?;
+    let pool = state.pools.entry(name.to_string()).or_insert_with(|| Pool {
+        name: name.to_string(),
+        spec: spec.clone(),
+        backends: BTreeMap::new(),
+    });
+    if pool.spec.check() != spec.check() && spec.check() == CheckKind::Heartbeat {
+        require_heartbeat_addrs(name, &pool.backends)?;
+    }
+    pool.spec = spec;
+    Ok(())
+}
+
+/// Two pools may not share a URL pattern, a TCP port or a heartbeat port.
+fn check_conflicts(pools: &BTreeMap<String, Pool>, name: &str, spec: &PoolSpec) -> Result<(), ApplyError> {
+    for other in pools.values().filter(|p| p.name != name) {
+        let o = &other.spec;
+        if spec.protocol == Protocol::Http && o.protocol == Protocol::Http && o.pattern == spec.pattern {
+            return Err(conflict(name, &other.name, "URL pattern"));
+        }
+        if spec.listen.is_some() && o.listen == spec.listen {
+            return Err(conflict(name, &other.name, "listen port"));
+        }
+        let hb = spec.health.heartbeat_port;
+        if hb.is_some() && (o.health.heartbeat_port == hb || o.listen == hb) {
+            return Err(conflict(name, &other.name, "heartbeat port"));
+        }
+        if spec.listen.is_some() && o.health.heartbeat_port == spec.listen {
+            return Err(conflict(name, &other.name, "heartbeat port"));
+        }
+    }
+    Ok(())
+}
+
+fn conflict(name: &str, other: &str, what: &str) -> ApplyError {
+    ApplyError::Conflict(format!("pool {name:?} would share its {what} with pool {other:?}"))
+}
+
+fn require_heartbeat_addrs(pool: &str, backends: &BTreeMap<String, Backend>) -> Result<(), ApplyError> {
+    match backends.values().find(|b| b.spec.heartbeat_addr.is_none()) {
+        Some(b) => Err(ApplyError::Invalid {
+            key: "health.check".into(),
+            problem: format!(
+                "pool {pool:?} has backend {} without a heartbeat_addr; heartbeat checks need one per backend",
+                b.addr
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn put_backend(state: &mut State, pool: &str, addr: SocketAddr, spec: &BackendSpec) -> Result<(), ApplyError> {
+    spec.validate()?;
+    if addr.port() == 0 {
+        return Err(ApplyError::Invalid { key: "addr".into(), problem: "port 0 is not a backend port".into() });
+    }
+    let p = pool_mut(state, pool)?;
+    if p.spec.check() == CheckKind::Heartbeat && spec.heartbeat_addr.is_none() {
+        return Err(ApplyError::Invalid {
+            key: "heartbeat_addr".into(),
+            problem: format!("pool {pool:?} checks heartbeats: give the UDP address the backend sends from"),
+        });
+    }
+    p.backends.insert(backend_key(&addr), Backend { addr, spec: spec.clone() });
+    Ok(())
+}
+
+fn pool_mut<'a>(state: &'a mut State, pool: &str) -> Result<&'a mut Pool, ApplyError> {
+    state.pools.get_mut(pool).ok_or_else(|| ApplyError::NoSuchPool(pool.to_string()))
+}
+
+fn no_backend(pool: &str, addr: &SocketAddr) -> ApplyError {
+    ApplyError::NoSuchBackend { pool: pool.to_string(), addr: addr.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http_pool(pattern: &str) -> PoolSpec {
+        PoolSpec { pattern: Some(pattern.into()), ..PoolSpec::default() }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    #[test]
+    fn put_pool_then_backend_bumps_version() {
+        let mut st = State::default();
+        let r = apply(&mut st, &Command::PutPool { name: "web".into(), spec: http_pool("/") });
+        assert_eq!(r, Ok(Applied { version: 1 }));
+        let cmd =
+            Command::PutBackend { pool: "web".into(), addr: addr("127.0.0.1:8082"), spec: BackendSpec::default() };
+        assert_eq!(apply(&mut st, &cmd), Ok(Applied { version: 2 }));
+        let pool = &st.pools["web"];
+        assert_eq!(pool.spec.check(), CheckKind::Http, "normalize picks http checks");
+        assert!(pool.backends.contains_key("127.0.0.1:8082"));
+    }
+
+    #[test]
+    fn refused_command_leaves_state_untouched() {
+        let mut st = State::default();
+        apply(&mut st, &Command::PutPool { name: "a".into(), spec: http_pool("/") }).expect("first pool");
+        let before = st.clone();
+        let dup = Command::PutPool { name: "b".into(), spec: http_pool("/") };
+        assert!(matches!(apply(&mut st, &dup), Err(ApplyError::Conflict(_))));
+        let batch = Command::Batch(vec![
+            Command::PutPool { name: "c".into(), spec: http_pool("/c/") },
+            Command::DeletePool { name: "missing".into() },
+        ]);
+        assert_eq!(apply(&mut st, &batch), Err(ApplyError::NoSuchPool("missing".into())));
+        assert_eq!(st, before);
+    }
+
+    #[test]
+    fn tcp_pool_needs_port_and_no_http_check() {
+        let mut st = State::default();
+        let spec = PoolSpec { protocol: Protocol::Tcp, ..PoolSpec::default() };
+        let err = apply(&mut st, &Command::PutPool { name: "t".into(), spec }).unwrap_err();
+        assert!(matches!(err, ApplyError::Invalid { ref key, .. } if key == "listen"), "{err}");
+        let spec = PoolSpec { protocol: Protocol::Tcp, listen: Some(3001), ..PoolSpec::default() };
+        apply(&mut st, &Command::PutPool { name: "t".into(), spec }).expect("tcp pool");
+        assert_eq!(st.pools["t"].spec.check(), CheckKind::Tcp);
+    }
+
+    #[test]
+    fn heartbeat_pool_backends_need_udp_addr() {
+        let mut st = State::default();
+        let mut spec = PoolSpec { protocol: Protocol::Tcp, listen: Some(3001), ..PoolSpec::default() };
+        spec.health.heartbeat_port = Some(5000);
+        apply(&mut st, &Command::PutPool { name: "logic".into(), spec }).expect("pool");
+        assert_eq!(st.pools["logic"].spec.check(), CheckKind::Heartbeat);
+        let no_hb =
+            Command::PutBackend { pool: "logic".into(), addr: addr("127.0.0.1:7000"), spec: BackendSpec::default() };
+        assert!(apply(&mut st, &no_hb).is_err());
+        let spec = BackendSpec { heartbeat_addr: Some(addr("127.0.0.1:7001")), ..BackendSpec::default() };
+        let ok = Command::PutBackend { pool: "logic".into(), addr: addr("127.0.0.1:7000"), spec };
+        apply(&mut st, &ok).expect("backend with heartbeat addr");
+    }
+
+    #[test]
+    fn ports_conflict_across_pools() {
+        let mut st = State::default();
+        let mut spec = PoolSpec { protocol: Protocol::Tcp, listen: Some(3001), ..PoolSpec::default() };
+        spec.health.heartbeat_port = Some(5000);
+        apply(&mut st, &Command::PutPool { name: "a".into(), spec }).expect("a");
+        let clash = PoolSpec { protocol: Protocol::Tcp, listen: Some(5000), ..PoolSpec::default() };
+        assert!(matches!(
+            apply(&mut st, &Command::PutPool { name: "b".into(), spec: clash }),
+            Err(ApplyError::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn drain_and_delete_backend() {
+        let mut st = State::default();
+        apply(&mut st, &Command::PutPool { name: "web".into(), spec: http_pool("/") }).expect("pool");
+        let a = addr("10.0.0.1:80");
+        apply(&mut st, &Command::PutBackend { pool: "web".into(), addr: a, spec: BackendSpec::default() })
+            .expect("backend");
+        apply(&mut st, &Command::SetDrain { pool: "web".into(), addr: a, drain: true }).expect("drain");
+        assert!(st.pools["web"].backends["10.0.0.1:80"].spec.drain);
+        apply(&mut st, &Command::DeleteBackend { pool: "web".into(), addr: a }).expect("delete");
+        let again = apply(&mut st, &Command::DeleteBackend { pool: "web".into(), addr: a });
+        assert!(matches!(again, Err(ApplyError::NoSuchBackend { .. })));
+    }
+
+    #[test]
+    fn noop_keeps_version() {
+        let mut st = State::default();
+        assert_eq!(apply(&mut st, &Command::Noop), Ok(Applied { version: 0 }));
+    }
+}
