@@ -1,10 +1,12 @@
 //! Builds a node from its options and owns the start and shutdown order:
-//! store → health → routing table → data plane → reconcile loop → admin; shutdown drains the
-//! data plane (no new connections, established ones finish within the drain timeout), then
-//! stops everything else.
+//! Raft → (gossip, Raft RPC, bootstrap, membership) → health → routing table → data plane →
+//! reconciler → admin. Shutdown: un-ready in gossip, stop accepting, let connections finish
+//! within the drain timeout, stop, then leave Raft and gossip last.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,18 +15,56 @@ use arc_swap::ArcSwap;
 use shoal_proto::State;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::config;
-use crate::control::LocalStore;
+use crate::control::gossip::{Gossip, GossipOptions, Members};
+use crate::control::membership::{self, Policy};
+use crate::control::raft::network::LinkFilter;
+use crate::control::raft::{RaftNode, RaftTiming, ShoalNode, server};
 use crate::dataplane::{DataPlane, DpCtx, Limits, ListenerKind};
-use crate::health::{self, HealthCtx, HealthView};
+use crate::health::combine::{self, PeerObs};
+use crate::health::{self, BackendId, HealthCtx, HealthView, Verdict};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, NodeCtx};
 use crate::routing::{SharedTable, Table};
 use crate::shutdown::{self, Phase, Shutdown, Trigger};
 
+/// How a node joins a cluster (`--cluster`, `--join`, `--expect`).
+#[derive(Clone)]
+pub struct ClusterOptions {
+    /// Gossip (UDP) and Raft RPC (TCP) address.
+    pub addr: SocketAddr,
+    pub join: Vec<String>,
+    /// Bootstrap once this many nodes see each other (0: never bootstrap, only join).
+    pub expect: usize,
+    pub name: String,
+    pub gossip_interval: Duration,
+    pub probe_replicas: usize,
+    pub policy: Policy,
+    pub raft: RaftTiming,
+    /// Test seam: which Raft links work.
+    pub link_filter: Option<LinkFilter>,
+}
+
+impl ClusterOptions {
+    pub fn new(addr: SocketAddr, join: Vec<String>, expect: usize) -> ClusterOptions {
+        ClusterOptions {
+            addr,
+            join,
+            expect,
+            name: "shoal".into(),
+            gossip_interval: Duration::from_millis(500),
+            probe_replicas: 2,
+            policy: Policy::default(),
+            raft: RaftTiming::default(),
+            link_filter: None,
+        }
+    }
+}
+
 /// Everything `shoal node` can be told.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NodeOptions {
     pub id: String,
     /// Admin API address (port 0 picks a free port).
@@ -35,12 +75,14 @@ pub struct NodeOptions {
     pub listen_ip: Option<IpAddr>,
     /// The node's HTTP listener port (0 picks a free port).
     pub http_port: u16,
-    /// Data-plane worker threads.
+    /// Data-plane worker threads (0: one per core).
     pub threads: usize,
     pub zone: String,
     pub limits: Limits,
     /// How long established connections may finish after shutdown starts.
     pub drain_timeout: Duration,
+    /// `None`: a one-node cluster of its own.
+    pub cluster: Option<ClusterOptions>,
 }
 
 impl NodeOptions {
@@ -57,6 +99,7 @@ impl NodeOptions {
             zone: String::new(),
             limits: Limits::default(),
             drain_timeout: Duration::from_secs(5),
+            cluster: None,
         }
     }
 }
@@ -66,26 +109,50 @@ pub struct NodeShared {
     pub id: String,
     pub zone: String,
     pub admin_addr: SocketAddr,
-    pub store: LocalStore,
+    pub cluster_addr: Option<SocketAddr>,
+    pub raft: Arc<RaftNode>,
+    pub gossip: Option<Arc<Gossip>>,
+    /// The cluster's combined health view (what routing uses).
     pub health: watch::Receiver<Arc<HealthView>>,
+    /// This node's own observations.
+    pub local_health: watch::Receiver<Arc<HealthView>>,
     pub table: SharedTable,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
+    pub ready: AtomicBool,
     http_addr: Mutex<Option<SocketAddr>>,
 }
 
 impl NodeShared {
     pub fn state(&self) -> Arc<State> {
-        self.store.current()
+        self.raft.current()
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
         *self.http_addr.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub fn members(&self) -> Arc<Members> {
+        self.gossip.as_ref().map(|g| g.members.borrow().clone()).unwrap_or_default()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.shutdown.phase() == Phase::Running
+    }
+
     /// Updates gauges that are cheaper to compute on scrape than on every change.
-    pub fn refresh_gauges(&self) {
-        self.metrics.config_version.set(self.state().version as i64);
+    pub async fn refresh_gauges(&self) {
+        let st = self.raft.status().await;
+        let m = &self.metrics;
+        m.config_version.set(self.state().version as i64);
+        m.raft_term.set(st.term as i64);
+        m.raft_leader_id.set(st.leader.map(|l| l as i64).unwrap_or(0));
+        m.raft_is_leader.set(i64::from(st.leader == Some(self.raft.id)));
+        m.raft_commit_index.set(st.committed as i64);
+        m.raft_applied_index.set(st.applied as i64);
+        m.raft_voters.set(st.voters.len() as i64);
+        m.raft_learners.set(st.learners.len() as i64);
+        m.gossip_live_nodes.set(self.members().live().count().max(1) as i64);
     }
 }
 
@@ -107,60 +174,90 @@ impl NodeHandle {
         self.shared.http_addr()
     }
 
-    /// Staged shutdown: stop accepting, let connections finish (bounded), stop.
+    /// Staged shutdown: un-ready, stop accepting, let connections finish (bounded), stop.
     pub async fn shutdown(self) {
         tracing::info!(node = %self.shared.id, "shutting down: draining connections");
-        self.trigger.advance(Phase::Draining);
-        let drained = self.wait_drained();
-        let _ = tokio::time::timeout(self.drain_timeout, drained).await;
-        self.trigger.advance(Phase::Stopped);
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        if let Some(g) = &self.shared.gossip {
+            g.set("ready", Some("0".into())).await;
         }
-        if let Ok(dp) = Arc::try_unwrap(self.dataplane) {
+        self.trigger.advance(Phase::Draining);
+        let _ = tokio::time::timeout(self.drain_timeout, self.wait_drained()).await;
+        self.trigger.advance(Phase::Stopped);
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.shared.raft.shutdown().await;
+        if let Some(dp) = Arc::into_inner(self.dataplane) {
             let _ = tokio::task::spawn_blocking(move || dp.join()).await;
+        }
+        if let Some(g) = self.shared.gossip.as_ref() {
+            let _ = g.set("raft_addr", None).await;
         }
         tracing::info!(node = %self.shared.id, "stopped");
     }
 
     async fn wait_drained(&self) {
-        let active = || self.shared.metrics.conns_active.collect_total();
-        while active() > 0 {
+        while open_connections(&self.shared.metrics) > 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
 
-/// Sum of a gauge vector over all label values.
-trait CollectTotal {
-    fn collect_total(&self) -> i64;
-}
-
-impl CollectTotal for prometheus::IntGaugeVec {
-    fn collect_total(&self) -> i64 {
-        use prometheus::core::Collector;
-        self.collect()
-            .iter()
-            .flat_map(|mf| mf.get_metric().iter().map(|m| m.get_gauge().get_value() as i64).collect::<Vec<_>>())
-            .sum()
-    }
+fn open_connections(metrics: &Metrics) -> i64 {
+    use prometheus::core::Collector;
+    metrics
+        .conns_active
+        .collect()
+        .iter()
+        .flat_map(|mf| mf.get_metric().iter().map(|m| m.get_gauge().get_value() as i64))
+        .sum()
 }
 
 /// Starts a node on the current tokio runtime (data-plane workers get their own threads).
 pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     let metrics = Arc::new(Metrics::new(&opts.id));
     let (trigger, shutdown) = shutdown::channel();
-    let store = LocalStore::open(&opts.data_dir)?;
-    let listen_ip = apply_config_file(&opts, &store).await?;
+    let config_file = opts
+        .config
+        .as_ref()
+        .map(|p| config::load(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+        .transpose()?;
+    let listen_ip =
+        opts.listen_ip.or(config_file.as_ref().and_then(|f| f.listen_ip)).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let admin_listener = tokio::net::TcpListener::bind(opts.admin)
+        .await
+        .with_context(|| format!("cannot bind the admin address {}", opts.admin))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let me = ShoalNode {
+        name: opts.id.clone(),
+        raft_addr: opts.cluster.as_ref().map(|c| c.addr.to_string()).unwrap_or_default(),
+        admin: admin_addr.to_string(),
+    };
+    let cluster_name = opts.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| "shoal".into());
+    let timing = opts.cluster.as_ref().map(|c| c.raft.clone()).unwrap_or_default();
+    let filter = opts.cluster.as_ref().and_then(|c| c.link_filter.clone());
+    let raft = Arc::new(RaftNode::start(&opts.data_dir.join("raft"), me, &cluster_name, &timing, filter).await?);
+    let mut tasks = Vec::new();
+    let gossip = match &opts.cluster {
+        Some(c) => Some(start_cluster(c, &opts, &raft, admin_addr, listen_ip, &metrics, &shutdown, &mut tasks).await?),
+        None => {
+            raft.initialize_alone().await?;
+            None
+        }
+    };
+    let members_rx = live_names(gossip.as_deref(), &mut tasks);
     let health_ctx = HealthCtx {
-        state: store.subscribe(),
+        state: raft.subscribe(),
         listen_ip,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
-        assignment: Arc::new(|_| true),
         verifier: Arc::new(health_secret_matches),
+        me: opts.id.clone(),
+        members: members_rx,
+        probe_replicas: opts.cluster.as_ref().map(|c| c.probe_replicas).unwrap_or(1),
     };
-    let (health_rx, reporter) = health::spawn(health_ctx);
+    let (local_health, reporter) = health::spawn(health_ctx);
+    let (combined_tx, combined_rx) = watch::channel(Arc::new(HealthView::default()));
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(Table::default()));
     let dp_ctx = DpCtx {
         table: table.clone(),
@@ -171,37 +268,102 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     };
     let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
     let dataplane = Arc::new(DataPlane::start(threads, dp_ctx).context("cannot start data-plane workers")?);
-    let admin_listener = tokio::net::TcpListener::bind(opts.admin)
-        .await
-        .with_context(|| format!("cannot bind the admin address {}", opts.admin))?;
     let shared = Arc::new(NodeShared {
         id: opts.id.clone(),
         zone: opts.zone.clone(),
-        admin_addr: admin_listener.local_addr()?,
-        store,
-        health: health_rx,
+        admin_addr,
+        cluster_addr: opts.cluster.as_ref().map(|c| c.addr),
+        raft,
+        gossip,
+        health: combined_rx,
+        local_health: local_health.clone(),
         table,
         metrics,
         shutdown: shutdown.clone(),
+        ready: AtomicBool::new(false),
         http_addr: Mutex::new(None),
     });
     let http_addr = SocketAddr::new(listen_ip, opts.http_port);
-    let reconcile_task = spawn_reconciler(
-        shared.clone(),
-        dataplane.clone(),
-        http_addr,
-        NodeCtx { workers: threads, zone: opts.zone.clone() },
-    );
+    let ctx = NodeCtx { workers: threads, zone: opts.zone.clone() };
+    tasks.push(spawn_reconciler(shared.clone(), dataplane.clone(), http_addr, ctx, local_health.clone(), combined_tx));
+    if let Some(g) = &shared.gossip {
+        tasks.push(tokio::spawn(publish_observations(g.clone(), local_health, shared.clone())));
+    }
+    if let (Some(file), Some(path)) = (config_file, opts.config.clone()) {
+        let apply = apply_config_file(shared.clone(), file, path, opts.data_dir.clone());
+        if shared.gossip.is_some() {
+            // A cluster may still be electing its first leader: apply in the background.
+            tasks.push(tokio::spawn(apply));
+        } else {
+            apply.await;
+        }
+    }
     wait_first_table(&shared).await;
-    let admin_task = tokio::spawn(crate::admin::serve(admin_listener, shared.clone(), shutdown.clone()));
-    tracing::info!(node = %opts.id, admin = %shared.admin_addr, http = ?shared.http_addr(), threads, "node started");
-    Ok(NodeHandle {
-        shared,
-        trigger,
-        dataplane,
-        tasks: vec![reconcile_task, admin_task],
-        drain_timeout: opts.drain_timeout,
-    })
+    tasks.push(tokio::spawn(crate::admin::serve(admin_listener, shared.clone(), shutdown.clone())));
+    tracing::info!(node = %opts.id, raft_id = shared.raft.id, admin = %admin_addr, http = ?shared.http_addr(), cluster = ?shared.cluster_addr, threads, "node started");
+    Ok(NodeHandle { shared, trigger, dataplane, tasks, drain_timeout: opts.drain_timeout })
+}
+
+/// Starts gossip, the Raft RPC server, bootstrap and the membership loop.
+#[allow(clippy::too_many_arguments)]
+async fn start_cluster(
+    c: &ClusterOptions,
+    opts: &NodeOptions,
+    raft: &Arc<RaftNode>,
+    admin: SocketAddr,
+    listen_ip: IpAddr,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Arc<Gossip>> {
+    let rpc = tokio::net::TcpListener::bind(c.addr)
+        .await
+        .with_context(|| format!("cannot bind the cluster address {} (TCP)", c.addr))?;
+    tasks.push(tokio::spawn(server::serve(rpc, raft.clone(), metrics.clone())));
+    let keys = vec![
+        ("raft_id".to_string(), raft.id.to_string()),
+        ("raft_addr".to_string(), c.addr.to_string()),
+        ("admin".to_string(), admin.to_string()),
+        ("http".to_string(), SocketAddr::new(listen_ip, opts.http_port).to_string()),
+        ("zone".to_string(), opts.zone.clone()),
+        ("ready".to_string(), "0".to_string()),
+        ("raft_init".to_string(), if raft.is_initialized().await { "1" } else { "0" }.to_string()),
+    ];
+    let gopts = GossipOptions {
+        name: opts.id.clone(),
+        cluster_id: c.name.clone(),
+        addr: c.addr,
+        seeds: c.join.clone(),
+        interval: c.gossip_interval,
+    };
+    let gossip = Arc::new(Gossip::start(&gopts, keys).await?);
+    let expect = if c.expect == 0 && c.join.is_empty() { 1 } else { c.expect };
+    tasks.push(tokio::spawn(membership::bootstrap(raft.clone(), gossip.clone(), expect, shutdown.clone())));
+    tasks.push(tokio::spawn(membership::reconcile(
+        raft.clone(),
+        gossip.members.clone(),
+        c.policy.clone(),
+        shutdown.clone(),
+    )));
+    Ok(gossip)
+}
+
+/// Live node names for probe sharding (empty for a node without gossip).
+fn live_names(gossip: Option<&Gossip>, tasks: &mut Vec<JoinHandle<()>>) -> watch::Receiver<Arc<Vec<String>>> {
+    let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+    if let Some(g) = gossip {
+        let mut members = g.members.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let names = members.borrow_and_update().live_names();
+                tx.send_if_modified(|n| (**n != names).then(|| *n = Arc::new(names)).is_some());
+                if members.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    rx
 }
 
 fn default_threads() -> usize {
@@ -214,43 +376,94 @@ fn health_secret_matches(secret: &str, _pair: &str, auth: Option<&str>) -> bool 
     auth.is_some_and(|a| bool::from(a.as_bytes().ct_eq(secret.as_bytes())))
 }
 
-/// Applies `--config` when its content changed since the last start; returns the listen IP.
-async fn apply_config_file(opts: &NodeOptions, store: &LocalStore) -> anyhow::Result<IpAddr> {
-    let Some(path) = &opts.config else {
-        return Ok(opts.listen_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])));
+/// Applies `--config` once a leader accepts writes, when its content changed since the last
+/// time it was applied (a digest is kept in the data dir).
+async fn apply_config_file(node: Arc<NodeShared>, file: config::ConfigFile, path: PathBuf, data_dir: PathBuf) {
+    let digest = match std::fs::read(&path) {
+        Ok(bytes) => format!("{:016x}", crate::dataplane::maglev::stable_hash(&bytes, 0)),
+        Err(e) => return tracing::error!(config = %path.display(), error = %e, "cannot read config file"),
     };
-    let file = config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let listen_ip = opts.listen_ip.or(file.listen_ip).unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let digest = format!("{:016x}", crate::dataplane::maglev::stable_hash(&std::fs::read(path)?, 0));
-    let marker = opts.data_dir.join("config.applied");
+    let marker = data_dir.join("config.applied");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(digest.as_str()) {
-        tracing::info!(config = %path.display(), "config file unchanged since it was applied; the stored state is authoritative");
-        return Ok(listen_ip);
+        tracing::info!(config = %path.display(), "config file unchanged since it was applied; the cluster's state is authoritative");
+        return;
     }
-    let cmd = file.commands(&store.current());
-    store.propose(cmd).await.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    std::fs::write(&marker, digest)?;
-    tracing::info!(config = %path.display(), summary = %config::summary(&file), "config file applied");
-    Ok(listen_ip)
+    loop {
+        match node.raft.propose(file.commands(&node.state())).await {
+            Ok(applied) => {
+                let _ = std::fs::write(&marker, &digest);
+                tracing::info!(config = %path.display(), summary = %config::summary(&file), version = applied.version, "config file applied");
+                return;
+            }
+            Err(crate::control::ProposeError::Unavailable(why)) => {
+                tracing::info!(%why, "waiting for a leader to apply the config file");
+            }
+            Err(e) => return tracing::error!(config = %path.display(), error = %e, "config file refused"),
+        }
+    }
 }
 
-/// Rebuilds the routing table and the listener set whenever intent or observations change.
-fn spawn_reconciler(node: Arc<NodeShared>, dp: Arc<DataPlane>, http_addr: SocketAddr, ctx: NodeCtx) -> JoinHandle<()> {
+/// Rebuilds the combined health view, the routing table and the listener set whenever
+/// intent, local observations or peers' observations change.
+fn spawn_reconciler(
+    node: Arc<NodeShared>,
+    dp: Arc<DataPlane>,
+    http_addr: SocketAddr,
+    ctx: NodeCtx,
+    mut local_rx: watch::Receiver<Arc<HealthView>>,
+    combined_tx: watch::Sender<Arc<HealthView>>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut state_rx = node.store.subscribe();
-        let mut health_rx = node.health.clone();
+        let mut state_rx = node.raft.subscribe();
+        let mut members_rx = node
+            .gossip
+            .as_ref()
+            .map(|g| g.members.clone())
+            .unwrap_or_else(|| watch::channel(Arc::new(Members::default())).1);
         let mut shutdown = node.shutdown.clone();
+        let started = Instant::now();
+        let mut members_open = node.gossip.is_some();
         loop {
             let state = state_rx.borrow_and_update().clone();
-            let health = health_rx.borrow_and_update().clone();
-            rebuild(&node, &dp, &state, &health, &ctx, http_addr);
+            let local = local_rx.borrow_and_update().clone();
+            let members = members_rx.borrow_and_update().clone();
+            let peers: Vec<PeerObs> = members.live().filter(|m| m.name != node.id).map(|m| m.obs.clone()).collect();
+            let prev = combined_tx.borrow().clone();
+            let combined = Arc::new(combine::combine(&state, &local, &peers, &prev));
+            update_readiness(&node, &state, &combined, started).await;
+            combined_tx.send_replace(combined.clone());
+            rebuild(&node, &dp, &state, &combined, &ctx, http_addr);
             tokio::select! {
                 _ = shutdown.wait() => return,
                 r = state_rx.changed() => if r.is_err() { return },
-                r = health_rx.changed() => if r.is_err() { return },
+                r = local_rx.changed() => if r.is_err() { return },
+                r = members_rx.changed(), if members_open => members_open = r.is_ok(),
+                _ = tokio::time::sleep(Duration::from_secs(1)), if !node.ready.load(Ordering::Relaxed) => {}
             }
         }
     })
+}
+
+/// A node is ready once every actively checked backend has a verdict (its own or a peer's),
+/// or after a grace period; until then routing has nothing "assumed up" to offer anyway.
+async fn update_readiness(node: &NodeShared, state: &State, view: &HealthView, started: Instant) {
+    if node.ready.load(Ordering::Relaxed) {
+        return;
+    }
+    let unknown = state
+        .pools
+        .values()
+        .filter(|p| matches!(p.spec.check(), shoal_proto::CheckKind::Http | shoal_proto::CheckKind::Tcp))
+        .flat_map(|p| p.backends.values().map(move |b| (p.name.clone(), b.addr)))
+        .filter(|id: &BackendId| view.verdicts.get(id).copied().unwrap_or_default() == Verdict::Unknown)
+        .count();
+    if unknown == 0 || started.elapsed() > Duration::from_secs(10) {
+        node.ready.store(true, Ordering::Relaxed);
+        if let Some(g) = &node.gossip {
+            g.set("ready", Some("1".into())).await;
+        }
+        tracing::info!(node = %node.id, unknown, "node ready");
+    }
 }
 
 fn rebuild(
@@ -266,6 +479,16 @@ fn rebuild(
     for gone in prev.pools.iter().filter(|p| next.pool(&p.name).is_none()) {
         gone.shared.values().for_each(|s| s.pool.clear());
         node.metrics.forget_pool(&gone.name);
+    }
+    for pool in &next.pools {
+        let was = prev.pool(&pool.name).is_some_and(|p| p.fail_open);
+        match (was, pool.fail_open) {
+            (false, true) => {
+                tracing::warn!(pool = %pool.name, routable = pool.routable.len(), "pool fails open: too few healthy backends, routing to all of them")
+            }
+            (true, false) => tracing::info!(pool = %pool.name, "pool no longer fails open"),
+            _ => {}
+        }
     }
     publish_backend_gauges(node, &next);
     node.metrics.table_rebuilds.inc();
@@ -291,8 +514,32 @@ fn publish_backend_gauges(node: &NodeShared, table: &Table) {
     }
 }
 
+/// Keeps this node's gossip keys in step with its local observations (at most every 200 ms).
+async fn publish_observations(gossip: Arc<Gossip>, mut local: watch::Receiver<Arc<HealthView>>, node: Arc<NodeShared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let view = local.borrow_and_update().clone();
+        gossip.publish(&view, &active_per_backend(&node.table.load())).await;
+        tokio::select! {
+            r = local.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Connections in flight on this node per backend (gossiped so a drain can wait for zero).
+pub fn active_per_backend(table: &Table) -> HashMap<BackendId, u64> {
+    table
+        .pools
+        .iter()
+        .flat_map(|p| p.shared.iter().map(move |(addr, s)| ((p.name.clone(), *addr), s.active())))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
 async fn wait_first_table(node: &NodeShared) {
-    for _ in 0..100 {
+    for _ in 0..200 {
         if node.table.load().generation > 0 {
             return;
         }

@@ -34,7 +34,7 @@ struct Candidate {
 
 /// Builds the next table. `prev` lends its per-backend runtime state to surviving backends.
 pub fn build(state: &State, health: &HealthView, ctx: &NodeCtx, prev: &Table, metrics: &Metrics) -> Table {
-    let mut table = Table { version: state.version, generation: prev.generation + 1, ready: true, ..Table::default() };
+    let mut table = Table { version: state.version, generation: prev.generation + 1, ..Table::default() };
     for pool in state.pools.values() {
         let prev_pool = prev.pool(&pool.name);
         let idx = table.pools.len();

@@ -31,8 +31,6 @@ pub struct Table {
     /// TCP listen port → index into `pools`.
     pub tcp: HashMap<u16, usize>,
     pub pools: Vec<PoolRt>,
-    /// False until the node has the health verdicts it needs (then everything is 502/503).
-    pub ready: bool,
 }
 
 impl Table {

@@ -113,6 +113,9 @@ pub struct ClusterView {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
     pub id: String,
+    /// Raft node id (stable per data directory).
+    #[serde(default)]
+    pub raft_id: u64,
     pub admin: String,
     pub cluster: Option<String>,
     pub http: Option<String>,

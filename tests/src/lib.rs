@@ -18,6 +18,8 @@ use shoal_node::node::{self, NodeHandle, NodeOptions};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
+pub mod cluster;
+
 pub use shoal_node;
 pub use shoal_proto;
 
@@ -50,6 +52,9 @@ impl TestNode {
 
     /// Starts a node in `dir`, letting the caller adjust its options.
     pub async fn start_in(id: &str, dir: tempfile::TempDir, adjust: impl FnOnce(&mut NodeOptions)) -> TestNode {
+        if std::env::var_os("SHOAL_TEST_LOG").is_some() {
+            shoal_node::cli::init_logging(shoal_node::cli::LogFormat::Human);
+        }
         let mut opts = NodeOptions::local(id, LOCALHOST, dir.path().to_path_buf());
         adjust(&mut opts);
         let handle = node::start(opts).await.expect("node starts");

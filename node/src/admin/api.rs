@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State as AxState};
+use axum::extract::{Path, Query, State as AxState};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -12,6 +12,8 @@ use shoal_proto::admin::{ClusterView, NodeView, PoolHealth, WriteResult};
 use shoal_proto::{BackendSpec, CheckKind, Command, Pool, PoolSpec, State};
 
 use super::json::{ApiError, Body};
+use crate::control::gossip::Members;
+use crate::control::raft::{RaftStatus, ShoalNode};
 use crate::health::probe;
 use crate::node::NodeShared;
 use crate::reconcile;
@@ -20,28 +22,50 @@ use crate::shutdown::Phase;
 type Node = AxState<Arc<NodeShared>>;
 
 pub async fn healthz(AxState(node): Node) -> Response {
-    if node.shutdown.phase() == Phase::Running {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    match (node.shutdown.phase(), node.is_ready()) {
+        (Phase::Running, true) => (StatusCode::OK, "ok\n").into_response(),
+        (Phase::Running, false) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "starting: waiting for health verdicts\n").into_response()
+        }
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response(),
     }
 }
 
 pub async fn metrics(AxState(node): Node) -> Response {
-    node.refresh_gauges();
+    node.refresh_gauges().await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics.render()).into_response()
 }
 
-pub async fn state(AxState(node): Node) -> Json<Arc<State>> {
-    Json(node.state())
+/// `?consistent=true` turns a read into a linearizable one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    #[serde(default)]
+    consistent: bool,
 }
 
-pub async fn list_pools(AxState(node): Node) -> Json<Vec<Pool>> {
-    Json(node.state().pools.values().cloned().collect())
+/// The state to answer a read from: local, or after a read barrier through the leader.
+async fn read_state(node: &NodeShared, q: &ReadQuery) -> Result<Arc<State>, ApiError> {
+    if q.consistent {
+        node.raft.linearize().await?;
+    }
+    Ok(node.state())
 }
 
-pub async fn get_pool(AxState(node): Node, Path(pool): Path<String>) -> Result<Json<Pool>, ApiError> {
-    node.state().pools.get(&pool).cloned().map(Json).ok_or_else(|| no_pool(&pool))
+pub async fn state(AxState(node): Node, Query(q): Query<ReadQuery>) -> Result<Json<Arc<State>>, ApiError> {
+    Ok(Json(read_state(&node, &q).await?))
+}
+
+pub async fn list_pools(AxState(node): Node, Query(q): Query<ReadQuery>) -> Result<Json<Vec<Pool>>, ApiError> {
+    Ok(Json(read_state(&node, &q).await?.pools.values().cloned().collect()))
+}
+
+pub async fn get_pool(
+    AxState(node): Node,
+    Path(pool): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> Result<Json<Pool>, ApiError> {
+    read_state(&node, &q).await?.pools.get(&pool).cloned().map(Json).ok_or_else(|| no_pool(&pool))
 }
 
 pub async fn put_pool(
@@ -150,32 +174,98 @@ pub async fn drain_backend(
 }
 
 pub async fn cluster(AxState(node): Node) -> Json<ClusterView> {
-    let state = node.state();
-    let me = NodeView {
-        id: node.id.clone(),
-        admin: node.admin_addr.to_string(),
-        cluster: None,
-        http: node.http_addr().map(|a| a.to_string()),
-        zone: node.zone.clone(),
-        live: true,
-        ready: node.shutdown.phase() == Phase::Running,
-        role: "leader".into(),
-        voter: true,
-    };
+    let st = node.raft.status().await;
+    let members = node.members();
+    let name_of = |id: u64| st.nodes.get(&id).map(|n| n.name.clone()).unwrap_or_else(|| id.to_string());
+    let mut nodes: Vec<NodeView> = st.nodes.iter().map(|(id, n)| member_view(&node, &st, *id, n, &members)).collect();
+    for m in members.nodes.values().filter(|m| !st.nodes.contains_key(&m.raft_id)) {
+        nodes.push(NodeView {
+            id: m.name.clone(),
+            raft_id: m.raft_id,
+            admin: m.admin.clone(),
+            cluster: m.gossip_addr.map(|a| a.to_string()),
+            http: m.http.clone(),
+            zone: m.zone.clone(),
+            live: m.live,
+            ready: m.live && m.ready,
+            role: "joining".into(),
+            voter: false,
+        });
+    }
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
     Json(ClusterView {
         node: node.id.clone(),
-        leader: Some(node.id.clone()),
-        term: 1,
-        commit_index: state.version,
-        applied_index: state.version,
-        config_version: state.version,
-        nodes: vec![me],
+        leader: st.leader.map(name_of),
+        term: st.term,
+        commit_index: st.committed,
+        applied_index: st.applied,
+        config_version: node.state().version,
+        nodes,
     })
+}
+
+fn member_view(node: &NodeShared, st: &RaftStatus, id: u64, n: &ShoalNode, members: &Members) -> NodeView {
+    let gossip = members.nodes.get(&n.name).filter(|m| m.raft_id == id);
+    let me = id == node.raft.id;
+    let role = if me {
+        node.raft.role().to_string()
+    } else if st.leader == Some(id) {
+        "leader".into()
+    } else if st.voters.contains(&id) {
+        "follower".into()
+    } else {
+        "learner".into()
+    };
+    NodeView {
+        id: n.name.clone(),
+        raft_id: id,
+        admin: n.admin.clone(),
+        cluster: (!n.raft_addr.is_empty()).then(|| n.raft_addr.clone()),
+        http: if me { node.http_addr().map(|a| a.to_string()) } else { gossip.and_then(|g| g.http.clone()) },
+        zone: if me { node.zone.clone() } else { gossip.map(|g| g.zone.clone()).unwrap_or_default() },
+        live: me || gossip.is_some_and(|g| g.live),
+        ready: if me { node.is_ready() } else { gossip.is_some_and(|g| g.live && g.ready) },
+        role,
+        voter: st.voters.contains(&id),
+    }
+}
+
+/// `GET /v1/cluster/probes`: which live node actively checks which backend (`pool/addr`).
+pub async fn probes(AxState(node): Node) -> Json<std::collections::BTreeMap<String, Vec<String>>> {
+    let fmt = |ids: &mut dyn Iterator<Item = &crate::health::BackendId>| {
+        let mut v: Vec<String> = ids.map(|(p, a)| format!("{p}/{a}")).collect();
+        v.sort();
+        v
+    };
+    let mut out = std::collections::BTreeMap::new();
+    out.insert(node.id.clone(), fmt(&mut node.local_health.borrow().verdicts.keys()));
+    for m in node.members().live().filter(|m| m.name != node.id) {
+        out.insert(m.name.clone(), fmt(&mut m.obs.verdicts.keys()));
+    }
+    Json(out)
+}
+
+/// `GET /v1/pools/{pool}/pick?client=IP`: the backend this node would choose for a client.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PickQuery {
+    client: std::net::IpAddr,
+}
+
+pub async fn pick(
+    AxState(node): Node,
+    Path(pool): Path<String>,
+    Query(q): Query<PickQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let table = node.table.load();
+    let p = table.pool(&pool).ok_or_else(|| no_pool(&pool))?;
+    let chosen = p.balancer.pick(&p.routable, q.client, &|_| false).map(|i| p.routable[i].key.clone());
+    Ok(Json(serde_json::json!({ "pool": pool, "client": q.client, "backend": chosen })))
 }
 
 async fn write(node: &NodeShared, cmd: Command) -> Result<Json<WriteResult>, ApiError> {
     node.metrics.proposals.inc();
-    match node.store.propose(cmd).await {
+    match node.raft.propose(cmd).await {
         Ok(applied) => Ok(Json(WriteResult { version: applied.version })),
         Err(e) => {
             node.metrics.proposal_failures.inc();

@@ -1,7 +1,7 @@
-//! `shoal dev`: a local demo deployment as child processes of this binary: the node(s) on
-//! 127.0.0.x, two demo HTTP backends, and a pool, then it prints what to try. Ctrl-C stops all.
+//! `shoal dev`: a local three-node cluster as child processes of this binary, on 127.0.0.1–3
+//! (every node binds the same ports on its own loopback IP, as on separate VMs), with two demo
+//! HTTP backends, a heartbeat demo backend, an HTTP pool and a TCP pool. Ctrl-C stops all.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
@@ -17,6 +17,9 @@ pub struct DevArgs {
     /// Where nodes keep state and logs (default: a fresh temporary directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Number of nodes (on 127.0.0.1, 127.0.0.2, …).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u8,
 }
 
 /// A child process with a name for messages.
@@ -26,18 +29,21 @@ struct Proc {
 }
 
 const HTTP_BACKENDS: [&str; 2] = ["127.0.0.1:8082", "127.0.0.1:8083"];
+const HB_TCP: &str = "127.0.0.1:7000";
+const HB_UDP: &str = "127.0.0.1:7001";
 
 pub fn run(args: DevArgs) -> ExitCode {
     let dir = args.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("shoal-dev-{}", std::process::id())));
+    let n = args.nodes.clamp(1, 9);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return super::fail(2, format!("cannot start runtime: {e}")),
     };
     let mut procs = Vec::new();
     let result = rt.block_on(async {
-        start_all(&dir, &mut procs)?;
-        configure().await?;
-        print_tour(&dir);
+        start_all(&dir, n, &mut procs)?;
+        configure(n).await?;
+        print_tour(&dir, n, &procs);
         watch(&mut procs).await;
         anyhow::Ok(())
     });
@@ -48,28 +54,49 @@ pub fn run(args: DevArgs) -> ExitCode {
     }
 }
 
-fn start_all(dir: &Path, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
+fn ip(i: u8) -> String {
+    format!("127.0.0.{i}")
+}
+
+fn start_all(dir: &Path, n: u8, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("logs"))?;
     for (i, addr) in HTTP_BACKENDS.iter().enumerate() {
         let name = format!("demo-{}", i + 1);
         procs.push(spawn(dir, &name, &["demo-backend", "--listen", addr, "--name", &name])?);
     }
-    let data = dir.join("node-1");
-    let data = data.to_string_lossy();
-    let node = [
-        "node",
-        "--id",
-        "node-1",
-        "--admin",
-        "127.0.0.1:8081",
-        "--listen-ip",
-        "127.0.0.1",
-        "--http-port",
-        "8080",
-        "--data-dir",
-        &data,
-    ];
-    procs.push(spawn(dir, "node-1", &node)?);
+    let targets: Vec<String> = (1..=n).map(|i| format!("{}:5000", ip(i))).collect();
+    let targets = targets.join(",");
+    let hb = ["demo-backend", "--tcp", HB_TCP, "--udp", HB_UDP, "--heartbeat-to", &targets, "--banner", "demo-tcp"];
+    procs.push(spawn(dir, "demo-tcp", &hb)?);
+    let seeds: Vec<String> = (1..=n).map(|i| format!("{}:7946", ip(i))).collect();
+    let seeds = seeds.join(",");
+    let expect = n.to_string();
+    for i in 1..=n {
+        let (name, ip) = (format!("node-{i}"), ip(i));
+        let data = dir.join(&name).to_string_lossy().into_owned();
+        let cluster = format!("{ip}:7946");
+        let admin = format!("{ip}:8081");
+        let args = [
+            "node",
+            "--id",
+            &name,
+            "--cluster",
+            &cluster,
+            "--join",
+            &seeds,
+            "--expect",
+            &expect,
+            "--admin",
+            &admin,
+            "--listen-ip",
+            &ip,
+            "--http-port",
+            "8080",
+            "--data-dir",
+            &data,
+        ];
+        procs.push(spawn(dir, &name, &args)?);
+    }
     Ok(())
 }
 
@@ -86,71 +113,81 @@ fn spawn(dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
     Ok(Proc { name: name.to_string(), child })
 }
 
-/// Creates the demo pool once the node answers.
-async fn configure() -> anyhow::Result<()> {
-    let admin = AdminClient::new("http://127.0.0.1:8081")?;
-    wait_ready(&admin).await?;
-    admin.call::<serde_json::Value>(Method::PUT, "/v1/pools/web", Some(json!({ "pattern": "/" }))).await?;
+/// Creates the demo pools through node 1 once the cluster accepts writes.
+async fn configure(n: u8) -> anyhow::Result<()> {
+    let admin = AdminClient::new(&format!("http://{}:8081", ip(1)))?;
+    let web = json!({ "pattern": "/" });
+    retry(|| admin.call::<serde_json::Value>(Method::PUT, "/v1/pools/web", Some(web.clone()))).await?;
     for addr in HTTP_BACKENDS {
         let path = format!("/v1/pools/web/backends/{addr}");
         retry(|| admin.call::<serde_json::Value>(Method::PUT, &path, Some(json!({})))).await?;
     }
+    let tcp = json!({ "protocol": "tcp", "listen": 3001, "health": { "heartbeat_port": 5000 } });
+    retry(|| admin.call::<serde_json::Value>(Method::PUT, "/v1/pools/logic", Some(tcp.clone()))).await?;
+    let path = format!("/v1/pools/logic/backends/{HB_TCP}");
+    retry(|| admin.call::<serde_json::Value>(Method::PUT, &path, Some(json!({ "heartbeat_addr": HB_UDP })))).await?;
+    for i in 1..=n {
+        let node = AdminClient::new(&format!("http://{}:8081", ip(i)))?;
+        retry(|| async {
+            let (s, _) = node.raw(Method::GET, "/healthz", None).await?;
+            if s.is_success() { Ok(()) } else { anyhow::bail!("node-{i} not ready: {s}") }
+        })
+        .await?;
+    }
     Ok(())
 }
 
-async fn wait_ready(admin: &AdminClient) -> anyhow::Result<()> {
-    retry(|| async {
-        admin
-            .raw(Method::GET, "/healthz", None)
-            .await
-            .and_then(|(s, _)| if s.is_success() { Ok(()) } else { anyhow::bail!("{s}") })
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("node at {} did not come up: {e}", admin.authority()))
-}
-
-/// Retries for up to 15 s (processes are still starting).
+/// Retries for up to 30 s (processes are still starting, the cluster still electing).
 async fn retry<T, F, Fut>(mut f: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match f().await {
             Ok(v) => return Ok(v),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
 }
 
-fn print_tour(dir: &Path) {
-    let http: SocketAddr = ([127, 0, 0, 1], 8080).into();
-    println!("shoal dev is running (state and logs in {})", dir.display());
+fn print_tour(dir: &Path, n: u8, procs: &[Proc]) {
+    println!("shoal dev: a {n}-node cluster is running (state and logs in {})", dir.display());
     println!();
-    println!("  HTTP pool \"web\" (pattern /):   curl http://{http}/");
-    println!("  admin API:                     http://127.0.0.1:8081/v1/pools");
-    println!("  backends: {} and {}", HTTP_BACKENDS[0], HTTP_BACKENDS[1]);
+    for i in 1..=n {
+        let pid = procs.iter().find(|p| p.name == format!("node-{i}")).map(|p| p.child.id()).unwrap_or(0);
+        println!("  node-{i} (pid {pid}): HTTP http://{0}:8080/   TCP {0}:3001   admin http://{0}:8081/", ip(i));
+    }
+    println!(
+        "  backends: HTTP {} and {}; TCP echo {HB_TCP} (heartbeats from {HB_UDP})",
+        HTTP_BACKENDS[0], HTTP_BACKENDS[1]
+    );
     println!();
     println!("Try:");
-    println!("  for i in 1 2 3 4; do curl -s http://{http}/; done     # round robin across both backends");
-    println!("  shoal pool health web                                 # seed 003's health table");
-    println!("  shoal status");
+    println!("  for i in 1 2 3 4; do curl -s http://127.0.0.{}:8080/; done   # any node, round robin", n.min(2));
+    println!("  echo hello | nc -q1 127.0.0.1 3001                        # TCP pool via heartbeats");
+    println!("  shoal status                                              # nodes, roles, leader");
+    println!("  shoal pool health web --admin http://127.0.0.{}:8081", n);
+    println!("  shoal pool add api --pattern /api/ --admin http://127.0.0.2:8081   # write on any node");
+    println!("  kill -9 <pid of the leader>       # traffic keeps flowing; a new leader takes writes");
     println!();
     println!("Ctrl-C stops everything.");
 }
 
-/// Waits for Ctrl-C, reporting children that die meanwhile.
+/// Waits for Ctrl-C, reporting children that die meanwhile (once each).
 async fn watch(procs: &mut [Proc]) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut reported = vec![false; procs.len()];
     loop {
         tokio::select! {
             _ = super::wait_for_signal() => return,
             _ = tick.tick() => {
-                for p in procs.iter_mut() {
-                    if let Ok(Some(status)) = p.child.try_wait() {
+                for (p, seen) in procs.iter_mut().zip(reported.iter_mut()) {
+                    if let (Ok(Some(status)), false) = (p.child.try_wait(), *seen) {
                         eprintln!("{} exited ({status})", p.name);
+                        *seen = true;
                     }
                 }
             }

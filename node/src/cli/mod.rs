@@ -16,8 +16,9 @@ use serde_json::{Value, json};
 use shoal_proto::admin::{ClusterView, PoolHealth, WriteResult};
 use shoal_proto::{Algorithm, Pool};
 
+use crate::control::raft::RaftTiming;
 use crate::dataplane::Limits;
-use crate::node::NodeOptions;
+use crate::node::{ClusterOptions, NodeOptions};
 use client::{AdminClient, ApiFailure};
 
 /// shoal: a clustered load balancer.
@@ -96,6 +97,34 @@ pub struct NodeArgs {
     pub max_connections: usize,
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+    /// Join a cluster: this node's gossip address (UDP); Raft RPC uses TCP on the same address.
+    #[arg(long)]
+    pub cluster: Option<SocketAddr>,
+    /// Gossip addresses of other nodes to contact first (comma separated; names resolve by DNS).
+    #[arg(long, value_delimiter = ',', requires = "cluster")]
+    pub join: Vec<String>,
+    /// Bootstrap a new cluster once this many nodes see each other (default: 1 without
+    /// --join, else 0 = only join an existing cluster).
+    #[arg(long, requires = "cluster")]
+    pub expect: Option<usize>,
+    /// Cluster name; nodes of other clusters are ignored.
+    #[arg(long, default_value = "shoal")]
+    pub cluster_name: String,
+    /// Nodes that actively probe each backend.
+    #[arg(long, default_value_t = 2)]
+    pub probe_replicas: usize,
+    /// Seconds a voter must be unreachable before the leader removes it.
+    #[arg(long, default_value_t = 120)]
+    pub dead_voter_grace: u64,
+    /// Gossip round interval in milliseconds.
+    #[arg(long, default_value_t = 500, hide = true)]
+    pub gossip_interval_ms: u64,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 200, hide = true)]
+    pub raft_heartbeat_ms: u64,
+    /// Raft minimum election timeout in milliseconds (the maximum is twice that).
+    #[arg(long, default_value_t = 800, hide = true)]
+    pub election_timeout_ms: u64,
 }
 
 impl NodeArgs {
@@ -115,7 +144,24 @@ impl NodeArgs {
                 ..Limits::default()
             },
             drain_timeout: Duration::from_secs(self.drain_timeout),
+            cluster: self.cluster_options(),
         }
+    }
+
+    fn cluster_options(&self) -> Option<ClusterOptions> {
+        let addr = self.cluster?;
+        let expect = self.expect.unwrap_or(if self.join.is_empty() { 1 } else { 0 });
+        let mut c = ClusterOptions::new(addr, self.join.clone(), expect);
+        c.name = self.cluster_name.clone();
+        c.probe_replicas = self.probe_replicas.max(1);
+        c.policy.dead_grace = Duration::from_secs(self.dead_voter_grace);
+        c.gossip_interval = Duration::from_millis(self.gossip_interval_ms.max(10));
+        c.raft = RaftTiming {
+            heartbeat: Duration::from_millis(self.raft_heartbeat_ms.max(10)),
+            election_min: Duration::from_millis(self.election_timeout_ms.max(self.raft_heartbeat_ms + 1)),
+            election_max: Duration::from_millis(2 * self.election_timeout_ms.max(self.raft_heartbeat_ms + 1)),
+        };
+        Some(c)
     }
 }
 
@@ -278,7 +324,7 @@ pub fn run(cli: Cli) -> ExitCode {
 
 /// Sets up logging for long-running commands.
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     let _ = match format {

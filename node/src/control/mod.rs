@@ -1,5 +1,9 @@
-//! The control plane: where desired state lives and how it changes.
+//! The control plane: desired state (Raft), membership and observations (gossip), and the
+//! leader-only membership loop that joins the two.
 
-pub mod store;
+pub mod gossip;
+pub mod membership;
+pub mod propose;
+pub mod raft;
 
-pub use store::{LocalStore, ProposeError};
+pub use propose::ProposeError;

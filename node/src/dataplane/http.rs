@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::mux::{Route, join_path};
 use super::{DpCtx, connect_backend, relay};
 use crate::metrics::{ListenerMetrics, PoolMetrics};
-use crate::routing::{ActiveGuard, BackendRt, BackendShared, PoolRt, Table};
+use crate::routing::{ActiveGuard, BackendRt, BackendShared, PoolRt};
 
 /// Most backends tried for one request (only retried when nothing was sent).
 const MAX_ATTEMPTS: usize = 3;
@@ -80,7 +80,7 @@ async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &DpCtx) -> Response
         Route::Redirect(path) => redirect(&path, req.uri()),
         Route::Pool(idx) => {
             let pool = &table.pools[idx];
-            let resp = forward(req, conn, ctx, &table, pool).await;
+            let resp = forward(req, conn, ctx, pool).await;
             pool.metrics.response(resp.status().as_u16());
             resp
         }
@@ -111,15 +111,9 @@ fn reject_smuggling(headers: &HeaderMap) -> Option<&'static str> {
     None
 }
 
-async fn forward(
-    mut req: Request<Incoming>,
-    conn: ConnInfo,
-    ctx: &DpCtx,
-    table: &Table,
-    pool: &PoolRt,
-) -> Response<ProxyBody> {
+async fn forward(mut req: Request<Incoming>, conn: ConnInfo, ctx: &DpCtx, pool: &PoolRt) -> Response<ProxyBody> {
     let started = Instant::now();
-    if !table.ready || pool.routable.is_empty() {
+    if pool.routable.is_empty() {
         pool.metrics.no_backend.inc();
         return error(StatusCode::BAD_GATEWAY, "no healthy backend", false);
     }

@@ -2,9 +2,11 @@
 //! sockets and passive failures reported by the data plane feed one manager task, which
 //! applies rise/fall hysteresis and ejections and publishes an immutable [`HealthView`].
 
+pub mod combine;
 pub mod heartbeat;
 pub mod hysteresis;
 pub mod probe;
+pub mod shard;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -29,16 +31,31 @@ pub type BackendId = (String, SocketAddr);
 /// How long a backend stays out of rotation after a passive failure on this node.
 pub const EJECTION: Duration = Duration::from_secs(5);
 
-/// This node's observations, published after every change.
+/// Backend health as one node sees it (the manager's output) or as the cluster sees it
+/// (`combine`'s output, which routing uses).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HealthView {
+    /// Active-check verdicts (local: this node's probes; combined: every backend's verdict).
     pub verdicts: HashMap<BackendId, Verdict>,
     /// Last failure reason, for operators.
     pub reasons: HashMap<BackendId, String>,
     /// Ejected on this node after passive failures.
     pub ejected: HashSet<BackendId>,
-    /// Self-registered heartbeat backends: pool → TCP address → UDP address.
+    /// Heartbeat backends this node has identified.
+    pub heard: HashMap<BackendId, Heard>,
+    /// Combined only: self-registered backends, pool → TCP address → UDP address.
     pub dynamic: BTreeMap<String, BTreeMap<SocketAddr, SocketAddr>>,
+}
+
+/// A heartbeat backend as this node hears it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heard {
+    /// Sent `OK` within the timeout.
+    pub up: bool,
+    /// Where its datagrams come from.
+    pub udp: SocketAddr,
+    /// Registered itself (not configured).
+    pub dynamic: bool,
 }
 
 /// What the data plane tells the health manager.
@@ -63,9 +80,6 @@ impl Reporter {
     }
 }
 
-/// Decides which backends this node probes (all of them on a single node; a shard in a cluster).
-pub type Assignment = Arc<dyn Fn(&BackendId) -> bool + Send + Sync>;
-
 /// Checks a heartbeat identification's authenticator against a pool's secret.
 pub type Verifier = Arc<dyn Fn(&str, &str, Option<&str>) -> bool + Send + Sync>;
 
@@ -75,8 +89,13 @@ pub struct HealthCtx {
     pub listen_ip: IpAddr,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
-    pub assignment: Assignment,
     pub verifier: Verifier,
+    /// This node's name, for probe sharding.
+    pub me: String,
+    /// Live node names (empty: a single node, which probes everything).
+    pub members: watch::Receiver<Arc<Vec<String>>>,
+    /// Probers per backend.
+    pub probe_replicas: usize,
 }
 
 /// Starts the manager; returns the view and the data plane's reporter.
@@ -115,6 +134,7 @@ struct Manager {
     probe_rx: mpsc::Receiver<ProbeResult>,
     hb_tx: mpsc::Sender<PoolHbEvent>,
     hb_rx: mpsc::Receiver<PoolHbEvent>,
+    dynamic: HashSet<BackendId>,
 }
 
 impl Manager {
@@ -133,11 +153,15 @@ impl Manager {
             probe_rx,
             hb_tx,
             hb_rx,
+            dynamic: HashSet::new(),
         }
     }
 
     async fn run(mut self, mut reports: mpsc::Receiver<Report>) {
         let mut state_rx = self.ctx.state.clone();
+        let mut members_rx = self.ctx.members.clone();
+        // A node without gossip has a closed, never-changing membership channel.
+        let mut members_open = true;
         let mut shutdown = self.ctx.shutdown.clone();
         let mut expiry = tokio::time::interval(Duration::from_millis(250));
         let state = state_rx.borrow_and_update().clone();
@@ -148,6 +172,15 @@ impl Manager {
                 changed = state_rx.changed() => {
                     if changed.is_err() { break }
                     let state = state_rx.borrow_and_update().clone();
+                    self.sync(&state).await;
+                }
+                changed = members_rx.changed(), if members_open => {
+                    if changed.is_err() {
+                        members_open = false;
+                        continue;
+                    }
+                    members_rx.borrow_and_update();
+                    let state = state_rx.borrow().clone();
                     self.sync(&state).await;
                 }
                 Some(r) = self.probe_rx.recv() => self.on_probe(r),
@@ -168,12 +201,14 @@ impl Manager {
 
     /// Starts, restarts and stops probers and heartbeat sockets to match desired state.
     async fn sync(&mut self, state: &State) {
+        let members = self.ctx.members.borrow().clone();
+        let k = self.ctx.probe_replicas;
         let mut wanted: HashMap<BackendId, (CheckKind, HealthSpec)> = HashMap::new();
         for pool in state.pools.values() {
             let kind = pool.spec.check();
             for b in pool.backends.values() {
                 let id = (pool.name.clone(), b.addr);
-                if matches!(kind, CheckKind::Http | CheckKind::Tcp) && (self.ctx.assignment)(&id) {
+                if matches!(kind, CheckKind::Http | CheckKind::Tcp) && shard::assigned(&self.ctx.me, &members, &id, k) {
                     wanted.insert(id, (kind, pool.spec.health.clone()));
                 }
             }
@@ -184,15 +219,22 @@ impl Manager {
     }
 
     fn sync_probers(&mut self, mut wanted: HashMap<BackendId, (CheckKind, HealthSpec)>) {
+        let mut stopped = Vec::new();
         self.probers.retain(|id, p| {
             let keep = wanted.get(id) == Some(&p.key);
             if keep {
                 wanted.remove(id);
             } else {
                 p.task.abort();
+                stopped.push(id.clone());
             }
             keep
         });
+        // A verdict this node no longer maintains must not linger in its gossip.
+        for id in stopped {
+            self.view.verdicts.remove(&id);
+            self.hysteresis.remove(&id);
+        }
         for (id, key) in wanted {
             let task =
                 tokio::spawn(probe_loop(id.clone(), key.clone(), self.probe_tx.clone(), self.ctx.metrics.clone()));
@@ -245,19 +287,27 @@ impl Manager {
     fn forget_removed(&mut self, state: &State) {
         let exists = |id: &BackendId| {
             state.pools.get(&id.0).is_some_and(|p| {
-                p.backends.contains_key(&id.1.to_string())
-                    || (p.spec.self_register && self.view.dynamic.get(&id.0).is_some_and(|d| d.contains_key(&id.1)))
+                p.backends.contains_key(&id.1.to_string()) || (p.spec.self_register && self.dynamic.contains(id))
             })
         };
-        let stale: Vec<BackendId> = self.view.verdicts.keys().filter(|id| !exists(id)).cloned().collect();
+        let stale: Vec<BackendId> = self
+            .view
+            .verdicts
+            .keys()
+            .chain(self.view.heard.keys())
+            .chain(self.view.reasons.keys())
+            .filter(|id| !exists(id))
+            .cloned()
+            .collect();
         for id in stale {
             self.view.verdicts.remove(&id);
+            self.view.heard.remove(&id);
             self.view.reasons.remove(&id);
             self.view.ejected.remove(&id);
             self.hysteresis.remove(&id);
             self.ejected_until.remove(&id);
         }
-        self.view.dynamic.retain(|pool, _| state.pools.get(pool).is_some_and(|p| p.spec.self_register));
+        self.dynamic.retain(|id| state.pools.get(&id.0).is_some_and(|p| p.spec.self_register));
     }
 
     fn on_probe(&mut self, r: ProbeResult) {
@@ -277,25 +327,34 @@ impl Manager {
     }
 
     fn on_heartbeat(&mut self, e: PoolHbEvent) {
-        let pool = e.pool;
+        let id = (
+            e.pool,
+            match &e.event {
+                HbEvent::Up { tcp, .. }
+                | HbEvent::Down { tcp }
+                | HbEvent::Registered { tcp, .. }
+                | HbEvent::Forgotten { tcp } => *tcp,
+            },
+        );
         match e.event {
-            HbEvent::Up { tcp, .. } => {
-                self.view.verdicts.insert((pool.clone(), tcp), Verdict::Up);
-                self.view.reasons.remove(&(pool, tcp));
+            HbEvent::Up { source, .. } => {
+                let dynamic = self.dynamic.contains(&id);
+                self.view.heard.insert(id.clone(), Heard { up: true, udp: source, dynamic });
+                self.view.reasons.remove(&id);
             }
-            HbEvent::Down { tcp } => {
-                self.view.verdicts.insert((pool.clone(), tcp), Verdict::Down);
-                self.view.reasons.insert((pool, tcp), "no heartbeat within the timeout".into());
-            }
-            HbEvent::Registered { tcp, udp } => {
-                self.view.dynamic.entry(pool).or_default().insert(tcp, udp);
-            }
-            HbEvent::Forgotten { tcp } => {
-                if let Some(d) = self.view.dynamic.get_mut(&pool) {
-                    d.remove(&tcp);
+            HbEvent::Down { .. } => {
+                if let Some(h) = self.view.heard.get_mut(&id) {
+                    h.up = false;
                 }
-                self.view.verdicts.remove(&(pool.clone(), tcp));
-                self.view.reasons.remove(&(pool, tcp));
+                self.view.reasons.insert(id, "no heartbeat within the timeout".into());
+            }
+            HbEvent::Registered { .. } => {
+                self.dynamic.insert(id);
+            }
+            HbEvent::Forgotten { .. } => {
+                self.dynamic.remove(&id);
+                self.view.heard.remove(&id);
+                self.view.reasons.remove(&id);
             }
         }
     }

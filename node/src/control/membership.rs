@@ -1,0 +1,346 @@
+//! Raft membership driven by gossip. Two loops:
+//!
+//! - **bootstrap** (Consul's `bootstrap_expect`): a node whose Raft is not initialized waits
+//!   until `expect` nodes see each other, none of them reports an initialized cluster, and it has
+//!   the lowest Raft id among them; only then does it initialize, with those nodes as voters. A
+//!   restarted node is already initialized and never does it again.
+//! - **reconcile** (leader only, one change per tick): live unknown nodes join as learners;
+//!   caught-up learners that stayed live for a while become voters up to `max_voters` (an odd
+//!   number); a voter dead for `dead_grace` is removed only while the remaining live voters keep
+//!   a majority; dead learners are removed after the same grace.
+//!
+//! The decisions are pure functions ([`plan`], [`should_bootstrap`]); the loops only do I/O.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ChangeMembers;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::gossip::{Gossip, Members};
+use super::raft::{NodeId, RaftNode, ShoalNode};
+use crate::shutdown::Shutdown;
+
+/// Membership policy.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub max_voters: usize,
+    /// A voter or learner not live for this long may be removed.
+    pub dead_grace: Duration,
+    /// A learner must be live and caught up this long before promotion.
+    pub promote_after: Duration,
+    /// A learner within this many entries of the leader's log counts as caught up.
+    pub max_lag: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_voters: 5,
+            dead_grace: Duration::from_secs(120),
+            promote_after: Duration::from_secs(3),
+            max_lag: 100,
+        }
+    }
+}
+
+/// One membership change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    AddLearner(NodeId, ShoalNode),
+    Promote(NodeId),
+    RemoveVoter(NodeId),
+    RemoveLearner(NodeId),
+}
+
+/// What the leader knows when it plans.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub me: NodeId,
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+    /// Live nodes according to gossip, with how long each has been live.
+    pub live: BTreeMap<NodeId, (ShoalNode, Duration)>,
+    /// How long each member has not been live (absent: live now).
+    pub absent: HashMap<NodeId, Duration>,
+    /// Matched log index per member (leader's replication progress).
+    pub matched: HashMap<NodeId, u64>,
+    pub last_log_index: u64,
+}
+
+/// The next change to make, if any.
+pub fn plan(v: &View, p: &Policy) -> Option<Action> {
+    if let Some((id, (node, _))) = v.live.iter().find(|(id, _)| !v.voters.contains(id) && !v.learners.contains(id)) {
+        return Some(Action::AddLearner(*id, node.clone()));
+    }
+    let dead_for = |id: &NodeId| v.absent.get(id).copied().unwrap_or_default();
+    let live_members = v.voters.iter().chain(&v.learners).filter(|id| v.live.contains_key(id)).count();
+    let mut target = p.max_voters.min(live_members).max(1);
+    if target.is_multiple_of(2) {
+        target -= 1;
+    }
+    if v.voters.len() < target.max(1)
+        && let Some(id) = v.learners.iter().find(|id| promotable(v, p, id))
+    {
+        return Some(Action::Promote(*id));
+    }
+    if let Some(victim) = v.voters.iter().find(|id| **id != v.me && dead_for(id) >= p.dead_grace) {
+        let remaining: Vec<&NodeId> = v.voters.iter().filter(|id| *id != victim).collect();
+        let live_remaining = remaining.iter().filter(|id| v.live.contains_key(id)).count();
+        if live_remaining * 2 > remaining.len() {
+            return Some(Action::RemoveVoter(*victim));
+        }
+    }
+    v.learners.iter().find(|id| dead_for(id) >= p.dead_grace).map(|id| Action::RemoveLearner(*id))
+}
+
+fn promotable(v: &View, p: &Policy, id: &NodeId) -> bool {
+    let Some((_, live_for)) = v.live.get(id) else { return false };
+    let matched = v.matched.get(id).copied().unwrap_or(0);
+    *live_for >= p.promote_after && matched + p.max_lag >= v.last_log_index
+}
+
+/// Whether this uninitialized node should bootstrap the cluster now, and with whom.
+pub fn should_bootstrap(me: NodeId, expect: usize, members: &Members) -> Option<Vec<(NodeId, ShoalNode)>> {
+    let live: Vec<_> = members.live().filter(|m| m.raft_id != 0 && !m.raft_addr.is_empty()).collect();
+    if expect == 0 || live.len() < expect || live.iter().any(|m| m.raft_init) {
+        return None;
+    }
+    let lowest = live.iter().map(|m| m.raft_id).min()?;
+    if lowest != me {
+        return None;
+    }
+    let mut nodes: Vec<(NodeId, ShoalNode)> = live
+        .iter()
+        .map(|m| {
+            (m.raft_id, ShoalNode { name: m.name.clone(), raft_addr: m.raft_addr.clone(), admin: m.admin.clone() })
+        })
+        .collect();
+    nodes.sort_by_key(|(id, _)| *id);
+    nodes.truncate(5);
+    Some(nodes)
+}
+
+/// Initializes the cluster when [`should_bootstrap`] says so (twice in a row, one second
+/// apart, so views still converging do not make two nodes initialize), then publishes
+/// `raft_init=1`.
+pub async fn bootstrap(raft: Arc<RaftNode>, gossip: Arc<Gossip>, expect: usize, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut agreed: Option<Vec<NodeId>> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        if raft.is_initialized().await {
+            gossip.set("raft_init", Some("1".into())).await;
+            return;
+        }
+        let members = gossip.members.borrow().clone();
+        let Some(nodes) = should_bootstrap(raft.id, expect, &members) else {
+            agreed = None;
+            continue;
+        };
+        let ids: Vec<NodeId> = nodes.iter().map(|(id, _)| *id).collect();
+        if agreed.as_ref() != Some(&ids) {
+            agreed = Some(ids);
+            continue;
+        }
+        let names: Vec<&str> = nodes.iter().map(|(_, n)| n.name.as_str()).collect();
+        tracing::info!(voters = ?names, "bootstrapping the cluster");
+        let map: BTreeMap<NodeId, ShoalNode> = nodes.into_iter().collect();
+        if let Err(e) = raft.raft.initialize(map).await {
+            tracing::warn!(error = %e, "bootstrap did not happen");
+        }
+    }
+}
+
+/// The leader-only membership loop.
+pub async fn reconcile(
+    raft: Arc<RaftNode>,
+    members: watch::Receiver<Arc<Members>>,
+    policy: Policy,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut seen = Seen::default();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let view = seen.view(&raft, &members.borrow(), now);
+        let Some(view) = view else { continue };
+        if let Some(action) = plan(&view, &policy) {
+            execute(&raft, action).await;
+        }
+    }
+}
+
+/// Liveness history the plan needs (since when live, since when absent).
+#[derive(Default)]
+struct Seen {
+    live_since: HashMap<NodeId, Instant>,
+    absent_since: HashMap<NodeId, Instant>,
+}
+
+impl Seen {
+    /// The leader's view, or `None` when this node does not lead or a change is in flight.
+    fn view(&mut self, raft: &RaftNode, members: &Members, now: Instant) -> Option<View> {
+        let live: BTreeMap<NodeId, ShoalNode> = members
+            .live()
+            .filter(|m| m.raft_id != 0 && !m.raft_addr.is_empty())
+            .map(|m| {
+                (m.raft_id, ShoalNode { name: m.name.clone(), raft_addr: m.raft_addr.clone(), admin: m.admin.clone() })
+            })
+            .collect();
+        self.live_since.retain(|id, _| live.contains_key(id));
+        for id in live.keys() {
+            self.live_since.entry(*id).or_insert(now);
+            self.absent_since.remove(id);
+        }
+        let metrics = raft.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        for id in membership.nodes().map(|(id, _)| *id).filter(|id| !live.contains_key(id)) {
+            self.absent_since.entry(id).or_insert(now);
+        }
+        if metrics.state != openraft::ServerState::Leader || membership.get_joint_config().len() > 1 {
+            return None;
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let matched = metrics
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
+            .unwrap_or_default();
+        Some(View {
+            me: raft.id,
+            voters,
+            learners,
+            live: live.into_iter().map(|(id, n)| (id, (n, now.duration_since(self.live_since[&id])))).collect(),
+            absent: self.absent_since.iter().map(|(id, t)| (*id, now.duration_since(*t))).collect(),
+            matched,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+        })
+    }
+}
+
+async fn execute(raft: &RaftNode, action: Action) {
+    tracing::info!(?action, "membership change");
+    let r = &raft.raft;
+    let fut = async {
+        match action.clone() {
+            Action::AddLearner(id, node) => r.add_learner(id, node, false).await.map(|_| ()).map_err(|e| e.to_string()),
+            Action::Promote(id) => r
+                .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Action::RemoveVoter(id) => r
+                .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Action::RemoveLearner(id) => r
+                .change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), fut).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(?action, error = %e, "membership change failed"),
+        Err(_) => tracing::warn!(?action, "membership change timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::gossip::Member;
+
+    fn node(id: u64) -> ShoalNode {
+        ShoalNode { name: format!("n{id}"), raft_addr: format!("127.0.0.{id}:7946"), admin: String::new() }
+    }
+
+    fn view(voters: &[u64], learners: &[u64], live: &[u64]) -> View {
+        View {
+            me: 1,
+            voters: voters.iter().copied().collect(),
+            learners: learners.iter().copied().collect(),
+            live: live.iter().map(|id| (*id, (node(*id), Duration::from_secs(60)))).collect(),
+            absent: HashMap::new(),
+            matched: live.iter().map(|id| (*id, 10)).collect(),
+            last_log_index: 10,
+        }
+    }
+
+    #[test]
+    fn new_nodes_join_as_learners_then_voters_up_to_an_odd_count() {
+        let p = Policy::default();
+        assert_eq!(plan(&view(&[1, 2, 3], &[], &[1, 2, 3, 4]), &p), Some(Action::AddLearner(4, node(4))));
+        assert_eq!(plan(&view(&[1, 2, 3], &[4], &[1, 2, 3, 4]), &p), None, "4 live: 3 voters, 1 learner");
+        assert_eq!(plan(&view(&[1, 2, 3], &[4, 5], &[1, 2, 3, 4, 5]), &p), Some(Action::Promote(4)));
+        assert_eq!(plan(&view(&[1, 2, 3, 4, 5], &[6, 7], &[1, 2, 3, 4, 5, 6, 7]), &p), None, "at most 5 voters");
+    }
+
+    #[test]
+    fn lagging_or_fresh_learners_wait() {
+        let p = Policy::default();
+        let mut v = view(&[1], &[2], &[1, 2]);
+        v.learners.insert(3);
+        v.live.insert(3, (node(3), Duration::from_secs(60)));
+        v.matched.insert(2, 0);
+        v.last_log_index = 1000;
+        v.matched.insert(3, 1000);
+        assert_eq!(plan(&v, &p), Some(Action::Promote(3)), "2 lags, 3 is caught up");
+        v.live.insert(3, (node(3), Duration::from_millis(100)));
+        assert_eq!(plan(&v, &p), None, "3 only just appeared");
+    }
+
+    #[test]
+    fn dead_voters_go_only_while_a_live_majority_remains() {
+        let p = Policy { dead_grace: Duration::from_secs(120), ..Policy::default() };
+        let mut v = view(&[1, 2, 3], &[], &[1, 2]);
+        v.absent.insert(3, Duration::from_secs(30));
+        assert_eq!(plan(&v, &p), None, "grace not over");
+        v.absent.insert(3, Duration::from_secs(121));
+        assert_eq!(plan(&v, &p), Some(Action::RemoveVoter(3)));
+        let mut v = view(&[1, 2, 3], &[], &[1]);
+        v.absent.insert(2, Duration::from_secs(500));
+        v.absent.insert(3, Duration::from_secs(500));
+        assert_eq!(plan(&v, &p), None, "removing 2 would leave {{1, 3}} with one live voter");
+        let mut v = view(&[1, 2, 3], &[4], &[1, 2, 3]);
+        v.absent.insert(4, Duration::from_secs(500));
+        assert_eq!(plan(&v, &p), Some(Action::RemoveLearner(4)));
+    }
+
+    fn member(id: u64, init: bool) -> Member {
+        Member {
+            name: format!("n{id}"),
+            raft_id: id,
+            raft_addr: format!("a{id}"),
+            live: true,
+            raft_init: init,
+            ..Member::default()
+        }
+    }
+
+    #[test]
+    fn only_the_lowest_id_bootstraps_and_only_once() {
+        let mut ms = Members::default();
+        for id in [5, 3, 9] {
+            ms.nodes.insert(format!("n{id}"), member(id, false));
+        }
+        assert_eq!(should_bootstrap(3, 3, &ms).map(|n| n.len()), Some(3));
+        assert_eq!(should_bootstrap(5, 3, &ms), None);
+        assert_eq!(should_bootstrap(3, 4, &ms), None, "not enough nodes yet");
+        ms.nodes.insert("n9".into(), member(9, true));
+        assert_eq!(should_bootstrap(3, 3, &ms), None, "a cluster already exists");
+    }
+}

@@ -1,0 +1,315 @@
+//! Raft (openraft 0.9) holds desired state: every admin write is a `Command` proposed here,
+//! forwarded to the leader when this node does not lead, and applied by the same pure `apply`
+//! on every node. The log, vote and snapshots live in redb under `--data-dir/raft`.
+
+pub mod network;
+pub mod server;
+pub mod state_machine;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{Config, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use shoal_proto::{Applied, ApplyError, Command, State};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use self::network::{Conn, LinkFilter, Network, Reply, Request, Wire};
+use self::state_machine::StateMachine;
+use self::store::{Db, LogStore};
+use super::ProposeError;
+
+pub type NodeId = u64;
+
+/// The result every applied command yields.
+pub type CommandResult = Result<Applied, ApplyError>;
+
+/// What Raft membership knows about a node: enough to reach and to name it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShoalNode {
+    pub name: String,
+    /// TCP address of the node's Raft RPC server (its `--cluster` address).
+    pub raft_addr: String,
+    pub admin: String,
+}
+
+impl std::fmt::Display for ShoalNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.raft_addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = ShoalNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Raft timing; tests shorten it.
+#[derive(Clone, Debug)]
+pub struct RaftTiming {
+    pub heartbeat: Duration,
+    pub election_min: Duration,
+    pub election_max: Duration,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat: Duration::from_millis(200),
+            election_min: Duration::from_millis(800),
+            election_max: Duration::from_millis(1600),
+        }
+    }
+}
+
+/// How long a write may take before the client gets a 503.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// Per-RPC timeout of forwarded writes and read-index requests.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a follower waits to apply what the leader committed for it.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// A running Raft member.
+pub struct RaftNode {
+    pub id: NodeId,
+    pub me: ShoalNode,
+    pub raft: Raft,
+    pub sm: StateMachine,
+    pub wire: Wire,
+}
+
+/// Reads the node's stable Raft id, creating a random one on first boot.
+pub fn load_or_create_id(dir: &Path) -> anyhow::Result<NodeId> {
+    let path = dir.join("node_id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return text.trim().parse().map_err(|_| anyhow::anyhow!("{} is corrupt", path.display()));
+    }
+    // Never 0: openraft treats 0 as "no node" in some displays, and metrics use 0 for "none".
+    let id = rand::random::<u64>() >> 1 | 1;
+    std::fs::write(&path, id.to_string())?;
+    Ok(id)
+}
+
+impl RaftNode {
+    /// Opens storage under `dir` and starts the Raft core.
+    pub async fn start(
+        dir: &Path,
+        me: ShoalNode,
+        cluster: &str,
+        timing: &RaftTiming,
+        filter: Option<LinkFilter>,
+    ) -> anyhow::Result<RaftNode> {
+        std::fs::create_dir_all(dir)?;
+        let id = load_or_create_id(dir)?;
+        let db = Db::open(&dir.join("raft.redb"))?;
+        let sm = StateMachine::open(db.clone())?;
+        let config = Config {
+            cluster_name: cluster.to_string(),
+            heartbeat_interval: timing.heartbeat.as_millis() as u64,
+            election_timeout_min: timing.election_min.as_millis() as u64,
+            election_timeout_max: timing.election_max.as_millis() as u64,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(500),
+            max_in_snapshot_log_to_keep: 500,
+            snapshot_max_chunk_size: 1024 * 1024,
+            ..Config::default()
+        }
+        .validate()?;
+        let wire = Wire { cluster: cluster.to_string(), me: id, filter };
+        let network = Network { wire: wire.clone() };
+        let raft = Raft::new(id, Arc::new(config), network, LogStore::new(db), sm.clone()).await?;
+        Ok(RaftNode { id, me, raft, sm, wire })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        self.sm.subscribe()
+    }
+
+    pub fn current(&self) -> Arc<State> {
+        self.sm.current()
+    }
+
+    pub async fn is_initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Makes this node a one-member cluster (bootstrap). Already initialized is fine.
+    pub async fn initialize_alone(&self) -> anyhow::Result<()> {
+        if self.is_initialized().await {
+            return Ok(());
+        }
+        match self.raft.initialize(BTreeMap::from([(self.id, self.me.clone())])).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("cannot initialize the cluster: {e}")),
+        }
+    }
+
+    /// Proposes `cmd` wherever the leader is; returns once this node has applied it.
+    pub async fn propose(&self, cmd: Command) -> Result<Applied, ProposeError> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        loop {
+            match self.try_propose(&cmd).await {
+                Attempt::Done(result) => return result.map_err(ProposeError::Refused),
+                Attempt::Fatal(why) => return Err(ProposeError::Unavailable(why)),
+                Attempt::Retry(why) if Instant::now() >= deadline => {
+                    return Err(ProposeError::Unavailable(format!(
+                        "no leader accepted the write within {WRITE_DEADLINE:?}: {why}"
+                    )));
+                }
+                Attempt::Retry(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    async fn try_propose(&self, cmd: &Command) -> Attempt {
+        match self.raft.client_write(cmd.clone()).await {
+            Ok(resp) => Attempt::Done(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match (f.leader_id, f.leader_node) {
+                (Some(leader), Some(node)) if leader != self.id => self.forward_write(leader, node, cmd).await,
+                _ => Attempt::Retry("no leader known (election in progress)".into()),
+            },
+            Err(RaftError::APIError(e)) => Attempt::Fatal(e.to_string()),
+            Err(RaftError::Fatal(e)) => Attempt::Fatal(format!("raft stopped: {e}")),
+        }
+    }
+
+    async fn forward_write(&self, leader: NodeId, node: ShoalNode, cmd: &Command) -> Attempt {
+        let mut conn = Conn::new(self.wire.clone(), leader, node.raft_addr.clone());
+        match conn.call(Request::Write(cmd.clone()), FORWARD_TIMEOUT).await {
+            Ok(Reply::Write(Ok((result, index)))) => {
+                // Read-your-writes: answer once this node has applied the entry too.
+                if self.wait_applied(index).await.is_err() {
+                    tracing::warn!(index, "write committed by the leader but not yet applied here");
+                }
+                Attempt::Done(result)
+            }
+            Ok(Reply::Write(Err(why))) => Attempt::Retry(why),
+            Ok(other) => Attempt::Retry(format!("unexpected reply {other:?}")),
+            Err(e) => Attempt::Retry(format!("forwarding to {node}: {e}")),
+        }
+    }
+
+    /// Runs a forwarded write on this node, which must be the leader.
+    pub async fn write_as_leader(&self, cmd: Command) -> Result<(CommandResult, u64), String> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok((resp.data, resp.log_id.index)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Confirms leadership with a quorum; returns the index a linearizable read waits for.
+    pub async fn read_index_as_leader(&self) -> Result<u64, String> {
+        match self.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Waits until this node has applied everything committed before the call (`?consistent=true`).
+    pub async fn linearize(&self) -> Result<(), ProposeError> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        loop {
+            let index = match self.raft.ensure_linearizable().await {
+                Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+                Err(e) => match e.forward_to_leader::<ShoalNode>() {
+                    Some(f) => match (f.leader_id, &f.leader_node) {
+                        (Some(id), Some(node)) if id != self.id => self.remote_read_index(id, node).await,
+                        _ => Err("no leader known".to_string()),
+                    },
+                    None => Err(e.to_string()),
+                },
+            };
+            match index {
+                Ok(i) => return self.wait_applied(i).await,
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(why) => return Err(ProposeError::Unavailable(format!("no linearizable read possible: {why}"))),
+            }
+        }
+    }
+
+    async fn remote_read_index(&self, leader: NodeId, node: &ShoalNode) -> Result<u64, String> {
+        let mut conn = Conn::new(self.wire.clone(), leader, node.raft_addr.clone());
+        match conn.call(Request::ReadIndex, FORWARD_TIMEOUT).await {
+            Ok(Reply::ReadIndex(r)) => r,
+            Ok(_) => Err("unexpected reply".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Waits (bounded) until the local state machine has applied `index`.
+    async fn wait_applied(&self, index: u64) -> Result<(), ProposeError> {
+        let mut applied = self.sm.applied();
+        let reached = tokio::time::timeout(CATCH_UP, applied.wait_for(|a| *a >= index)).await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ProposeError::Unavailable(format!("this node has not applied index {index} yet"))),
+        }
+    }
+
+    /// This node's role as shown to operators.
+    pub fn role(&self) -> &'static str {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Candidate => "candidate",
+            ServerState::Follower => "follower",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        }
+    }
+
+    /// Raft facts for operators and metrics.
+    pub async fn status(&self) -> RaftStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let committed = self.raft.with_raft_state(|st| st.committed.map(|l| l.index)).await.ok().flatten();
+        let membership = m.membership_config.membership();
+        RaftStatus {
+            term: m.current_term,
+            leader: m.current_leader,
+            committed: committed.unwrap_or(0),
+            applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            nodes: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+/// A snapshot of Raft facts.
+#[derive(Clone, Debug, Default)]
+pub struct RaftStatus {
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub committed: u64,
+    pub applied: u64,
+    pub voters: std::collections::BTreeSet<NodeId>,
+    pub learners: std::collections::BTreeSet<NodeId>,
+    pub nodes: BTreeMap<NodeId, ShoalNode>,
+}
+
+/// One try at committing a write.
+enum Attempt {
+    Done(CommandResult),
+    Retry(String),
+    Fatal(String),
+}

@@ -1,0 +1,219 @@
+//! Raft RPC over TCP: length-prefixed `proto::codec` frames, one request in flight per
+//! connection. Every request names the cluster and the target's Raft id, so a node reached at a
+//! stale address refuses instead of answering for someone else. Forwarded client writes and
+//! read-index requests travel the same way.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+use shoal_proto::Command;
+use shoal_proto::codec::{self, HEADER_LEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{CommandResult, NodeId, ShoalNode, TypeConfig};
+
+/// Frame kinds on the Raft port.
+pub const KIND_REQUEST: u8 = 1;
+pub const KIND_REPLY: u8 = 2;
+
+/// Decides whether `from` may talk to `to` (a test seam for partitions; `None` allows all).
+pub type LinkFilter = Arc<dyn Fn(NodeId, NodeId) -> bool + Send + Sync>;
+
+/// Who is talking to whom, and about what.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    pub cluster: String,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub body: Request,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A client write forwarded to the leader.
+    Write(Command),
+    /// "Confirm you lead and tell me the index a linearizable read must wait for."
+    ReadIndex,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reply {
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// The command's result and its log index; `Err` when the receiver is not the leader.
+    Write(Result<(CommandResult, u64), String>),
+    ReadIndex(Result<u64, String>),
+    /// Wrong cluster, wrong node, or an undecodable request.
+    Refused(String),
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("unreachable: {0}")]
+    Unreachable(io::Error),
+    #[error("network: {0}")]
+    Network(io::Error),
+}
+
+/// Who this node is on the wire.
+#[derive(Clone)]
+pub struct Wire {
+    pub cluster: String,
+    pub me: NodeId,
+    pub filter: Option<LinkFilter>,
+}
+
+impl Wire {
+    fn allowed(&self, to: NodeId) -> bool {
+        self.filter.as_ref().is_none_or(|f| f(self.me, to))
+    }
+
+    pub fn envelope(&self, to: NodeId, body: Request) -> Envelope {
+        Envelope { cluster: self.cluster.clone(), from: self.me, to, body }
+    }
+}
+
+/// One lazily connected TCP connection to a peer.
+pub struct Conn {
+    wire: Wire,
+    target: NodeId,
+    addr: String,
+    stream: Option<TcpStream>,
+}
+
+impl Conn {
+    pub fn new(wire: Wire, target: NodeId, addr: String) -> Conn {
+        Conn { wire, target, addr, stream: None }
+    }
+
+    /// Sends one request and waits for its reply within `timeout`.
+    pub async fn call(&mut self, body: Request, timeout: Duration) -> Result<Reply, CallError> {
+        if !self.wire.allowed(self.target) {
+            return Err(CallError::Unreachable(io::Error::new(io::ErrorKind::ConnectionRefused, "link blocked")));
+        }
+        let frame = codec::encode(KIND_REQUEST, &self.wire.envelope(self.target, body))
+            .map_err(|e| CallError::Network(io::Error::other(e.to_string())))?;
+        let result = tokio::time::timeout(timeout, self.exchange(&frame)).await;
+        let result =
+            result.unwrap_or_else(|_| Err(CallError::Network(io::Error::new(io::ErrorKind::TimedOut, "rpc timeout"))));
+        if result.is_err() {
+            // Never read a late reply as the answer to the next request.
+            self.stream = None;
+        }
+        result
+    }
+
+    async fn exchange(&mut self, frame: &[u8]) -> Result<Reply, CallError> {
+        if self.stream.is_none() {
+            let s = TcpStream::connect(&self.addr).await.map_err(CallError::Unreachable)?;
+            let _ = s.set_nodelay(true);
+            self.stream = Some(s);
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(CallError::Unreachable(io::Error::other("no stream")));
+        };
+        stream.write_all(frame).await.map_err(CallError::Network)?;
+        let (kind, reply): (u8, Reply) = read_frame(stream).await.map_err(CallError::Network)?;
+        if kind != KIND_REPLY {
+            return Err(CallError::Network(io::Error::other("unexpected frame kind")));
+        }
+        Ok(reply)
+    }
+}
+
+/// Reads one frame; the length is checked before anything is allocated.
+pub async fn read_frame<T, S>(stream: &mut S) -> io::Result<(u8, T)>
+where
+    T: serde::de::DeserializeOwned,
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut head = [0u8; HEADER_LEN];
+    stream.read_exact(&mut head).await?;
+    let header = codec::decode_header(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut body = vec![0u8; header.len];
+    stream.read_exact(&mut body).await?;
+    let msg = codec::decode_body(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    Ok((header.kind, msg))
+}
+
+/// Creates connections for openraft.
+#[derive(Clone)]
+pub struct Network {
+    pub wire: Wire,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Conn;
+
+    async fn new_client(&mut self, target: NodeId, node: &ShoalNode) -> Conn {
+        Conn::new(self.wire.clone(), target, node.raft_addr.clone())
+    }
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, ShoalNode, RaftError<NodeId, E>>;
+
+fn rpc_error<E: std::error::Error>(e: CallError) -> RpcErr<E> {
+    match e {
+        CallError::Unreachable(io) => RPCError::Unreachable(Unreachable::new(&io)),
+        CallError::Network(io) => RPCError::Network(NetworkError::new(&io)),
+    }
+}
+
+fn unexpected<E: std::error::Error>(reply: Reply) -> RpcErr<E> {
+    let msg = match reply {
+        Reply::Refused(why) => format!("peer refused: {why}"),
+        _ => "unexpected reply".to_string(),
+    };
+    RPCError::Network(NetworkError::new(&io::Error::other(msg)))
+}
+
+impl RaftNetwork<TypeConfig> for Conn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        match self.call(Request::Append(rpc), option.hard_ttl()).await {
+            Ok(Reply::Append(Ok(r))) => Ok(r),
+            Ok(Reply::Append(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        match self.call(Request::Snapshot(rpc), option.hard_ttl()).await {
+            Ok(Reply::Snapshot(Ok(r))) => Ok(r),
+            Ok(Reply::Snapshot(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+        match self.call(Request::Vote(rpc), option.hard_ttl()).await {
+            Ok(Reply::Vote(Ok(r))) => Ok(r),
+            Ok(Reply::Vote(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+}

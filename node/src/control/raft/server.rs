@@ -1,0 +1,72 @@
+//! The Raft RPC server on the cluster TCP port. Each connection serves requests one at a time;
+//! connection tasks live in a `JoinSet` owned by the accept loop, so stopping the server also
+//! stops them (a stopped node must not keep answering on old connections).
+
+use std::sync::Arc;
+
+use shoal_proto::codec;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use super::RaftNode;
+use super::network::{Envelope, KIND_REPLY, KIND_REQUEST, Reply, Request, read_frame};
+use crate::metrics::Metrics;
+
+/// Accepts Raft RPC connections until the task is aborted.
+pub async fn serve(listener: TcpListener, node: Arc<RaftNode>, metrics: Arc<Metrics>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                conns.spawn(serve_conn(stream, node.clone(), metrics.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_conn(mut stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics>) {
+    loop {
+        let (kind, env): (u8, Envelope) = match read_frame(&mut stream).await {
+            Ok(frame) => frame,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    metrics.rejected_inputs.with_label_values(&["raft_frame"]).inc();
+                    tracing::debug!(error = %e, "dropping a connection that sent an invalid Raft frame");
+                }
+                return;
+            }
+        };
+        let reply = if kind != KIND_REQUEST {
+            Reply::Refused("expected a request frame".into())
+        } else {
+            dispatch(&node, env).await
+        };
+        let Ok(frame) = codec::encode(KIND_REPLY, &reply) else { return };
+        if stream.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn dispatch(node: &RaftNode, env: Envelope) -> Reply {
+    if env.cluster != node.wire.cluster {
+        return Reply::Refused(format!("this node belongs to cluster {:?}", node.wire.cluster));
+    }
+    if env.to != node.id {
+        return Reply::Refused(format!("this is node {}, not {}", node.id, env.to));
+    }
+    if !node.wire.filter.as_ref().is_none_or(|f| f(env.from, node.id)) {
+        return Reply::Refused("link blocked".into());
+    }
+    match env.body {
+        Request::Append(rpc) => Reply::Append(node.raft.append_entries(rpc).await),
+        Request::Vote(rpc) => Reply::Vote(node.raft.vote(rpc).await),
+        Request::Snapshot(rpc) => Reply::Snapshot(node.raft.install_snapshot(rpc).await),
+        Request::Write(cmd) => Reply::Write(node.write_as_leader(cmd).await),
+        Request::ReadIndex => Reply::ReadIndex(node.read_index_as_leader().await),
+    }
+}

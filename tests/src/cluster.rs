@@ -1,0 +1,238 @@
+//! Clusters of real `shoal node` processes on loopback: node `i` runs on `127.X.Y.i`, so every
+//! node binds the same ports on its own IP as on separate VMs, and `X.Y` is unique per cluster
+//! so tests can run side by side. Nodes can be killed with SIGKILL, stopped with SIGTERM and
+//! restarted on the same data directory. Logs go to files that are printed when a test fails.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use http::Method;
+use serde_json::Value;
+use shoal_node::cli::client::AdminClient;
+
+use crate::eventually;
+
+/// Fixed ports on every node's own IP.
+pub const HTTP_PORT: u16 = 19080;
+pub const ADMIN_PORT: u16 = 19081;
+pub const CLUSTER_PORT: u16 = 19946;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// One node process.
+pub struct ProcNode {
+    pub name: String,
+    pub ip: IpAddr,
+    pub data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl ProcNode {
+    pub fn admin(&self) -> AdminClient {
+        AdminClient::new(&SocketAddr::new(self.ip, ADMIN_PORT).to_string()).expect("admin client")
+    }
+
+    pub fn http(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, HTTP_PORT)
+    }
+
+    pub fn cluster(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, CLUSTER_PORT)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+/// A cluster of node processes sharing one temporary directory.
+pub struct ProcCluster {
+    pub bin: String,
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<ProcNode>,
+    prefix: (u8, u8),
+    /// Flags every node gets (timings, grace periods).
+    pub common: Vec<String>,
+}
+
+impl ProcCluster {
+    /// Starts `n` nodes that bootstrap together (`--expect n`).
+    pub async fn start(bin: &str, n: usize, common: &[&str]) -> ProcCluster {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let prefix = (10 + (pid % 200) as u8, (k % 250) as u8 + 1);
+        let mut c = ProcCluster {
+            bin: bin.to_string(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            nodes: Vec::new(),
+            prefix,
+            common: fast_timings().into_iter().chain(common.iter().map(|s| s.to_string())).collect(),
+        };
+        for i in 1..=n {
+            let expect = vec!["--expect".to_string(), n.to_string()];
+            c.add_node(&format!("n{i}"), i as u8, expect);
+        }
+        c.wait_leader(Duration::from_secs(30)).await;
+        c
+    }
+
+    fn ip(&self, i: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, self.prefix.0, self.prefix.1, i))
+    }
+
+    /// Seeds every node joins through: the first three nodes.
+    fn seeds(&self) -> String {
+        (1..=3).map(|i| SocketAddr::new(self.ip(i), CLUSTER_PORT).to_string()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Adds and starts node `name` on `127.X.Y.i`.
+    pub fn add_node(&mut self, name: &str, i: u8, extra: Vec<String>) -> usize {
+        let ip = self.ip(i);
+        let node = ProcNode {
+            name: name.to_string(),
+            ip,
+            data: self.dir.path().join(name),
+            log: self.dir.path().join(format!("{name}.log")),
+            child: None,
+            extra,
+        };
+        self.nodes.push(node);
+        let idx = self.nodes.len() - 1;
+        self.launch(idx);
+        idx
+    }
+
+    fn launch(&mut self, idx: usize) {
+        let seeds = self.seeds();
+        let n = &mut self.nodes[idx];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log).expect("log file");
+        let ip = n.ip.to_string();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["node", "--id", &n.name, "--listen-ip", &ip, "--http-port", &HTTP_PORT.to_string()])
+            .args(["--admin", &SocketAddr::new(n.ip, ADMIN_PORT).to_string()])
+            .args(["--cluster", &SocketAddr::new(n.ip, CLUSTER_PORT).to_string(), "--join", &seeds])
+            .args(["--data-dir", &n.data.to_string_lossy(), "--threads", "1", "--drain-timeout", "2"])
+            .args(&self.common)
+            .args(&n.extra)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        n.child = Some(cmd.spawn().expect("spawn shoal node"));
+    }
+
+    /// SIGKILL: no goodbye, no flush beyond what was already fsynced.
+    pub fn kill(&mut self, idx: usize) {
+        if let Some(mut c) = self.nodes[idx].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the node to exit.
+    pub fn stop(&mut self, idx: usize) {
+        if let Some(mut c) = self.nodes[idx].child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            for _ in 0..200 {
+                if !matches!(c.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a stopped node again on its data directory.
+    pub fn restart(&mut self, idx: usize) {
+        self.launch(idx);
+    }
+
+    /// The `/v1/cluster` view of node `idx`.
+    pub async fn view(&self, idx: usize) -> Option<Value> {
+        self.nodes[idx].admin().get("/v1/cluster").await.ok()
+    }
+
+    /// Index of the leader as the running nodes agree on it.
+    pub async fn leader(&mut self) -> Option<usize> {
+        let mut names = Vec::new();
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].is_running() {
+                continue;
+            }
+            let leader = self.view(i).await.and_then(|v| v["leader"].as_str().map(str::to_string))?;
+            names.push(leader);
+        }
+        let first = names.first()?.clone();
+        if names.iter().any(|n| *n != first) {
+            return None;
+        }
+        self.nodes.iter_mut().position(|n| n.name == first).filter(|i| self.nodes[*i].child.is_some())
+    }
+
+    pub async fn wait_leader(&mut self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(l) = self.leader().await {
+                return l;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.dump_logs();
+                panic!("no agreed leader within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `PUT` through node `idx`, retried while the cluster elects (bounded).
+    pub async fn put(&self, idx: usize, path: &str, body: Value) -> Value {
+        let admin = self.nodes[idx].admin();
+        eventually(Duration::from_secs(20), &format!("PUT {path} via {}", self.nodes[idx].name), || {
+            let (admin, body) = (admin.clone(), body.clone());
+            async move { admin.call::<Value>(Method::PUT, path, Some(body)).await.ok() }
+        })
+        .await
+    }
+
+    /// The desired state as node `idx` has applied it.
+    pub async fn state(&self, idx: usize) -> Value {
+        self.nodes[idx].admin().get("/v1/state").await.expect("state")
+    }
+
+    /// Prints every node's log (called when a test is about to fail).
+    pub fn dump_logs(&self) {
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("----- {} ({}) -----", n.name, n.log.display());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Quicker gossip and Raft than production defaults, still safe on a loaded 2-core machine.
+fn fast_timings() -> Vec<String> {
+    ["--gossip-interval-ms", "200", "--raft-heartbeat-ms", "150", "--election-timeout-ms", "800"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
