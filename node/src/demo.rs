@@ -19,6 +19,9 @@ use hyper_util::rt::TokioIo;
 use shoal_proto::heartbeat::{self, Datagram};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_rustls::TlsAcceptor;
+
+use crate::dataplane::tls::{CertFiles, TlsStore};
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -46,6 +49,12 @@ pub struct DemoArgs {
     /// TCP mode: a line sent first on every connection (tells which backend answered).
     #[arg(long)]
     pub banner: Option<String>,
+    /// HTTP mode: serve TLS with this certificate (PEM)…
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// …and this key.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 /// Runs the demo backend until Ctrl-C.
@@ -72,8 +81,16 @@ async fn serve_args(args: DemoArgs) -> anyhow::Result<()> {
         (Some(listen), _, _) => {
             let listener = TcpListener::bind(listen).await?;
             let name = args.name.unwrap_or_else(|| listen.to_string());
-            tracing::info!(%listen, %name, "demo HTTP backend listening");
-            serve_http(listener, name, Arc::new(AtomicBool::new(true))).await;
+            let tls = match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => {
+                    let files = CertFiles { cert: cert.clone(), key: key.clone() };
+                    let store = TlsStore::load(vec![files]).map_err(|e| anyhow::anyhow!(e))?;
+                    Some(TlsAcceptor::from(store.current()))
+                }
+                _ => None,
+            };
+            tracing::info!(%listen, %name, tls = tls.is_some(), "demo HTTP backend listening");
+            serve_http_on(listener, name, Arc::new(AtomicBool::new(true)), tls).await;
             Ok(())
         }
         (None, Some(tcp), Some(udp)) => {
@@ -100,18 +117,36 @@ async fn serve_args(args: DemoArgs) -> anyhow::Result<()> {
 
 /// Serves the demo HTTP backend; `healthy` switches `/healthz` between `ok` and `fail`.
 pub async fn serve_http(listener: TcpListener, name: String, healthy: Arc<AtomicBool>) {
+    serve_http_on(listener, name, healthy, None).await
+}
+
+/// Like [`serve_http`], behind TLS when `tls` is given (a `wss://` gateway stand-in).
+pub async fn serve_http_on(listener: TcpListener, name: String, healthy: Arc<AtomicBool>, tls: Option<TlsAcceptor>) {
     let name: Arc<str> = name.into();
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let _ = stream.set_nodelay(true);
-        let (name, healthy) = (name.clone(), healthy.clone());
+        let (name, healthy, tls) = (name.clone(), healthy.clone(), tls.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| answer(req, name.clone(), healthy.clone()));
-            let conn =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
-            let _ = conn.await;
+            match tls {
+                None => serve_conn(stream, name, healthy).await,
+                Some(acceptor) => {
+                    if let Ok(s) = acceptor.accept(stream).await {
+                        serve_conn(s, name, healthy).await;
+                    }
+                }
+            }
         });
     }
+}
+
+async fn serve_conn<S>(stream: S, name: Arc<str>, healthy: Arc<AtomicBool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| answer(req, name.clone(), healthy.clone()));
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
+    let _ = conn.await;
 }
 
 type DemoBody = BoxBody<Bytes, hyper::Error>;

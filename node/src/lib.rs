@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod ec;
 pub mod health;
 pub mod metrics;
 pub mod node;

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,12 +22,13 @@ use crate::control::gossip::{Gossip, GossipOptions, Members};
 use crate::control::membership::{self, Policy};
 use crate::control::raft::network::LinkFilter;
 use crate::control::raft::{RaftNode, RaftTiming, ShoalNode, server};
+use crate::dataplane::tls::{self, CertFiles, TlsStore};
 use crate::dataplane::{DataPlane, DpCtx, Limits, ListenerKind};
 use crate::health::combine::{self, PeerObs};
 use crate::health::{self, BackendId, HealthCtx, HealthView, Verdict};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, NodeCtx};
-use crate::routing::{SharedTable, Table};
+use crate::routing::{Counts, SharedTable, Table};
 use crate::shutdown::{self, Phase, Shutdown, Trigger};
 
 /// How a node joins a cluster (`--cluster`, `--join`, `--expect`).
@@ -83,6 +84,16 @@ pub struct NodeOptions {
     pub drain_timeout: Duration,
     /// `None`: a one-node cluster of its own.
     pub cluster: Option<ClusterOptions>,
+    /// The HTTPS listener's port (needs `tls`).
+    pub https_port: Option<u16>,
+    /// Server certificates (node-local files; the first is the default, others by SNI).
+    pub tls: Vec<CertFiles>,
+    /// CA bundle for TLS to backends (default: the system bundle).
+    pub backend_ca: Option<PathBuf>,
+    /// The plain HTTP listener redirects every request to `https://<host>`.
+    pub https_redirect: Option<String>,
+    /// Pools from EC compatibility mode (`--ec-env`), applied like a config file.
+    pub ec: Option<config::ConfigFile>,
 }
 
 impl NodeOptions {
@@ -100,6 +111,11 @@ impl NodeOptions {
             limits: Limits::default(),
             drain_timeout: Duration::from_secs(5),
             cluster: None,
+            https_port: None,
+            tls: Vec::new(),
+            backend_ca: None,
+            https_redirect: None,
+            ec: None,
         }
     }
 }
@@ -120,7 +136,12 @@ pub struct NodeShared {
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     pub ready: AtomicBool,
+    /// Server certificates of the HTTPS listener (reloadable).
+    pub tls: Option<Arc<TlsStore>>,
+    /// Client TLS for `backend_tls` pools.
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     http_addr: Mutex<Option<SocketAddr>>,
+    https_addr: Mutex<Option<SocketAddr>>,
 }
 
 impl NodeShared {
@@ -130,6 +151,21 @@ impl NodeShared {
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
         *self.http_addr.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        *self.https_addr.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Work in flight on live peers, per backend (from their gossip).
+    pub fn remote_counts(&self) -> HashMap<BackendId, Counts> {
+        let mut out: HashMap<BackendId, Counts> = HashMap::new();
+        for m in self.members().live().filter(|m| m.name != self.id) {
+            for (id, c) in &m.active {
+                *out.entry(id.clone()).or_default() += *c;
+            }
+        }
+        out
     }
 
     pub fn members(&self) -> Arc<Members> {
@@ -197,7 +233,7 @@ impl NodeHandle {
     }
 
     async fn wait_drained(&self) {
-        while open_connections(&self.shared.metrics) > 0 {
+        while open_connections(&self.shared.metrics) > 0 || self.dataplane.tunnels() > 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -246,6 +282,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         }
     };
     let members_rx = live_names(gossip.as_deref(), &mut tasks);
+    let backend_tls = backend_tls_config(opts.backend_ca.as_deref())?;
     let health_ctx = HealthCtx {
         state: raft.subscribe(),
         listen_ip,
@@ -255,16 +292,25 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         me: opts.id.clone(),
         members: members_rx,
         probe_replicas: opts.cluster.as_ref().map(|c| c.probe_replicas).unwrap_or(1),
+        backend_tls: backend_tls.clone(),
     };
     let (local_health, reporter) = health::spawn(health_ctx);
     let (combined_tx, combined_rx) = watch::channel(Arc::new(HealthView::default()));
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(Table::default()));
+    let tls = match opts.https_port {
+        Some(_) => Some(Arc::new(TlsStore::load(opts.tls.clone()).map_err(|e| anyhow::anyhow!("TLS: {e}"))?)),
+        None => None,
+    };
     let dp_ctx = DpCtx {
         table: table.clone(),
         metrics: metrics.clone(),
         reporter,
         limits: opts.limits.clone(),
         shutdown: shutdown.clone(),
+        tls: tls.clone(),
+        backend_tls: backend_tls.clone(),
+        https_redirect: opts.https_redirect.clone(),
+        tunnels: AtomicUsize::new(0),
     };
     let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
     let dataplane = Arc::new(DataPlane::start(threads, dp_ctx).context("cannot start data-plane workers")?);
@@ -281,16 +327,39 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         metrics,
         shutdown: shutdown.clone(),
         ready: AtomicBool::new(false),
+        tls,
+        backend_tls,
         http_addr: Mutex::new(None),
+        https_addr: Mutex::new(None),
     });
-    let http_addr = SocketAddr::new(listen_ip, opts.http_port);
+    let fixed = Fixed {
+        http: SocketAddr::new(listen_ip, opts.http_port),
+        https: opts.https_port.map(|p| SocketAddr::new(listen_ip, p)),
+    };
     let ctx = NodeCtx { workers: threads, zone: opts.zone.clone() };
-    tasks.push(spawn_reconciler(shared.clone(), dataplane.clone(), http_addr, ctx, local_health.clone(), combined_tx));
+    tasks.push(spawn_reconciler(shared.clone(), dataplane.clone(), fixed, ctx, local_health.clone(), combined_tx));
+    if let Some(store) = shared.tls.clone() {
+        tasks.push(tokio::spawn(watch_certificates(store)));
+    }
     if let Some(g) = &shared.gossip {
         tasks.push(tokio::spawn(publish_observations(g.clone(), local_health, shared.clone())));
     }
+    let mut sources = Vec::new();
     if let (Some(file), Some(path)) = (config_file, opts.config.clone()) {
-        let apply = apply_config_file(shared.clone(), file, path, opts.data_dir.clone());
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        sources.push(Source {
+            label: path.display().to_string(),
+            file,
+            digest: digest(&bytes),
+            marker: "config.applied",
+        });
+    }
+    if let Some(file) = opts.ec.clone() {
+        let bytes = serde_json::to_vec(&file.pools)?;
+        sources.push(Source { label: "EC environment".into(), file, digest: digest(&bytes), marker: "ec.applied" });
+    }
+    for source in sources {
+        let apply = apply_source(shared.clone(), source, opts.data_dir.clone());
         if shared.gossip.is_some() {
             // A cluster may still be electing its first leader: apply in the background.
             tasks.push(tokio::spawn(apply));
@@ -376,31 +445,75 @@ fn health_secret_matches(secret: &str, _pair: &str, auth: Option<&str>) -> bool 
     auth.is_some_and(|a| bool::from(a.as_bytes().ct_eq(secret.as_bytes())))
 }
 
-/// Applies `--config` once a leader accepts writes, when its content changed since the last
-/// time it was applied (a digest is kept in the data dir).
-async fn apply_config_file(node: Arc<NodeShared>, file: config::ConfigFile, path: PathBuf, data_dir: PathBuf) {
-    let digest = match std::fs::read(&path) {
-        Ok(bytes) => format!("{:016x}", crate::dataplane::maglev::stable_hash(&bytes, 0)),
-        Err(e) => return tracing::error!(config = %path.display(), error = %e, "cannot read config file"),
-    };
-    let marker = data_dir.join("config.applied");
-    if std::fs::read_to_string(&marker).ok().as_deref() == Some(digest.as_str()) {
-        tracing::info!(config = %path.display(), "config file unchanged since it was applied; the cluster's state is authoritative");
+/// Pools from a file or the EC environment, proposed when their content changed.
+struct Source {
+    label: String,
+    file: config::ConfigFile,
+    digest: String,
+    /// File in the data dir remembering the digest last applied.
+    marker: &'static str,
+}
+
+fn digest(bytes: &[u8]) -> String {
+    format!("{:016x}", crate::dataplane::maglev::stable_hash(bytes, 0))
+}
+
+/// Proposes a source's pools once a leader accepts writes, when their content changed since
+/// the last time they were applied; the cluster's state is authoritative in between.
+async fn apply_source(node: Arc<NodeShared>, source: Source, data_dir: PathBuf) {
+    let marker = data_dir.join(source.marker);
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(source.digest.as_str()) {
+        tracing::info!(source = %source.label, "unchanged since it was applied; the cluster's state is authoritative");
         return;
     }
     loop {
-        match node.raft.propose(file.commands(&node.state())).await {
+        match node.raft.propose(source.file.commands(&node.state())).await {
             Ok(applied) => {
-                let _ = std::fs::write(&marker, &digest);
-                tracing::info!(config = %path.display(), summary = %config::summary(&file), version = applied.version, "config file applied");
+                let _ = std::fs::write(&marker, &source.digest);
+                let summary = config::summary(&source.file);
+                tracing::info!(source = %source.label, %summary, version = applied.version, "pools applied");
                 return;
             }
             Err(crate::control::ProposeError::Unavailable(why)) => {
-                tracing::info!(%why, "waiting for a leader to apply the config file");
+                tracing::info!(%why, source = %source.label, "waiting for a leader to apply pools");
             }
-            Err(e) => return tracing::error!(config = %path.display(), error = %e, "config file refused"),
+            Err(e) => return tracing::error!(source = %source.label, error = %e, "pools refused"),
         }
     }
+}
+
+/// Client TLS for `backend_tls` pools: the given CA file must load; the system bundle may be absent.
+fn backend_tls_config(ca: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    match (ca, tls::client_config(ca)) {
+        (_, Ok(c)) => Ok(Some(c)),
+        (Some(_), Err(e)) => Err(anyhow::anyhow!("--backend-ca: {e}")),
+        (None, Err(e)) => {
+            tracing::debug!(error = %e, "no CA bundle: pools with backend_tls cannot connect");
+            Ok(None)
+        }
+    }
+}
+
+/// Reloads the server certificates when their files change (every 2 s).
+async fn watch_certificates(store: Arc<TlsStore>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        match store.reload_if_changed() {
+            Some(Ok(())) => {
+                tracing::info!("TLS certificates reloaded (files changed); established connections untouched")
+            }
+            Some(Err(e)) => tracing::error!(error = %e, "TLS reload failed; the previous certificates stay in service"),
+            None => {}
+        }
+    }
+}
+
+/// The node's own listeners (pools add TCP ones).
+#[derive(Clone, Copy, Debug)]
+struct Fixed {
+    http: SocketAddr,
+    https: Option<SocketAddr>,
 }
 
 /// Rebuilds the combined health view, the routing table and the listener set whenever
@@ -408,7 +521,7 @@ async fn apply_config_file(node: Arc<NodeShared>, file: config::ConfigFile, path
 fn spawn_reconciler(
     node: Arc<NodeShared>,
     dp: Arc<DataPlane>,
-    http_addr: SocketAddr,
+    fixed: Fixed,
     ctx: NodeCtx,
     mut local_rx: watch::Receiver<Arc<HealthView>>,
     combined_tx: watch::Sender<Arc<HealthView>>,
@@ -432,7 +545,7 @@ fn spawn_reconciler(
             let combined = Arc::new(combine::combine(&state, &local, &peers, &prev));
             update_readiness(&node, &state, &combined, started).await;
             combined_tx.send_replace(combined.clone());
-            rebuild(&node, &dp, &state, &combined, &ctx, http_addr);
+            rebuild(&node, &dp, &state, &combined, &ctx, fixed);
             tokio::select! {
                 _ = shutdown.wait() => return,
                 r = state_rx.changed() => if r.is_err() { return },
@@ -466,14 +579,7 @@ async fn update_readiness(node: &NodeShared, state: &State, view: &HealthView, s
     }
 }
 
-fn rebuild(
-    node: &NodeShared,
-    dp: &DataPlane,
-    state: &State,
-    health: &HealthView,
-    ctx: &NodeCtx,
-    http_addr: SocketAddr,
-) {
+fn rebuild(node: &NodeShared, dp: &DataPlane, state: &State, health: &HealthView, ctx: &NodeCtx, fixed: Fixed) {
     let prev = node.table.load_full();
     let next = reconcile::build(state, health, ctx, &prev, &node.metrics);
     for gone in prev.pools.iter().filter(|p| next.pool(&p.name).is_none()) {
@@ -484,7 +590,7 @@ fn rebuild(
         let was = prev.pool(&pool.name).is_some_and(|p| p.fail_open);
         match (was, pool.fail_open) {
             (false, true) => {
-                tracing::warn!(pool = %pool.name, routable = pool.routable.len(), "pool fails open: too few healthy backends, routing to all of them")
+                tracing::warn!(pool = %pool.name, routable = pool.routable().len(), "pool fails open: too few healthy backends, routing to all of them")
             }
             (true, false) => tracing::info!(pool = %pool.name, "pool no longer fails open"),
             _ => {}
@@ -493,13 +599,17 @@ fn rebuild(
     publish_backend_gauges(node, &next);
     node.metrics.table_rebuilds.inc();
     node.metrics.config_version.set(state.version as i64);
-    let mut wanted = vec![(http_addr, ListenerKind::Http)];
-    wanted.extend(next.tcp.keys().map(|port| (SocketAddr::new(http_addr.ip(), *port), ListenerKind::Tcp(*port))));
+    let mut wanted = vec![(fixed.http, ListenerKind::Http)];
+    wanted.extend(fixed.https.map(|a| (a, ListenerKind::Https)));
+    wanted.extend(next.tcp.keys().map(|port| (SocketAddr::new(fixed.http.ip(), *port), ListenerKind::Tcp(*port))));
     node.table.store(Arc::new(next));
     for (kind, bound) in dp.set_listeners(&wanted) {
-        if kind == ListenerKind::Http {
-            *node.http_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
-        }
+        let slot = match kind {
+            ListenerKind::Http => &node.http_addr,
+            ListenerKind::Https => &node.https_addr,
+            ListenerKind::Tcp(_) => continue,
+        };
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
     }
 }
 
@@ -507,7 +617,7 @@ fn publish_backend_gauges(node: &NodeShared, table: &Table) {
     node.metrics.backend_up.reset();
     for pool in &table.pools {
         for addr in pool.shared.keys() {
-            let up = pool.routable.iter().any(|b| b.addr == *addr);
+            let up = pool.routable().iter().any(|b| b.addr == *addr);
             node.metrics.backend_up.with_label_values(&[pool.name.as_str(), &addr.to_string()]).set(i64::from(up));
         }
         node.metrics.pool_fail_open.with_label_values(&[pool.name.as_str()]).set(i64::from(pool.fail_open));
@@ -528,13 +638,13 @@ async fn publish_observations(gossip: Arc<Gossip>, mut local: watch::Receiver<Ar
     }
 }
 
-/// Connections in flight on this node per backend (gossiped so a drain can wait for zero).
-pub fn active_per_backend(table: &Table) -> HashMap<BackendId, u64> {
+/// Work in flight on this node per backend (gossiped so a drain can wait for zero).
+pub fn active_per_backend(table: &Table) -> HashMap<BackendId, Counts> {
     table
         .pools
         .iter()
-        .flat_map(|p| p.shared.iter().map(move |(addr, s)| ((p.name.clone(), *addr), s.active())))
-        .filter(|(_, n)| *n > 0)
+        .flat_map(|p| p.shared.iter().map(move |(addr, s)| ((p.name.clone(), *addr), s.counts())))
+        .filter(|(_, c)| *c != Counts::default())
         .collect()
 }
 

@@ -6,14 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_proto::admin::{BackendHealth, BackendStatus, PoolHealth, PoolStatus};
-use shoal_proto::{CheckKind, Pool, State};
+use shoal_proto::admin::{BackendHealth, BackendStatus, Coverage, PoolHealth, PoolStatus};
+use std::sync::atomic::AtomicUsize;
+
+use shoal_proto::{Algorithm, CheckKind, Pool, State};
 
 use crate::dataplane::balancer::Balancer;
 use crate::dataplane::mux::Mux;
-use crate::health::{HealthView, Verdict};
+use crate::health::{BackendId, HealthView, Verdict};
 use crate::metrics::Metrics;
-use crate::routing::{BackendRt, BackendShared, PoolRt, Table};
+use crate::routing::{BackendRt, BackendShared, Counts, PoolRt, Table, Tier};
 
 /// Node-local facts that shape routing.
 #[derive(Clone, Debug, Default)]
@@ -29,6 +31,7 @@ struct Candidate {
     url_path: String,
     weight: u32,
     zone: String,
+    slot: Option<u32>,
     status: BackendStatus,
 }
 
@@ -70,6 +73,7 @@ fn build_pool(pool: &Pool, health: &HealthView, ctx: &NodeCtx, prev: Option<&Poo
                 url_path: c.url_path.clone(),
                 weight: c.weight,
                 zone: c.zone.clone(),
+                slot: c.slot,
                 shared: shared[&c.addr].clone(),
             })
         })
@@ -79,17 +83,29 @@ fn build_pool(pool: &Pool, health: &HealthView, ctx: &NodeCtx, prev: Option<&Poo
     PoolRt {
         name: pool.name.clone(),
         protocol: spec.protocol,
-        balancer: Balancer::new(spec.algorithm, &routable, rotation.clone()),
-        routable,
+        tiers: tiers(routable, &ctx.zone, spec.algorithm, &rotation),
         shared,
         fail_open,
         connect_timeout: Duration::from_millis(spec.connect_timeout_ms),
         response_timeout: Duration::from_millis(spec.response_timeout_ms),
         idle_timeout: (spec.idle_timeout_ms > 0).then(|| Duration::from_millis(spec.idle_timeout_ms)),
         backend_tls: spec.backend_tls,
+        backend_tls_name: spec.backend_tls_name.clone(),
+        pinning: spec.pinning,
         rotation,
         metrics: prev.map(|p| p.metrics.clone()).unwrap_or_else(|| Arc::new(metrics.pool(&pool.name))),
     }
+}
+
+/// Zone-aware tiers: this node's zone first while it has routable backends, then everyone.
+fn tiers(routable: Vec<Arc<BackendRt>>, zone: &str, algorithm: Algorithm, rotation: &Arc<AtomicUsize>) -> Vec<Tier> {
+    let local: Vec<Arc<BackendRt>> = routable.iter().filter(|b| !zone.is_empty() && b.zone == zone).cloned().collect();
+    let mut out = Vec::new();
+    if !local.is_empty() && local.len() < routable.len() {
+        out.push(Tier { balancer: Balancer::new(algorithm, &local, rotation.clone()), backends: local });
+    }
+    out.push(Tier { balancer: Balancer::new(algorithm, &routable, rotation.clone()), backends: routable });
+    out
 }
 
 /// Configured backends in scope plus self-registered ones, sorted by address.
@@ -104,6 +120,7 @@ fn candidates(pool: &Pool, health: &HealthView) -> Vec<Candidate> {
             url_path: b.spec.url_path.clone(),
             weight: b.spec.weight,
             zone: b.spec.zone.clone(),
+            slot: b.spec.slot,
             status: status_of(check, b.spec.drain, health, &pool.name, b.addr),
         })
         .collect();
@@ -115,6 +132,7 @@ fn candidates(pool: &Pool, health: &HealthView) -> Vec<Candidate> {
                 url_path: "/".into(),
                 weight: 1,
                 zone: String::new(),
+                slot: None,
                 status: status_of(check, false, health, &pool.name, *addr),
             });
         }
@@ -140,29 +158,40 @@ pub fn backend_status(drain: bool, verdict: Verdict, ejected: bool) -> BackendSt
     }
 }
 
-/// The answer of `GET /v1/pools/{pool}/health` as this node sees it.
-pub fn pool_health(pool: &Pool, health: &HealthView, table: &Table) -> PoolHealth {
+/// The answer of `GET /v1/pools/{pool}/health`: statuses as this node routes, work in flight
+/// across the cluster (this node's counters plus `remote`, what live peers gossip).
+pub fn pool_health(pool: &Pool, health: &HealthView, table: &Table, remote: &HashMap<BackendId, Counts>) -> PoolHealth {
     let rt = table.pool(&pool.name);
     let backends: Vec<BackendHealth> = candidates(pool, health)
         .into_iter()
         .map(|c| {
             let id = (pool.name.clone(), c.addr);
+            let mut counts = rt.and_then(|p| p.shared.get(&c.addr)).map(|s| s.counts()).unwrap_or_default();
+            counts += remote.get(&id).copied().unwrap_or_default();
             BackendHealth {
                 addr: c.addr,
                 status: c.status,
                 weight: c.weight,
                 zone: c.zone,
                 dynamic: !pool.backends.contains_key(&c.addr.to_string()),
-                active: rt.and_then(|p| p.shared.get(&c.addr)).map(|s| s.active()).unwrap_or(0),
+                active: counts.active,
+                upgraded: counts.upgraded,
+                pinned: counts.pinned,
+                slot: c.slot,
                 reason: (c.status == BackendStatus::Sick).then(|| health.reasons.get(&id).cloned()).flatten(),
             }
         })
         .collect();
+    let coverage = pool.spec.pinning.then(|| Coverage {
+        covered: backends.iter().filter(|b| b.pinned > 0).count() as u32,
+        total: backends.iter().filter(|b| b.status != BackendStatus::Draining).count() as u32,
+    });
     PoolHealth {
         pool: pool.name.clone(),
         status: pool_status(&backends),
         fail_open: rt.is_some_and(|p| p.fail_open),
         backends,
+        pinned_coverage: coverage,
     }
 }
 
@@ -211,13 +240,16 @@ mod tests {
         up(&mut view, 2, Verdict::Down);
         let m = Metrics::new("t");
         let t = build(&st, &view, &ctx(), &Table::default(), &m);
-        assert_eq!(t.pools[0].routable.len(), 2);
+        assert_eq!(t.pools[0].routable().len(), 2);
         assert!(!t.pools[0].fail_open);
-        let h = pool_health(&st.pools["web"], &view, &t);
+        let h = pool_health(&st.pools["web"], &view, &t, &HashMap::new());
         assert_eq!(h.status, PoolStatus::Degraded);
         let t = build(&st, &HealthView::default(), &ctx(), &t, &m);
-        assert!(t.pools[0].routable.is_empty(), "no verdict yet: nothing routed");
-        assert_eq!(pool_health(&st.pools["web"], &HealthView::default(), &t).status, PoolStatus::Empty);
+        assert!(t.pools[0].routable().is_empty(), "no verdict yet: nothing routed");
+        assert_eq!(
+            pool_health(&st.pools["web"], &HealthView::default(), &t, &HashMap::new()).status,
+            PoolStatus::Empty
+        );
     }
 
     #[test]
@@ -229,7 +261,7 @@ mod tests {
         up(&mut view, 2, Verdict::Down);
         let t = build(&st, &view, &ctx(), &Table::default(), &Metrics::new("t"));
         assert!(t.pools[0].fail_open);
-        assert_eq!(t.pools[0].routable.len(), 3);
+        assert_eq!(t.pools[0].routable().len(), 3);
     }
 
     #[test]
@@ -240,12 +272,12 @@ mod tests {
         up(&mut view, 1, Verdict::Up);
         let m = Metrics::new("t");
         let t1 = build(&st, &view, &ctx(), &Table::default(), &m);
-        let _guard = t1.pools[0].routable[0].shared.track();
+        let _guard = t1.pools[0].routable()[0].shared.track();
         up(&mut view, 0, Verdict::Down);
         let t2 = build(&st, &view, &ctx(), &t1, &m);
         up(&mut view, 0, Verdict::Up);
         let t3 = build(&st, &view, &ctx(), &t2, &m);
-        assert_eq!(t3.pools[0].routable[0].shared.active(), 1, "in-flight count carried over");
+        assert_eq!(t3.pools[0].routable()[0].shared.active(), 1, "in-flight count carried over");
         assert_eq!(t3.generation, 3);
     }
 
@@ -258,8 +290,8 @@ mod tests {
         up(&mut view, 0, Verdict::Up);
         up(&mut view, 1, Verdict::Up);
         let t = build(&st, &view, &ctx(), &Table::default(), &Metrics::new("t"));
-        assert_eq!(t.pools[0].routable.len(), 1);
-        let h = pool_health(&st.pools["web"], &view, &t);
+        assert_eq!(t.pools[0].routable().len(), 1);
+        let h = pool_health(&st.pools["web"], &view, &t, &HashMap::new());
         assert_eq!(h.status, PoolStatus::Full);
         assert_eq!(h.backends[1].status, BackendStatus::Draining);
     }

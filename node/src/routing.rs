@@ -4,7 +4,7 @@
 //! over, so a swap never resets counters or drops pooled connections of surviving backends.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -44,11 +44,11 @@ impl Table {
 pub struct PoolRt {
     pub name: String,
     pub protocol: Protocol,
-    /// Backends that may receive new work, in a deterministic order.
-    pub routable: Vec<Arc<BackendRt>>,
+    /// Backends that may receive new work, preferred tier first: this node's zone, then all
+    /// (the last tier always holds every routable backend).
+    pub tiers: Vec<Tier>,
     /// Runtime state of every known backend of the pool, routable or not.
     pub shared: HashMap<SocketAddr, Arc<BackendShared>>,
-    pub balancer: Balancer,
     /// Fewer than the panic threshold are healthy: routing to every backend.
     pub fail_open: bool,
     pub connect_timeout: Duration,
@@ -56,9 +56,39 @@ pub struct PoolRt {
     /// `None`: connections may idle forever.
     pub idle_timeout: Option<Duration>,
     pub backend_tls: bool,
+    pub backend_tls_name: Option<String>,
+    /// Requests may pin a backend by slot.
+    pub pinning: bool,
     /// Carried across rebuilds so the rotation continues where it was.
     pub rotation: Arc<AtomicUsize>,
     pub metrics: Arc<PoolMetrics>,
+}
+
+/// Backends of one preference tier and their balancer.
+#[derive(Debug)]
+pub struct Tier {
+    pub backends: Vec<Arc<BackendRt>>,
+    pub balancer: Balancer,
+}
+
+impl PoolRt {
+    /// Every routable backend.
+    pub fn routable(&self) -> &[Arc<BackendRt>] {
+        self.tiers.last().map(|t| t.backends.as_slice()).unwrap_or(&[])
+    }
+
+    /// The balancer's choice for `client`, preferring earlier tiers, skipping `tried` backends.
+    pub fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<&Arc<BackendRt>> {
+        self.tiers.iter().find_map(|t| {
+            let skip = |i: usize| tried.contains(&t.backends[i].addr);
+            t.balancer.pick(&t.backends, client, &skip).map(|i| &t.backends[i])
+        })
+    }
+
+    /// The routable backend in `slot`, for pinned requests.
+    pub fn by_slot(&self, slot: u32) -> Option<&Arc<BackendRt>> {
+        self.routable().iter().find(|b| b.slot == Some(slot))
+    }
 }
 
 /// A routable backend.
@@ -70,13 +100,14 @@ pub struct BackendRt {
     pub url_path: String,
     pub weight: u32,
     pub zone: String,
+    pub slot: Option<u32>,
     pub shared: Arc<BackendShared>,
 }
 
 impl BackendRt {
     #[cfg(test)]
     pub fn for_test(addr: SocketAddr, weight: u32, shared: Arc<BackendShared>) -> BackendRt {
-        BackendRt { key: addr.to_string(), addr, url_path: "/".into(), weight, zone: String::new(), shared }
+        BackendRt { key: addr.to_string(), addr, url_path: "/".into(), weight, zone: String::new(), slot: None, shared }
     }
 }
 
@@ -84,13 +115,17 @@ impl BackendRt {
 #[derive(Debug, Default)]
 pub struct BackendShared {
     active: AtomicU64,
+    /// Upgraded (WebSocket) connections open on this node.
+    pub upgraded: AtomicU64,
+    /// Of those, pinned by the client to this backend.
+    pub pinned: AtomicU64,
     /// Idle keep-alive connections, one list per data-plane worker.
     pub pool: ConnPool,
 }
 
 impl BackendShared {
     pub fn new(workers: usize) -> BackendShared {
-        BackendShared { active: AtomicU64::new(0), pool: ConnPool::new(workers) }
+        BackendShared { pool: ConnPool::new(workers), ..BackendShared::default() }
     }
 
     /// Connections or requests in flight on this node.
@@ -98,10 +133,35 @@ impl BackendShared {
         self.active.load(Ordering::Relaxed)
     }
 
+    /// This node's counts for gossip and the health API.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            active: self.active(),
+            upgraded: self.upgraded.load(Ordering::Relaxed),
+            pinned: self.pinned.load(Ordering::Relaxed),
+        }
+    }
+
     /// Counts one unit of work until the guard drops.
     pub fn track(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(self.clone())
+    }
+}
+
+/// Work in flight on a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub active: u64,
+    pub upgraded: u64,
+    pub pinned: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Counts) {
+        self.active += o.active;
+        self.upgraded += o.upgraded;
+        self.pinned += o.pinned;
     }
 }
 

@@ -74,6 +74,17 @@ pub struct PoolHealth {
     #[serde(default)]
     pub fail_open: bool,
     pub backends: Vec<BackendHealth>,
+    /// Pinning pools: how many backends hold at least one pinned upgraded connection
+    /// (an EC server agent's "super connection"), across the cluster.
+    #[serde(default)]
+    pub pinned_coverage: Option<Coverage>,
+}
+
+/// `covered` of `total` backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coverage {
+    pub covered: u32,
+    pub total: u32,
 }
 
 /// One backend's line in [`PoolHealth`].
@@ -88,9 +99,17 @@ pub struct BackendHealth {
     /// Registered itself by heartbeat rather than by an operator.
     #[serde(default)]
     pub dynamic: bool,
-    /// Connections and requests in flight on this node.
+    /// Connections and requests in flight, across the cluster.
     #[serde(default)]
     pub active: u64,
+    /// Upgraded (WebSocket) connections open, across the cluster.
+    #[serde(default)]
+    pub upgraded: u64,
+    /// Of those, pinned to this backend by the client (server agents' super connections).
+    #[serde(default)]
+    pub pinned: u64,
+    #[serde(default)]
+    pub slot: Option<u32>,
     /// Why the backend is sick, when known.
     #[serde(default)]
     pub reason: Option<String>,

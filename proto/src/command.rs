@@ -154,6 +154,11 @@ fn put_backend(state: &mut State, pool: &str, addr: SocketAddr, spec: &BackendSp
         return Err(ApplyError::Invalid { key: "addr".into(), problem: "port 0 is not a backend port".into() });
     }
     let p = pool_mut(state, pool)?;
+    if let Some(slot) = spec.slot
+        && let Some(other) = p.backends.values().find(|b| b.spec.slot == Some(slot) && b.addr != addr)
+    {
+        return Err(ApplyError::Conflict(format!("slot {slot} of pool {pool:?} is taken by {}", other.addr)));
+    }
     if p.spec.check() == CheckKind::Heartbeat && spec.heartbeat_addr.is_none() {
         return Err(ApplyError::Invalid {
             key: "heartbeat_addr".into(),

@@ -160,6 +160,13 @@ pub struct PoolSpec {
     /// pool routes to all of them rather than overload the few (Envoy's panic threshold).
     /// 0 disables it.
     pub panic_threshold: u8,
+    /// Requests may pin a backend by its `slot`: `X-Server-Select: gwN`, a path `/vmN/...`, or
+    /// `X-CF-APP-INSTANCE: <guid>:<N-1>` (the Enterprise Connect gateway forms). A pinned request
+    /// to an unavailable backend fails with 503 instead of landing elsewhere.
+    pub pinning: bool,
+    /// Name to verify backend certificates against (and send as SNI) when `backend_tls` is on;
+    /// without it the backend's IP address is verified.
+    pub backend_tls_name: Option<String>,
 }
 
 impl Default for PoolSpec {
@@ -177,6 +184,8 @@ impl Default for PoolSpec {
             idle_timeout_ms: 0,
             backend_tls: false,
             panic_threshold: 50,
+            pinning: false,
+            backend_tls_name: None,
         }
     }
 }
@@ -297,6 +306,16 @@ impl PoolSpec {
         if self.panic_threshold > 100 {
             return Err(invalid("panic_threshold", "is a percentage from 0 to 100"));
         }
+        if self.protocol == Protocol::Tcp && (self.backend_tls || self.pinning) {
+            return Err(invalid("backend_tls", "TLS to backends and pinning apply to HTTP pools only"));
+        }
+        if let Some(name) = &self.backend_tls_name
+            && (name.is_empty()
+                || name.len() > 253
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')))
+        {
+            return Err(invalid("backend_tls_name", "must be a DNS name"));
+        }
         Ok(())
     }
 }
@@ -373,11 +392,20 @@ pub struct BackendSpec {
     pub drain: bool,
     /// Heartbeat pools: the UDP address the backend sends heartbeats from.
     pub heartbeat_addr: Option<SocketAddr>,
+    /// Position for pinned requests (`gwN` is slot N, counting from 1).
+    pub slot: Option<u32>,
 }
 
 impl Default for BackendSpec {
     fn default() -> Self {
-        BackendSpec { url_path: "/".into(), weight: 1, zone: String::new(), drain: false, heartbeat_addr: None }
+        BackendSpec {
+            url_path: "/".into(),
+            weight: 1,
+            zone: String::new(),
+            drain: false,
+            heartbeat_addr: None,
+            slot: None,
+        }
     }
 }
 
@@ -385,6 +413,9 @@ impl BackendSpec {
     pub fn validate(&self) -> Result<(), ApplyError> {
         if self.weight == 0 || self.weight > MAX_WEIGHT {
             return Err(invalid("weight", "must be between 1 and 256 (drain a backend to stop traffic)"));
+        }
+        if self.slot == Some(0) {
+            return Err(invalid("slot", "slots count from 1 (gw1 is slot 1)"));
         }
         if !self.url_path.starts_with('/') || self.url_path.chars().any(|c| c.is_ascii_control() || c == ' ') {
             return Err(invalid("url_path", "must start with '/' and contain no spaces"));

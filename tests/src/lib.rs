@@ -66,6 +66,10 @@ impl TestNode {
         self.handle.http_addr().expect("http listener bound")
     }
 
+    pub fn https(&self) -> SocketAddr {
+        self.handle.shared.https_addr().expect("https listener bound")
+    }
+
     /// `PUT path` with a JSON body; panics on a non-2xx answer.
     pub async fn put(&self, path: &str, body: Value) -> Value {
         self.admin.call(Method::PUT, path, Some(body)).await.unwrap_or_else(|e| panic!("PUT {path}: {e:#}"))
@@ -245,4 +249,62 @@ impl Drop for HeartbeatBackend {
         self.echo.abort();
         self.beats.abort();
     }
+}
+
+/// A self-signed certificate for `names`, written to `dir` as `<stem>.pem` / `<stem>.key`.
+pub fn write_cert(dir: &std::path::Path, stem: &str, names: &[&str]) -> shoal_node::dataplane::tls::CertFiles {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let (cert, key) = shoal_node::dataplane::tls::self_signed(&names).expect("self-signed");
+    let files = shoal_node::dataplane::tls::CertFiles {
+        cert: dir.join(format!("{stem}.pem")),
+        key: dir.join(format!("{stem}.key")),
+    };
+    std::fs::write(&files.cert, cert).expect("write cert");
+    std::fs::write(&files.key, key).expect("write key");
+    files
+}
+
+/// A TLS client that trusts exactly the certificates in `ca_pem`.
+pub fn tls_client(ca_pem: &std::path::Path) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca_pem).expect("read ca") {
+        roots.add(cert.expect("pem")).expect("add ca");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// WebSocket client streams used by the tests.
+pub type Ws<S> = tokio_tungstenite::WebSocketStream<S>;
+
+/// Opens a WebSocket to `path` over `stream`, with extra request headers.
+pub async fn ws_over<S>(stream: S, url: &str, headers: &[(&str, &str)]) -> (Ws<S>, http::Response<Option<Vec<u8>>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().expect("ws request");
+    for (k, v) in headers {
+        req.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).expect("name"), v.parse().expect("value"));
+    }
+    tokio_tungstenite::client_async(req, stream).await.expect("websocket handshake")
+}
+
+/// Sends a text message and expects it echoed.
+pub async fn ws_echo<S>(ws: &mut Ws<S>, text: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text(text.to_string())).await.expect("ws send");
+    let got = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("ws answer in time");
+    assert_eq!(got.expect("ws open").expect("ws frame"), Message::text(text.to_string()));
 }

@@ -54,6 +54,10 @@ async fn writes_anywhere_and_traffic_survives_leader_loss() {
         let (status, body) = get_text(c.nodes[i].http(), "/").await.expect("get");
         assert!(status.is_success() && body.contains("hello from b1"), "{}: {status} {body}", c.nodes[i].name);
     }
+    // A WebSocket through a follower stays open across the leader's death.
+    let tcp = TcpStream::connect(c.nodes[follower].http()).await.expect("connect");
+    let (mut ws, _) = shoal_tests::ws_over(tcp, &format!("ws://{}/agent", c.nodes[follower].http()), &[]).await;
+    shoal_tests::ws_echo(&mut ws, "before the leader dies").await;
 
     // kill -9 the leader while clients keep using the two survivors.
     let survivors = [follower, other];
@@ -82,6 +86,7 @@ async fn writes_anywhere_and_traffic_survives_leader_loss() {
     let new_leader = new_leader.expect("a new leader was elected");
     assert!(survivors.contains(&new_leader));
     assert!(election < Duration::from_secs(10), "election took {election:?}");
+    shoal_tests::ws_echo(&mut ws, "after the leader died").await;
     let write_started = Instant::now();
     let v = c.put(survivors[0], "/v1/pools/api", json!({"pattern": "/api/"})).await;
     eprintln!("first write after the kill took {:?}", write_started.elapsed());

@@ -187,7 +187,8 @@ async fn websocket_survives_pool_changes() {
     assert_eq!(ws.next().await.expect("open").expect("frame"), Message::binary(big));
     ws.send(Message::Ping(vec![1, 2, 3].into())).await.expect("ping");
     assert_eq!(ws.next().await.expect("open").expect("frame"), Message::Pong(vec![1, 2, 3].into()));
-    ws.close(None).await.expect("close");
+        ws.close(None).await.expect("close");
+    drop(ws);
     node.stop().await;
 }
 

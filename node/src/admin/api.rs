@@ -84,7 +84,7 @@ pub async fn pool_health(AxState(node): Node, Path(pool): Path<String>) -> Resul
     let state = node.state();
     let p = state.pools.get(&pool).ok_or_else(|| no_pool(&pool))?;
     let health = node.health.borrow().clone();
-    Ok(Json(reconcile::pool_health(p, &health, &node.table.load())))
+    Ok(Json(reconcile::pool_health(p, &health, &node.table.load(), &node.remote_counts())))
 }
 
 /// Body of `PUT /v1/pools/{pool}/backends/{addr}`: the backend's settings plus `force`.
@@ -96,6 +96,7 @@ pub struct BackendRequest {
     zone: Option<String>,
     drain: Option<bool>,
     heartbeat_addr: Option<SocketAddr>,
+    slot: Option<u32>,
     /// Add even if the first health check fails.
     force: bool,
 }
@@ -109,6 +110,7 @@ impl BackendRequest {
             zone: self.zone.unwrap_or(base.zone),
             drain: self.drain.unwrap_or(base.drain),
             heartbeat_addr: self.heartbeat_addr.or(base.heartbeat_addr),
+            slot: self.slot.or(base.slot),
         };
         (spec, self.force)
     }
@@ -125,18 +127,22 @@ pub async fn put_backend(
     let existing = p.backends.get(&addr.to_string()).map(|b| &b.spec);
     let (spec, force) = req.into_spec(existing);
     if existing.is_none() && !force {
-        first_check(p, addr).await?;
+        first_check(&node, p, addr).await?;
     }
     write(&node, Command::PutBackend { pool, addr, spec }).await
 }
 
 /// Seed 003: a backend that fails its first health check is not added (unless forced).
-async fn first_check(pool: &Pool, addr: SocketAddr) -> Result<(), ApiError> {
+async fn first_check(node: &NodeShared, pool: &Pool, addr: SocketAddr) -> Result<(), ApiError> {
     let kind = pool.spec.check();
     if !matches!(kind, CheckKind::Http | CheckKind::Tcp) {
         return Ok(());
     }
-    probe::probe(kind, addr, &pool.spec.health).await.map_err(|reason| {
+    let tls = match (pool.spec.backend_tls, node.backend_tls.clone()) {
+        (true, Some(c)) => Some((c, pool.spec.backend_tls_name.clone())),
+        _ => None,
+    };
+    probe::probe(kind, addr, &pool.spec.health, tls.as_ref()).await.map_err(|reason| {
         ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("backend {addr} failed its first health check ({reason}); fix it, or add it with force=true"),
@@ -171,6 +177,70 @@ pub async fn drain_backend(
 ) -> Result<Json<WriteResult>, ApiError> {
     let addr = parse_addr(&addr)?;
     write(&node, Command::SetDrain { pool, addr, drain: req.drain }).await
+}
+
+/// Body of `POST /v1/pools/{pool}/backends/{addr}/leave`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaveRequest {
+    /// Seconds to wait for established connections before removing the backend anyway.
+    drain_timeout_s: u64,
+}
+
+impl Default for LeaveRequest {
+    fn default() -> Self {
+        LeaveRequest { drain_timeout_s: 30 }
+    }
+}
+
+/// Seed 002's stopProxy: drain (no new work), wait until no node has work in flight on the
+/// backend (or the timeout), then remove it.
+pub async fn leave_backend(
+    AxState(node): Node,
+    Path((pool, addr)): Path<(String, String)>,
+    Body(req): Body<LeaveRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let addr = parse_addr(&addr)?;
+    if req.drain_timeout_s > 86_400 {
+        return Err(ApiError::bad_request("drain_timeout_s: at most 86400"));
+    }
+    let _drained = write(&node, Command::SetDrain { pool: pool.clone(), addr, drain: true }).await?;
+    let started = tokio::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(req.drain_timeout_s);
+    let left = wait_drained(&node, &pool, addr, deadline).await;
+    let removed = write(&node, Command::DeleteBackend { pool, addr }).await?;
+    Ok(Json(serde_json::json!({
+        "version": removed.0.version,
+        "drained": left == 0,
+        "active_left": left,
+        "waited_ms": started.elapsed().as_millis() as u64,
+    })))
+}
+
+/// Polls cluster-wide work in flight until it has been zero for two gossip rounds.
+async fn wait_drained(node: &NodeShared, pool: &str, addr: SocketAddr, deadline: tokio::time::Instant) -> u64 {
+    let id = (pool.to_string(), addr);
+    let mut quiet = 0;
+    loop {
+        let local = node.table.load().pool(pool).and_then(|p| p.shared.get(&addr)).map(|s| s.active()).unwrap_or(0);
+        let remote = node.remote_counts().get(&id).map(|c| c.active).unwrap_or(0);
+        let active = local + remote;
+        quiet = if active == 0 { quiet + 1 } else { 0 };
+        if quiet >= 4 || tokio::time::Instant::now() >= deadline {
+            return active;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// `POST /v1/tls/reload`: reloads this node's certificate files now.
+pub async fn tls_reload(AxState(node): Node) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = node.tls.as_ref().ok_or_else(|| ApiError::not_found("this node has no HTTPS listener"))?;
+    store.reload().map_err(|e| {
+        ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("reload failed, previous certificates stay: {e}"))
+    })?;
+    let files: Vec<String> = store.files().iter().map(|f| f.cert.display().to_string()).collect();
+    Ok(Json(serde_json::json!({ "reloaded": true, "certificates": files })))
 }
 
 pub async fn cluster(AxState(node): Node) -> Json<ClusterView> {
@@ -259,7 +329,7 @@ pub async fn pick(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let table = node.table.load();
     let p = table.pool(&pool).ok_or_else(|| no_pool(&pool))?;
-    let chosen = p.balancer.pick(&p.routable, q.client, &|_| false).map(|i| p.routable[i].key.clone());
+    let chosen = p.pick(q.client, &[]).map(|b| b.key.clone());
     Ok(Json(serde_json::json!({ "pool": pool, "client": q.client, "backend": chosen })))
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use tokio::net::TcpListener;
 
 pub use json::ApiError;
@@ -32,6 +32,8 @@ pub fn router(node: Arc<NodeShared>) -> Router {
         .route("/v1/pools/{pool}/pick", get(api::pick))
         .route("/v1/pools/{pool}/backends/{addr}", put(api::put_backend).delete(api::delete_backend))
         .route("/v1/pools/{pool}/backends/{addr}/drain", put(api::drain_backend))
+        .route("/v1/pools/{pool}/backends/{addr}/leave", post(api::leave_backend))
+        .route("/v1/tls/reload", post(api::tls_reload))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here".into())

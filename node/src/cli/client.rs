@@ -43,6 +43,11 @@ impl AdminClient {
         Ok(AdminClient { authority, timeout: Duration::from_secs(30) })
     }
 
+    /// How long a call may take (the default is 30 s).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     pub fn authority(&self) -> &str {
         &self.authority
     }

@@ -18,6 +18,7 @@ use shoal_proto::{Algorithm, Pool};
 
 use crate::control::raft::RaftTiming;
 use crate::dataplane::Limits;
+use crate::dataplane::tls::CertFiles;
 use crate::node::{ClusterOptions, NodeOptions};
 use client::{AdminClient, ApiFailure};
 
@@ -50,6 +51,21 @@ pub enum Command {
     },
     /// A demo backend: HTTP (`/healthz` → ok) or TCP echo with seed 004 heartbeats.
     DemoBackend(crate::demo::DemoArgs),
+    /// Generate certificates (for HTTPS listeners and tests).
+    #[command(subcommand)]
+    Cert(CertCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// A self-signed certificate and key: OUT/cert.pem and OUT/key.pem.
+    SelfSigned {
+        /// DNS names or IP addresses the certificate is valid for (repeatable).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 /// Log output format.
@@ -74,9 +90,31 @@ pub struct NodeArgs {
     /// Initial pools: shoal TOML or a seed 004 JSON file; re-applied when the file changes.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Port of the node's HTTP listener (HTTP pools attach to it by URL pattern).
-    #[arg(long, default_value_t = 8080)]
-    pub http_port: u16,
+    /// Port of the node's HTTP listener (HTTP pools attach to it by URL pattern) [default: 8080,
+    /// 80 with --ec-env].
+    #[arg(long)]
+    pub http_port: Option<u16>,
+    /// Port of the node's HTTPS listener (same pools, behind TLS) [default: none, 443 with
+    /// --ec-env and a certificate].
+    #[arg(long)]
+    pub https_port: Option<u16>,
+    /// Certificate chain (PEM) for HTTPS; repeat with --tls-key for more names (SNI).
+    #[arg(long)]
+    pub tls_cert: Vec<PathBuf>,
+    /// Private key (PEM) of the --tls-cert at the same position.
+    #[arg(long)]
+    pub tls_key: Vec<PathBuf>,
+    /// CA bundle (PEM) trusted for TLS to backends (default: the system bundle).
+    #[arg(long)]
+    pub backend_ca: Option<PathBuf>,
+    /// Answer every plain-HTTP request with a redirect to https://HOST.
+    #[arg(long)]
+    pub https_redirect: Option<String>,
+    /// Enterprise Connect mode: GATEWAY_LIST and DNS_NAME from this env file ("-": from the
+    /// environment); serves every path from the gateways on port 80, and 443 when a certificate
+    /// is found at /etc/nginx/certs/cert.crt + certkey.key or ~/cert.pem + ~/key.pem.
+    #[arg(long)]
+    pub ec_env: Option<PathBuf>,
     /// IP every data listener binds (default: the seed config's IP, else 0.0.0.0).
     #[arg(long)]
     pub listen_ip: Option<IpAddr>,
@@ -128,14 +166,43 @@ pub struct NodeArgs {
 }
 
 impl NodeArgs {
-    pub fn options(&self) -> NodeOptions {
-        NodeOptions {
+    /// Node options from the flags (and the EC environment, with --ec-env).
+    pub fn options(&self) -> Result<NodeOptions, String> {
+        if self.tls_cert.len() != self.tls_key.len() {
+            return Err("--tls-cert and --tls-key must come in pairs".into());
+        }
+        let mut tls: Vec<CertFiles> = self
+            .tls_cert
+            .iter()
+            .zip(&self.tls_key)
+            .map(|(c, k)| CertFiles { cert: c.clone(), key: k.clone() })
+            .collect();
+        let ec = self.ec_env.as_ref().map(|p| ec_setup(p)).transpose()?;
+        if let Some(found) = ec.as_ref().and_then(|e| e.tls.clone())
+            && tls.is_empty()
+        {
+            tls.push(found);
+        }
+        let redirect = match &ec {
+            Some(e) => e.redirect_host(!tls.is_empty()).map_err(|e| format!("--ec-env: {e}"))?,
+            _ => None,
+        };
+        let https_port = self.https_port.or((ec.is_some() && !tls.is_empty()).then_some(443));
+        if https_port.is_some() && tls.is_empty() {
+            return Err("--https-port needs --tls-cert and --tls-key".into());
+        }
+        Ok(NodeOptions {
             id: self.id.clone().unwrap_or_else(default_id),
             admin: self.admin,
             data_dir: self.data_dir.clone(),
             config: self.config.clone(),
             listen_ip: self.listen_ip,
-            http_port: self.http_port,
+            http_port: self.http_port.unwrap_or(if ec.is_some() { 80 } else { 8080 }),
+            https_port,
+            tls,
+            backend_ca: self.backend_ca.clone(),
+            https_redirect: self.https_redirect.clone().or(redirect),
+            ec: ec.map(|e| e.config()),
             threads: self.threads,
             zone: self.zone.clone(),
             limits: Limits {
@@ -145,7 +212,7 @@ impl NodeArgs {
             },
             drain_timeout: Duration::from_secs(self.drain_timeout),
             cluster: self.cluster_options(),
-        }
+        })
     }
 
     fn cluster_options(&self) -> Option<ClusterOptions> {
@@ -163,6 +230,18 @@ impl NodeArgs {
         };
         Some(c)
     }
+}
+
+/// Reads an EC env file, or the process environment for "-".
+fn ec_setup(path: &std::path::Path) -> Result<crate::ec::EcSetup, String> {
+    let vars = if path.as_os_str() == "-" {
+        crate::ec::process_env()
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("--ec-env {}: {e}", path.display()))?;
+        crate::ec::parse_env(&text).map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    crate::ec::setup(&vars, home.as_deref()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn default_id() -> String {
@@ -279,6 +358,19 @@ pub enum BackendCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Join a pool from the backend's own host (seed 002's startProxy); same as add.
+    Join(BackendAddArgs),
+    /// Leave a pool from the backend's own host (seed 002's stopProxy): drain, wait for
+    /// connections in flight on every node to finish (or the timeout), then remove.
+    Leave {
+        pool: String,
+        addr: String,
+        /// Seconds to wait for established connections.
+        #[arg(long, default_value_t = 30)]
+        drain_timeout: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Stop sending new work to a backend (or resume with --undo).
     Drain {
         pool: String,
@@ -304,6 +396,9 @@ pub struct BackendAddArgs {
     /// UDP address the backend sends heartbeats from (heartbeat pools).
     #[arg(long)]
     pub heartbeat_addr: Option<SocketAddr>,
+    /// Slot for pinned requests (gwN is slot N).
+    #[arg(long)]
+    pub slot: Option<u32>,
     /// Add even if the first health check fails.
     #[arg(long)]
     pub force: bool,
@@ -318,6 +413,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::CheckConfig { file } => check_config(&file),
         Command::DemoBackend(args) => crate::demo::run(args),
+        Command::Cert(cmd) => cert(cmd),
         other => client_main(other),
     }
 }
@@ -343,8 +439,12 @@ fn run_node(args: NodeArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(2, format!("cannot start runtime: {e}")),
     };
+    let opts = match args.options() {
+        Ok(o) => o,
+        Err(e) => return fail(2, e),
+    };
     rt.block_on(async {
-        let node = match crate::node::start(args.options()).await {
+        let node = match crate::node::start(opts).await {
             Ok(n) => n,
             Err(e) => return fail(1, format!("{e:#}")),
         };
@@ -370,6 +470,21 @@ pub async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+fn cert(cmd: CertCmd) -> ExitCode {
+    let CertCmd::SelfSigned { names, out } = cmd;
+    let (cert, key) = match crate::dataplane::tls::self_signed(&names) {
+        Ok(pair) => pair,
+        Err(e) => return fail(1, format!("cannot generate a certificate: {e}")),
+    };
+    let write =
+        |name: &str, text: &str| std::fs::create_dir_all(&out).and_then(|_| std::fs::write(out.join(name), text));
+    if let Err(e) = write("cert.pem", &cert).and_then(|_| write("key.pem", &key)) {
+        return fail(1, format!("cannot write to {}: {e}", out.display()));
+    }
+    println!("wrote {} and {} for {}", out.join("cert.pem").display(), out.join("key.pem").display(), names.join(", "));
+    ExitCode::SUCCESS
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {
@@ -432,7 +547,15 @@ async fn client_verb(cmd: Command) -> anyhow::Result<()> {
             let h: PoolHealth = connect(&client)?.get(&format!("/v1/pools/{}/health", seg(&pool))).await?;
             output::health(&client, &h)
         }
-        Command::Backend(BackendCmd::Add(args)) => backend_add(args).await,
+        Command::Backend(BackendCmd::Add(args) | BackendCmd::Join(args)) => backend_add(args).await,
+        Command::Backend(BackendCmd::Leave { pool, addr, drain_timeout, client }) => {
+            let path = format!("/v1/pools/{}/backends/{}/leave", seg(&pool), seg(&addr));
+            let body = json!({ "drain_timeout_s": drain_timeout });
+            let mut admin = connect(&client)?;
+            admin.set_timeout(Duration::from_secs(drain_timeout + 30));
+            let r: Value = admin.call(Method::POST, &path, Some(body)).await?;
+            output::left(&client, &r, &pool, &addr)
+        }
         Command::Backend(BackendCmd::Rm { pool, addr, client }) => {
             let path = format!("/v1/pools/{}/backends/{}", seg(&pool), seg(&addr));
             let r: WriteResult = connect(&client)?.call(Method::DELETE, &path, None).await?;
@@ -448,7 +571,11 @@ async fn client_verb(cmd: Command) -> anyhow::Result<()> {
             let v: ClusterView = connect(&client)?.get("/v1/cluster").await?;
             output::cluster(&client, &v)
         }
-        Command::Node(_) | Command::Dev(_) | Command::CheckConfig { .. } | Command::DemoBackend(_) => Ok(()),
+        Command::Node(_)
+        | Command::Dev(_)
+        | Command::CheckConfig { .. }
+        | Command::DemoBackend(_)
+        | Command::Cert(_) => Ok(()),
     }
 }
 
@@ -502,6 +629,7 @@ async fn backend_add(a: BackendAddArgs) -> anyhow::Result<()> {
     insert_some(&mut body, "weight", a.weight.map(Value::from));
     insert_some(&mut body, "zone", a.zone.map(Value::from));
     insert_some(&mut body, "heartbeat_addr", a.heartbeat_addr.map(|h| Value::from(h.to_string())));
+    insert_some(&mut body, "slot", a.slot.map(Value::from));
     if a.force {
         body.insert("force".into(), Value::from(true));
     }

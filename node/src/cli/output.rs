@@ -33,30 +33,64 @@ pub fn written(c: &ClientArgs, r: &WriteResult, what: &str) -> anyhow::Result<()
     Ok(())
 }
 
+pub fn left(c: &ClientArgs, r: &serde_json::Value, pool: &str, addr: &str) -> anyhow::Result<()> {
+    if c.json {
+        return json(r);
+    }
+    let waited = r["waited_ms"].as_u64().unwrap_or(0);
+    if r["drained"] == true {
+        println!("backend {addr} left {pool} after draining for {waited} ms (config version {})", r["version"]);
+    } else {
+        println!("backend {addr} left {pool}; {} connections were still open after {waited} ms", r["active_left"]);
+    }
+    Ok(())
+}
+
 pub fn health(c: &ClientArgs, h: &PoolHealth) -> anyhow::Result<()> {
     if c.json {
         return json(h);
     }
-    let status = if h.fail_open { format!("{} (fail-open)", h.status.as_str()) } else { h.status.as_str().to_string() };
-    print!("{}", table(&[vec!["Pool".into(), "Status".into()], vec![h.pool.clone(), status]]));
+    let mut status = h.status.as_str().to_string();
+    if h.fail_open {
+        status.push_str(" (fail-open)");
+    }
+    let mut head = vec![vec!["Pool".into(), "Status".into()], vec![h.pool.clone(), status]];
+    if let Some(cov) = h.pinned_coverage {
+        head[0].push("Pinned coverage".into());
+        head[1].push(format!("{}/{} backends", cov.covered, cov.total));
+    }
+    print!("{}", table(&head));
     let mut rows =
         vec![vec!["Backend".into(), "Status".into(), "Weight".into(), "Zone".into(), "Active".into(), "Note".into()]];
     for b in &h.backends {
-        let mut note = b.reason.clone().unwrap_or_default();
-        if b.dynamic {
-            note = format!("self-registered {note}").trim().to_string();
-        }
         rows.push(vec![
             b.addr.to_string(),
             b.status.as_str().into(),
             b.weight.to_string(),
             b.zone.clone(),
             b.active.to_string(),
-            note,
+            note(b),
         ]);
     }
     print!("{}", table(&rows));
     Ok(())
+}
+
+fn note(b: &shoal_proto::admin::BackendHealth) -> String {
+    let mut parts = Vec::new();
+    if let Some(slot) = b.slot {
+        parts.push(format!("gw{slot}"));
+    }
+    if b.dynamic {
+        parts.push("self-registered".into());
+    }
+    if b.upgraded > 0 {
+        parts.push(format!("{} websockets ({} pinned)", b.upgraded, b.pinned));
+    }
+    if let Some(r) = &b.reason {
+        parts.push(r.clone());
+    }
+    parts.join("; ")
 }
 
 pub fn pools(c: &ClientArgs, pools: &[Pool]) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::health::combine::PeerObs;
 use crate::health::{BackendId, HealthView, Heard, Verdict};
+use crate::routing::Counts;
 
 /// How this node joins gossip.
 #[derive(Clone, Debug)]
@@ -45,8 +46,8 @@ pub struct Member {
     pub raft_init: bool,
     pub live: bool,
     pub obs: PeerObs,
-    /// Connections in flight on that node, per backend.
-    pub active: HashMap<BackendId, u64>,
+    /// Work in flight on that node, per backend.
+    pub active: HashMap<BackendId, Counts>,
 }
 
 /// Everyone gossip knows about, by node name (the highest generation wins).
@@ -120,7 +121,7 @@ impl Gossip {
 
     /// Publishes this node's observations: verdicts it maintains, heartbeats it hears and
     /// connections in flight; keys that no longer apply are deleted.
-    pub async fn publish(&self, local: &HealthView, active: &HashMap<BackendId, u64>) {
+    pub async fn publish(&self, local: &HealthView, active: &HashMap<BackendId, Counts>) {
         let mut wanted: HashMap<String, String> = HashMap::new();
         for (id, v) in &local.verdicts {
             let value = match v {
@@ -135,8 +136,8 @@ impl Gossip {
             let dynamic = if h.dynamic { " dyn" } else { "" };
             wanted.insert(format!("hb:{}/{}", id.0, id.1), format!("{state} {}{dynamic}", h.udp));
         }
-        for (id, n) in active.iter().filter(|(_, n)| **n > 0) {
-            wanted.insert(format!("act:{}/{}", id.0, id.1), n.to_string());
+        for (id, c) in active.iter().filter(|(_, c)| **c != Counts::default()) {
+            wanted.insert(format!("act:{}/{}", id.0, id.1), format!("{} {} {}", c.active, c.upgraded, c.pinned));
         }
         self.handle
             .with_chitchat(|c| {
@@ -246,10 +247,11 @@ fn parse_observation(m: &mut Member, key: &str, value: &str) {
         let (Some(state), Some(udp)) = (parts.next(), parts.next().and_then(|u| u.parse().ok())) else { return };
         let dynamic = parts.next() == Some("dyn");
         m.obs.heard.insert(id, Heard { up: state == "up", udp, dynamic });
-    } else if let Some(id) = key.strip_prefix("act:").and_then(backend_id)
-        && let Ok(n) = value.parse()
-    {
-        m.active.insert(id, n);
+    } else if let Some(id) = key.strip_prefix("act:").and_then(backend_id) {
+        let mut n = value.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+        let c =
+            Counts { active: n.next().unwrap_or(0), upgraded: n.next().unwrap_or(0), pinned: n.next().unwrap_or(0) };
+        m.active.insert(id, c);
     }
 }
 
@@ -268,14 +270,14 @@ mod tests {
         let mut m = Member::default();
         parse_observation(&mut m, "v:web/10.0.0.1:80", "down");
         parse_observation(&mut m, "hb:logic/[::1]:7000", "up [::1]:7001 dyn");
-        parse_observation(&mut m, "act:web/10.0.0.1:80", "3");
+        parse_observation(&mut m, "act:web/10.0.0.1:80", "3 2 1");
         parse_observation(&mut m, "v:web/garbage", "up");
         parse_observation(&mut m, "hb:logic/10.0.0.1:1", "up not-an-addr");
         let web = ("web".to_string(), "10.0.0.1:80".parse().expect("addr"));
         assert_eq!(m.obs.verdicts.get(&web), Some(&Verdict::Down));
         let hb = ("logic".to_string(), "[::1]:7000".parse().expect("addr"));
         assert_eq!(m.obs.heard[&hb], Heard { up: true, udp: "[::1]:7001".parse().expect("addr"), dynamic: true });
-        assert_eq!(m.active[&web], 3);
+        assert_eq!(m.active[&web], Counts { active: 3, upgraded: 2, pinned: 1 });
         assert_eq!(m.obs.verdicts.len() + m.obs.heard.len(), 2, "garbage ignored");
     }
 }

@@ -2,7 +2,6 @@
 //! reuse to backends, `X-Forwarded-*` headers, hop-by-hop headers removed, bodies streamed in
 //! both directions, `Upgrade` (WebSocket) relayed byte for byte once both sides agree.
 
-use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -21,7 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use super::mux::{Route, join_path};
-use super::{DpCtx, connect_backend, relay};
+use super::ws;
+use super::{DpCtx, connect_backend, tls};
 use crate::metrics::{ListenerMetrics, PoolMetrics};
 use crate::routing::{ActiveGuard, BackendRt, BackendShared, PoolRt};
 
@@ -69,10 +69,13 @@ where
 }
 
 /// Routes and proxies one request; every failure becomes a short HTTP error.
-async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &DpCtx) -> Response<ProxyBody> {
+async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>) -> Response<ProxyBody> {
     let table = ctx.table.load_full();
     if let Some(bad) = reject_smuggling(req.headers()) {
         return error(StatusCode::BAD_REQUEST, bad, true);
+    }
+    if let (false, Some(host)) = (conn.tls, &ctx.https_redirect) {
+        return to_https(host, req.uri());
     }
     let host = host_of(&req);
     match table.mux.route(&host, req.uri().path()) {
@@ -111,36 +114,59 @@ fn reject_smuggling(headers: &HeaderMap) -> Option<&'static str> {
     None
 }
 
-async fn forward(mut req: Request<Incoming>, conn: ConnInfo, ctx: &DpCtx, pool: &PoolRt) -> Response<ProxyBody> {
+async fn forward(mut req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, pool: &PoolRt) -> Response<ProxyBody> {
     let started = Instant::now();
-    if pool.routable.is_empty() {
+    if pool.routable().is_empty() {
         pool.metrics.no_backend.inc();
         return error(StatusCode::BAD_GATEWAY, "no healthy backend", false);
     }
+    let pin = if pool.pinning { ws::pinned(req.headers(), req.uri().path()) } else { None };
     let upgrade = wants_upgrade(req.headers());
+    let websocket = upgrade && ws::is_websocket(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     prepare_headers(&mut parts.headers, conn, upgrade);
+    if let Some(ws::Pin { path: Some(path), .. }) = &pin {
+        parts.uri = with_path(&parts.uri, path);
+    }
     let mut body = Some(body);
-    let mut tried: HashSet<usize> = HashSet::new();
-    for attempt in 0..MAX_ATTEMPTS.min(pool.routable.len()) {
-        let Some(idx) = pool.balancer.pick(&pool.routable, conn.peer.ip(), &|i| tried.contains(&i)) else { break };
-        tried.insert(idx);
-        let backend = &pool.routable[idx];
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let attempts = if pin.is_some() { 1 } else { MAX_ATTEMPTS.min(pool.routable().len()) };
+    for attempt in 0..attempts {
+        let chosen = match &pin {
+            Some(p) => pool.by_slot(p.slot),
+            None => pool.pick(conn.peer.ip(), &tried),
+        };
+        let Some(backend) = chosen else { break };
+        tried.push(backend.addr);
         if attempt > 0 {
             pool.metrics.retries.inc();
         }
         let guard = backend.shared.track();
         match exchange(&parts, &mut body, backend, pool, ctx).await {
             Exchange::Response(resp, sender) => {
-                return respond(resp, sender, guard, backend, pool, client_upgrade, started);
+                let tunnel = ws::Tunnel { backend: backend.clone(), guard, websocket, pinned: pin.is_some() };
+                return respond(resp, sender, tunnel, pool, client_upgrade, started, ctx);
             }
             Exchange::RetryElsewhere => continue,
             Exchange::Failed(status, msg) => return error(status, msg, false),
         }
     }
     pool.metrics.no_backend.inc();
-    error(StatusCode::BAD_GATEWAY, "no backend could be reached", false)
+    match pin {
+        Some(p) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, &format!("pinned backend gw{} is not available", p.slot), false)
+        }
+        None => error(StatusCode::BAD_GATEWAY, "no backend could be reached", false),
+    }
+}
+
+fn with_path(uri: &Uri, path: &str) -> Uri {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    Uri::try_from(pq).unwrap_or_else(|_| uri.clone())
 }
 
 /// Outcome of sending the request to one backend.
@@ -201,18 +227,42 @@ async fn exchange(
     }
 }
 
-/// Opens a new keep-alive connection to `backend`; failures are reported as passive.
+/// Opens a new keep-alive connection to `backend` (over TLS for `backend_tls` pools);
+/// failures are reported as passive.
 async fn open(backend: &BackendRt, pool: &PoolRt, ctx: &DpCtx) -> Result<SendRequest<Incoming>, ()> {
-    let stream = match connect_backend(backend.addr, pool.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => {
-            pool.metrics.connect_error(&backend.key);
-            ctx.reporter.passive_failure(&pool.name, backend.addr, format!("connect: {e}"));
-            tracing::warn!(pool = %pool.name, backend = %backend.key, error = %e, "backend connect failed");
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        pool.metrics.connect_error(&backend.key);
+        ctx.reporter.passive_failure(&pool.name, backend.addr, format!("{what}: {e}"));
+        tracing::warn!(pool = %pool.name, backend = %backend.key, error = %e, "backend {what} failed");
+    };
+    let stream = connect_backend(backend.addr, pool.connect_timeout).await.map_err(|e| fail("connect", &e))?;
+    if !pool.backend_tls {
+        return handshake(TokioIo::new(stream), backend).await;
+    }
+    let Some(config) = ctx.backend_tls.clone() else {
+        fail("TLS", &"no client TLS configuration (--backend-ca)");
+        return Err(());
+    };
+    let name = tls::backend_name(pool.backend_tls_name.as_deref(), backend.addr.ip());
+    let connecting = tokio_rustls::TlsConnector::from(config).connect(name, stream);
+    let tls_stream = match tokio::time::timeout(pool.connect_timeout, connecting).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            fail("TLS handshake", &e);
+            return Err(());
+        }
+        Err(_) => {
+            fail("TLS handshake", &"timeout");
             return Err(());
         }
     };
-    let io = TokioIo::new(stream);
+    handshake(TokioIo::new(tls_stream), backend).await
+}
+
+async fn handshake<T>(io: TokioIo<T>, backend: &BackendRt) -> Result<SendRequest<Incoming>, ()>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     match hyper::client::conn::http1::Builder::new().handshake(io).await {
         Ok((sender, conn)) => {
             tokio::spawn(async move {
@@ -249,60 +299,29 @@ fn backend_request(req: &http::request::Parts, body: Incoming, backend: &Backend
 fn respond(
     mut resp: Response<Incoming>,
     sender: SendRequest<Incoming>,
-    guard: ActiveGuard,
-    backend: &Arc<BackendRt>,
+    tunnel: ws::Tunnel,
     pool: &PoolRt,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     started: Instant,
+    ctx: &Arc<DpCtx>,
 ) -> Response<ProxyBody> {
-    let status = resp.status();
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = client_upgrade {
-            let backend_upgrade = hyper::upgrade::on(&mut resp);
-            spawn_tunnel(client, backend_upgrade, guard, backend.clone(), pool);
-            let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, ProxyBody::empty());
-        }
-        return error(StatusCode::BAD_GATEWAY, "backend switched protocols unasked", false);
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client) = client_upgrade else {
+            return error(StatusCode::BAD_GATEWAY, "backend switched protocols unasked", false);
+        };
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        ws::spawn(client, backend_upgrade, tunnel, pool, ctx.clone());
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, ProxyBody::empty());
     }
     strip_hop_by_hop(resp.headers_mut(), false);
     let done = ResponseGuard {
-        _active: guard,
-        conn: Some((sender, backend.shared.clone())),
+        _active: tunnel.guard,
+        conn: Some((sender, tunnel.backend.shared.clone())),
         started,
         metrics: pool.metrics.clone(),
     };
     resp.map(|body| ProxyBody::Backend { body, guard: Some(done) })
-}
-
-/// Relays an upgraded (WebSocket) connection once both sides have switched protocols.
-/// It lives in its own task: reconfiguration and draining never touch it.
-fn spawn_tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    backend: hyper::upgrade::OnUpgrade,
-    guard: ActiveGuard,
-    rt: Arc<BackendRt>,
-    pool: &PoolRt,
-) {
-    let metrics = pool.metrics.clone();
-    let idle = pool.idle_timeout;
-    let pool_name = pool.name.clone();
-    tokio::spawn(async move {
-        let (client, backend) = match tokio::try_join!(client, backend) {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::warn!(pool = %pool_name, backend = %rt.key, error = %e, "upgrade failed");
-                return;
-            }
-        };
-        metrics.upgrades.inc();
-        let (moved, ended) = relay::relay(TokioIo::new(client), TokioIo::new(backend), idle).await;
-        metrics.upgrades.dec();
-        metrics.bytes_in.inc_by(moved.up);
-        metrics.bytes_out.inc_by(moved.down);
-        drop(guard);
-        tracing::info!(pool = %pool_name, backend = %rt.key, client_to_backend = moved.up, backend_to_client = moved.down, ?ended, "upgraded connection closed");
-    });
 }
 
 fn wants_upgrade(headers: &HeaderMap) -> bool {
@@ -382,14 +401,24 @@ fn strip_port(raw: &str) -> &str {
     }
 }
 
+/// The plain listener of a TLS deployment sends everyone to `https://host` (as the EC image did).
+fn to_https(host: &str, uri: &Uri) -> Response<ProxyBody> {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    redirect_to(&format!("https://{host}{path}"))
+}
+
 fn redirect(path: &str, uri: &Uri) -> Response<ProxyBody> {
     let location = match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     };
+    redirect_to(&location)
+}
+
+fn redirect_to(location: &str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::full(format!("<a href=\"{location}\">Moved Permanently</a>.\n")));
     *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
-    if let Ok(v) = HeaderValue::from_str(&location) {
+    if let Ok(v) = HeaderValue::from_str(location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp

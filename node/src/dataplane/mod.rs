@@ -10,10 +10,14 @@ pub mod mux;
 pub mod pool;
 pub mod relay;
 pub mod tcp;
+pub mod tls;
+pub mod ws;
+pub mod wsframe;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -38,6 +42,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Client connections open at once per worker; further accepts wait for a slot.
     pub max_connections: usize,
+    /// A TLS client must finish its handshake within this time.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -47,6 +53,7 @@ impl Default for Limits {
             max_headers: 100,
             header_timeout: Duration::from_secs(10),
             max_connections: 50_000,
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -58,27 +65,40 @@ pub struct DpCtx {
     pub reporter: Reporter,
     pub limits: Limits,
     pub shutdown: Shutdown,
+    /// Server certificates of the HTTPS listener.
+    pub tls: Option<Arc<tls::TlsStore>>,
+    /// Client configuration for `backend_tls` pools.
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
+    /// When set, the plain HTTP listener answers every request with a 301 to `https://<host>`.
+    pub https_redirect: Option<String>,
+    /// Upgraded connections open on this node (shutdown waits for them to close).
+    pub tunnels: AtomicUsize,
 }
 
 /// What a listener serves.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ListenerKind {
     /// The node's HTTP listener: pools attach by URL pattern.
     Http,
+    /// The node's HTTPS listener: the same pools, behind TLS.
+    Https,
     /// A TCP pool's listener, by its port.
     Tcp(u16),
 }
 
+/// A listener as requested: address (port 0 until bound) and kind.
+type ListenerKey = (SocketAddr, ListenerKind);
+
 enum WorkerCmd {
-    Listen { addr: SocketAddr, kind: ListenerKind, socket: std::net::TcpListener, metrics: ListenerMetrics },
-    Close(SocketAddr),
+    Listen { key: ListenerKey, socket: std::net::TcpListener, metrics: ListenerMetrics },
+    Close(ListenerKey),
 }
 
 /// Handle on the worker threads.
 pub struct DataPlane {
     workers: Vec<(mpsc::UnboundedSender<WorkerCmd>, JoinHandle<()>)>,
     ctx: Arc<DpCtx>,
-    open: Mutex<HashMap<SocketAddr, ListenerKind>>,
+    open: Mutex<HashMap<ListenerKey, SocketAddr>>,
     /// Listeners that could not be opened, with the reason (shown by the admin API).
     pub errors: Mutex<BTreeMap<String, String>>,
 }
@@ -103,24 +123,29 @@ impl DataPlane {
         self.workers.len()
     }
 
+    /// Upgraded connections open on this node.
+    pub fn tunnels(&self) -> usize {
+        self.ctx.tunnels.load(Ordering::Relaxed)
+    }
+
     /// Opens, keeps or closes listeners so exactly `wanted` are served. Returns the bound
     /// addresses of the listeners opened now (port 0 resolves to a real port).
     pub fn set_listeners(&self, wanted: &[(SocketAddr, ListenerKind)]) -> Vec<(ListenerKind, SocketAddr)> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let closing: Vec<SocketAddr> = open.keys().filter(|a| !wanted.iter().any(|(w, _)| w == *a)).copied().collect();
-        for addr in closing {
-            open.remove(&addr);
-            self.broadcast(|| WorkerCmd::Close(addr));
-            tracing::info!(%addr, "listener closed; established connections continue");
+        let closing: Vec<ListenerKey> = open.keys().filter(|k| !wanted.contains(k)).cloned().collect();
+        for key in closing {
+            let bound = open.remove(&key);
+            self.broadcast(|| WorkerCmd::Close(key.clone()));
+            tracing::info!(addr = ?bound, "listener closed; established connections continue");
         }
         let mut opened = Vec::new();
         for (addr, kind) in wanted {
-            if open.contains_key(addr) {
+            if open.contains_key(&(*addr, kind.clone())) {
                 continue;
             }
             match self.bind_all(*addr, kind) {
                 Ok(bound) => {
-                    open.insert(*addr, kind.clone());
+                    open.insert((*addr, kind.clone()), bound);
                     self.errors.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr.to_string());
                     opened.push((kind.clone(), bound));
                 }
@@ -144,7 +169,7 @@ impl DataPlane {
         let sockets: Vec<std::net::TcpListener> =
             (0..self.workers.len()).map(|_| reuseport_listener(bound)).collect::<io::Result<_>>()?;
         for ((tx, _), socket) in self.workers.iter().zip(sockets) {
-            let _ = tx.send(WorkerCmd::Listen { addr, kind: kind.clone(), socket, metrics: metrics.clone() });
+            let _ = tx.send(WorkerCmd::Listen { key: (addr, kind.clone()), socket, metrics: metrics.clone() });
         }
         tracing::info!(addr = %bound, listener = %name, "listening");
         Ok(bound)
@@ -170,6 +195,7 @@ impl DataPlane {
 pub fn listener_name(kind: &ListenerKind, addr: SocketAddr) -> String {
     match kind {
         ListenerKind::Http => format!("http:{}", addr.port()),
+        ListenerKind::Https => format!("https:{}", addr.port()),
         ListenerKind::Tcp(port) => format!("tcp:{port}"),
     }
 }
@@ -207,25 +233,25 @@ fn worker_main(id: usize, rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx
 }
 
 async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>) {
-    let mut accepting: HashMap<SocketAddr, AbortHandle> = HashMap::new();
+    let mut accepting: HashMap<ListenerKey, AbortHandle> = HashMap::new();
     let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
     let mut shutdown = ctx.shutdown.clone();
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(WorkerCmd::Listen { addr, kind, socket, metrics }) => {
+                Some(WorkerCmd::Listen { key, socket, metrics }) => {
                     match TcpListener::from_std(socket) {
                         Ok(listener) => {
-                            let task = tokio::spawn(accept_loop(listener, kind, ctx.clone(), slots.clone(), metrics));
-                            if let Some(old) = accepting.insert(addr, task.abort_handle()) {
+                            let task = tokio::spawn(accept_loop(listener, key.1.clone(), ctx.clone(), slots.clone(), metrics));
+                            if let Some(old) = accepting.insert(key, task.abort_handle()) {
                                 old.abort();
                             }
                         }
-                        Err(e) => tracing::error!(%addr, error = %e, "worker cannot adopt listener"),
+                        Err(e) => tracing::error!(addr = %key.0, error = %e, "worker cannot adopt listener"),
                     }
                 }
-                Some(WorkerCmd::Close(addr)) => {
-                    if let Some(task) = accepting.remove(&addr) {
+                Some(WorkerCmd::Close(key)) => {
+                    if let Some(task) = accepting.remove(&key) {
                         task.abort();
                     }
                 }
@@ -240,6 +266,14 @@ async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>)
     tokio::select! {
         _ = slots.acquire_many(max) => {}
         _ = shutdown.wait_for(Phase::Stopped) => {}
+    }
+    // Upgraded connections end with close frames once `Stopped`; let them write those.
+    shutdown.wait_for(Phase::Stopped).await;
+    for _ in 0..60 {
+        if ctx.tunnels.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -271,10 +305,29 @@ async fn accept_loop(
                     let conn = http::ConnInfo { peer, tls: false };
                     http::serve(stream, conn, ctx, lm.clone()).await;
                 }
+                ListenerKind::Https => serve_tls(stream, peer, ctx, &lm).await,
                 ListenerKind::Tcp(port) => tcp::serve(stream, peer, port, ctx, lm.clone()).await,
             }
             lm.active.dec();
             drop(permit);
         });
+    }
+}
+
+/// Completes the TLS handshake (bounded) and serves HTTP over it.
+async fn serve_tls(stream: TcpStream, peer: SocketAddr, ctx: Arc<DpCtx>, lm: &ListenerMetrics) {
+    let Some(store) = ctx.tls.as_ref() else { return };
+    let acceptor = tokio_rustls::TlsAcceptor::from(store.current());
+    match tokio::time::timeout(ctx.limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => http::serve(tls, http::ConnInfo { peer, tls: true }, ctx, lm.clone()).await,
+        Ok(Err(e)) => {
+            lm.failed.inc();
+            ctx.metrics.rejected_inputs.with_label_values(&["tls_handshake"]).inc();
+            tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            lm.failed.inc();
+            tracing::debug!(client = %peer, "TLS handshake timed out");
+        }
     }
 }

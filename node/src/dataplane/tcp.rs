@@ -1,7 +1,6 @@
 //! L4 proxy (seed 004's "fl"/"ld" modes): each client connection goes to one backend of the
 //! pool that owns the listener port, full duplex until either side is done.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -61,11 +60,10 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<
 
 /// Connects to the balancer's pick, moving on to the next healthy backend on failure.
 async fn connect_any(pool: &PoolRt, peer: SocketAddr, ctx: &DpCtx) -> Option<(Arc<BackendRt>, TcpStream, ActiveGuard)> {
-    let mut tried: HashSet<usize> = HashSet::new();
-    for attempt in 0..MAX_ATTEMPTS.min(pool.routable.len()) {
-        let idx = pool.balancer.pick(&pool.routable, peer.ip(), &|i| tried.contains(&i))?;
-        tried.insert(idx);
-        let backend = &pool.routable[idx];
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    for attempt in 0..MAX_ATTEMPTS.min(pool.routable().len()) {
+        let backend = pool.pick(peer.ip(), &tried)?;
+        tried.push(backend.addr);
         let guard = backend.shared.track();
         if attempt > 0 {
             pool.metrics.retries.inc();

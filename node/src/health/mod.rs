@@ -96,6 +96,8 @@ pub struct HealthCtx {
     pub members: watch::Receiver<Arc<Vec<String>>>,
     /// Probers per backend.
     pub probe_replicas: usize,
+    /// Client TLS for probing `backend_tls` pools.
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Starts the manager; returns the view and the data plane's reporter.
@@ -111,8 +113,11 @@ struct ProbeResult {
     result: Result<(), String>,
 }
 
+/// What a prober checks: kind, settings, and the TLS name when the pool speaks TLS.
+type ProbeKey = (CheckKind, HealthSpec, Option<Option<String>>);
+
 struct Prober {
-    key: (CheckKind, HealthSpec),
+    key: ProbeKey,
     task: AbortHandle,
 }
 
@@ -203,13 +208,14 @@ impl Manager {
     async fn sync(&mut self, state: &State) {
         let members = self.ctx.members.borrow().clone();
         let k = self.ctx.probe_replicas;
-        let mut wanted: HashMap<BackendId, (CheckKind, HealthSpec)> = HashMap::new();
+        let mut wanted: HashMap<BackendId, ProbeKey> = HashMap::new();
         for pool in state.pools.values() {
             let kind = pool.spec.check();
             for b in pool.backends.values() {
                 let id = (pool.name.clone(), b.addr);
                 if matches!(kind, CheckKind::Http | CheckKind::Tcp) && shard::assigned(&self.ctx.me, &members, &id, k) {
-                    wanted.insert(id, (kind, pool.spec.health.clone()));
+                    let tls = pool.spec.backend_tls.then(|| pool.spec.backend_tls_name.clone());
+                    wanted.insert(id, (kind, pool.spec.health.clone(), tls));
                 }
             }
         }
@@ -218,7 +224,7 @@ impl Manager {
         self.forget_removed(state);
     }
 
-    fn sync_probers(&mut self, mut wanted: HashMap<BackendId, (CheckKind, HealthSpec)>) {
+    fn sync_probers(&mut self, mut wanted: HashMap<BackendId, ProbeKey>) {
         let mut stopped = Vec::new();
         self.probers.retain(|id, p| {
             let keep = wanted.get(id) == Some(&p.key);
@@ -236,8 +242,9 @@ impl Manager {
             self.hysteresis.remove(&id);
         }
         for (id, key) in wanted {
+            let tls = key.2.clone().and_then(|name| Some((self.ctx.backend_tls.clone()?, name)));
             let task =
-                tokio::spawn(probe_loop(id.clone(), key.clone(), self.probe_tx.clone(), self.ctx.metrics.clone()));
+                tokio::spawn(probe_loop(id.clone(), key.clone(), tls, self.probe_tx.clone(), self.ctx.metrics.clone()));
             self.probers.insert(id, Prober { key, task: task.abort_handle() });
         }
     }
@@ -409,7 +416,8 @@ fn log_verdict(id: &BackendId, verdict: Verdict, reason: Option<&String>) {
 /// Probes one backend now and then every interval until aborted.
 async fn probe_loop(
     id: BackendId,
-    (kind, spec): (CheckKind, HealthSpec),
+    (kind, spec, _): ProbeKey,
+    tls: Option<probe::ProbeTls>,
     tx: mpsc::Sender<ProbeResult>,
     metrics: Arc<Metrics>,
 ) {
@@ -418,7 +426,7 @@ async fn probe_loop(
     let failures = metrics.health_check_failures.with_label_values(&[id.0.as_str()]);
     loop {
         let started = Instant::now();
-        let result = probe::probe(kind, id.1, &spec).await;
+        let result = probe::probe(kind, id.1, &spec, tls.as_ref()).await;
         checks.inc();
         if result.is_err() {
             failures.inc();

@@ -2,6 +2,7 @@
 //! accepted values (seed 003: `ok`), optionally with a 2xx status.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,13 +14,16 @@ use tokio::net::TcpStream;
 /// Largest health body read; anything longer fails the check.
 const MAX_BODY: usize = 4096;
 
+/// TLS settings of a probe to a `backend_tls` pool: client config and the name to verify.
+pub type ProbeTls = (Arc<rustls::ClientConfig>, Option<String>);
+
 /// Runs one check of `kind` against `addr`. `Err` carries a short reason for operators.
-pub async fn probe(kind: CheckKind, addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> {
+pub async fn probe(kind: CheckKind, addr: SocketAddr, spec: &HealthSpec, tls: Option<&ProbeTls>) -> Result<(), String> {
     let timeout = Duration::from_millis(spec.timeout_ms);
     let run = async {
         match kind {
             CheckKind::Tcp => TcpStream::connect(addr).await.map(|_| ()).map_err(|e| format!("connect: {e}")),
-            CheckKind::Http => http_probe(addr, spec).await,
+            CheckKind::Http => http_probe(addr, spec, tls).await,
             CheckKind::Heartbeat | CheckKind::None => Ok(()),
         }
     };
@@ -29,12 +33,28 @@ pub async fn probe(kind: CheckKind, addr: SocketAddr, spec: &HealthSpec) -> Resu
     }
 }
 
-async fn http_probe(addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> {
+async fn http_probe(addr: SocketAddr, spec: &HealthSpec, tls: Option<&ProbeTls>) -> Result<(), String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    match tls {
+        None => http_exchange(TokioIo::new(stream), addr, spec).await,
+        Some((config, name)) => {
+            let server = crate::dataplane::tls::backend_name(name.as_deref(), addr.ip());
+            let tls_stream = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(server, stream)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            http_exchange(TokioIo::new(tls_stream), addr, spec).await
+        }
+    }
+}
+
+async fn http_exchange<T>(io: TokioIo<T>, addr: SocketAddr, spec: &HealthSpec) -> Result<(), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io).await.map_err(|e| format!("handshake: {e}"))?;
     let conn_task = tokio::spawn(conn);
     let req = http::Request::get(spec.path.as_str())
         .header(http::header::HOST, addr.to_string())

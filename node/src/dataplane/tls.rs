@@ -1,0 +1,236 @@
+//! TLS with rustls (ring provider, no OpenSSL). Server side: node-local certificate and key
+//! files (never replicated), several certificates chosen by SNI, ALPN `http/1.1`, reloaded
+//! when the files change or on an admin call; a failed reload keeps the certificates in
+//! service. Client side: TLS to backends (`wss://` gateways) verified against a CA file.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// A certificate chain file and its key file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// One loaded certificate.
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+}
+
+/// Picks the first certificate valid for the client's SNI name; the first one otherwise.
+#[derive(Debug)]
+struct SniResolver {
+    certs: Vec<Loaded>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let by_name = hello.server_name().and_then(|name| {
+            let name = ServerName::try_from(name.to_string()).ok()?;
+            self.certs.iter().find(|c| valid_for(&c.key, &name))
+        });
+        by_name.or_else(|| self.certs.first()).map(|c| c.key.clone())
+    }
+}
+
+fn valid_for(key: &CertifiedKey, name: &ServerName<'_>) -> bool {
+    let Some(der) = key.cert.first() else { return false };
+    webpki::EndEntityCert::try_from(der).is_ok_and(|ee| ee.verify_is_valid_for_subject_name(name).is_ok())
+}
+
+/// Reads a certificate chain and its key; errors name the file and the problem.
+fn load_pair(files: &CertFiles) -> Result<Loaded, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| format!("{}: cannot read certificates: {e}", files.cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: invalid PEM: {e}", files.cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate found (expected PEM \"BEGIN CERTIFICATE\")", files.cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| format!("{}: no usable private key: {e}", files.key.display()))?;
+    let certified = CertifiedKey::from_der(chain, key, &provider())
+        .map_err(|e| format!("{} and {}: {e}", files.cert.display(), files.key.display()))?;
+    Ok(Loaded { key: Arc::new(certified) })
+}
+
+fn server_config(certs: Vec<Loaded>) -> Result<Arc<ServerConfig>, String> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { certs }));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The node's server certificates, swapped atomically on reload.
+pub struct TlsStore {
+    files: Vec<CertFiles>,
+    config: ArcSwap<ServerConfig>,
+    stamps: Mutex<Vec<Option<SystemTime>>>,
+}
+
+impl std::fmt::Debug for TlsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStore").field("files", &self.files).finish()
+    }
+}
+
+impl TlsStore {
+    /// Loads every pair; any problem is an error naming the file (the node does not start).
+    pub fn load(files: Vec<CertFiles>) -> Result<TlsStore, String> {
+        if files.is_empty() {
+            return Err("TLS needs at least one certificate and key".into());
+        }
+        let config = Self::build(&files)?;
+        let stamps = files.iter().map(stamp).collect();
+        Ok(TlsStore { files, config: ArcSwap::new(config), stamps: Mutex::new(stamps) })
+    }
+
+    fn build(files: &[CertFiles]) -> Result<Arc<ServerConfig>, String> {
+        let certs = files.iter().map(load_pair).collect::<Result<Vec<_>, _>>()?;
+        server_config(certs)
+    }
+
+    /// The configuration new handshakes use.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.config.load_full()
+    }
+
+    /// Reloads every file; on error the certificates in service stay.
+    pub fn reload(&self) -> Result<(), String> {
+        let config = Self::build(&self.files)?;
+        self.config.store(config);
+        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = self.files.iter().map(stamp).collect();
+        Ok(())
+    }
+
+    /// Reloads when a file's modification time or size changed since the last load.
+    pub fn reload_if_changed(&self) -> Option<Result<(), String>> {
+        let now: Vec<Option<SystemTime>> = self.files.iter().map(stamp).collect();
+        let changed = *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) != now;
+        if !changed {
+            return None;
+        }
+        let result = self.reload();
+        if result.is_err() {
+            // Do not retry the same broken files every tick; wait for the next change.
+            *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        }
+        Some(result)
+    }
+
+    pub fn files(&self) -> &[CertFiles] {
+        &self.files
+    }
+}
+
+fn stamp(files: &CertFiles) -> Option<SystemTime> {
+    let a = std::fs::metadata(&files.cert).and_then(|m| m.modified()).ok()?;
+    let b = std::fs::metadata(&files.key).and_then(|m| m.modified()).ok()?;
+    Some(a.max(b))
+}
+
+/// A client configuration trusting the CA certificates of `ca_file` (PEM), or the system bundle.
+pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    let path = match ca_file {
+        Some(p) => p.to_path_buf(),
+        None => system_bundle().ok_or("no --backend-ca given and no system CA bundle found")?,
+    };
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificate found", path.display()));
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn system_bundle() -> Option<PathBuf> {
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// The name a backend's certificate is verified against: the pool's name, else its IP.
+pub fn backend_name(name: Option<&str>, ip: IpAddr) -> ServerName<'static> {
+    name.and_then(|n| ServerName::try_from(n.to_string()).ok()).unwrap_or(ServerName::IpAddress(ip.into()))
+}
+
+/// `shoal cert self-signed`: a certificate and key for `names` (DNS names or IPs), in PEM.
+pub fn self_signed(names: &[String]) -> Result<(String, String), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, stem: &str, names: &[&str]) -> CertFiles {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let (cert, key) = self_signed(&names).expect("self-signed");
+        let files = CertFiles { cert: dir.join(format!("{stem}.pem")), key: dir.join(format!("{stem}.key")) };
+        std::fs::write(&files.cert, cert).expect("write cert");
+        std::fs::write(&files.key, key).expect("write key");
+        files
+    }
+
+    #[test]
+    fn bad_files_are_named_and_reload_keeps_the_old_certificate() {
+        let dir = tempfile::tempdir().expect("dir");
+        let good = write_pair(dir.path(), "a", &["a.example"]);
+        let store = TlsStore::load(vec![good.clone()]).expect("load");
+        let before = store.current();
+        std::fs::write(&good.cert, "not a certificate").expect("break");
+        let err = store.reload().expect_err("broken cert");
+        assert!(err.contains("a.pem"), "{err}");
+        assert!(Arc::ptr_eq(&before, &store.current()), "old certificate still in service");
+        let other = write_pair(dir.path(), "b", &["b.example"]);
+        let mismatched = CertFiles { cert: other.cert.clone(), key: dir.path().join("a.key") };
+        let err = TlsStore::load(vec![mismatched]).expect_err("key mismatch");
+        assert!(err.contains("b.pem") && err.contains("a.key"), "{err}");
+        let missing = CertFiles { cert: dir.path().join("nope.pem"), key: dir.path().join("nope.key") };
+        assert!(TlsStore::load(vec![missing]).expect_err("missing").contains("nope.pem"));
+    }
+
+    #[test]
+    fn sni_picks_the_matching_certificate() {
+        let dir = tempfile::tempdir().expect("dir");
+        let a = load_pair(&write_pair(dir.path(), "a", &["a.example"])).expect("a");
+        let b = load_pair(&write_pair(dir.path(), "b", &["b.example", "127.0.0.1"])).expect("b");
+        let name = |n: &str| ServerName::try_from(n.to_string()).expect("name");
+        assert!(valid_for(&b.key, &name("b.example")));
+        assert!(!valid_for(&a.key, &name("b.example")));
+        assert!(valid_for(&b.key, &name("127.0.0.1")));
+    }
+}
