@@ -206,6 +206,7 @@ impl Metrics {
     /// Resolves one listener's hot-path handles.
     pub fn listener(&self, listener: &str) -> ListenerMetrics {
         ListenerMetrics {
+            name: listener.into(),
             accepted: self.conns_accepted.with_label_values(&[listener]),
             active: self.conns_active.with_label_values(&[listener]),
             failed: self.conns_failed.with_label_values(&[listener]),
@@ -244,6 +245,11 @@ impl PoolMetrics {
         self.requests[idx].inc();
     }
 
+    /// Requests answered so far, and how many of them were 5xx.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.requests.iter().map(|c| c.get()).sum(), self.requests[4].get())
+    }
+
     pub fn connect_error(&self, backend: &str) {
         self.connect_errors.with_label_values(&[self.pool.as_str(), backend]).inc();
     }
@@ -252,6 +258,8 @@ impl PoolMetrics {
 /// Pre-resolved metric handles of one listener.
 #[derive(Clone, Debug)]
 pub struct ListenerMetrics {
+    /// The `listener` label, also used in log spans.
+    pub name: std::sync::Arc<str>,
     pub accepted: IntCounter,
     pub active: IntGauge,
     pub failed: IntCounter,

@@ -94,6 +94,8 @@ pub struct NodeOptions {
     pub https_redirect: Option<String>,
     /// Pools from EC compatibility mode (`--ec-env`), applied like a config file.
     pub ec: Option<config::ConfigFile>,
+    /// One log line per proxied HTTP request.
+    pub access_log: bool,
 }
 
 impl NodeOptions {
@@ -116,6 +118,7 @@ impl NodeOptions {
             backend_ca: None,
             https_redirect: None,
             ec: None,
+            access_log: false,
         }
     }
 }
@@ -311,6 +314,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         backend_tls: backend_tls.clone(),
         https_redirect: opts.https_redirect.clone(),
         tunnels: AtomicUsize::new(0),
+        access_log: opts.access_log,
     };
     let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
     let dataplane = Arc::new(DataPlane::start(threads, dp_ctx).context("cannot start data-plane workers")?);

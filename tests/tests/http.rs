@@ -187,7 +187,7 @@ async fn websocket_survives_pool_changes() {
     assert_eq!(ws.next().await.expect("open").expect("frame"), Message::binary(big));
     ws.send(Message::Ping(vec![1, 2, 3].into())).await.expect("ping");
     assert_eq!(ws.next().await.expect("open").expect("frame"), Message::Pong(vec![1, 2, 3].into()));
-        ws.close(None).await.expect("close");
+    ws.close(None).await.expect("close");
     drop(ws);
     node.stop().await;
 }
@@ -216,5 +216,54 @@ async fn weights_shape_the_share() {
         *counts.entry(who(&get_text(node.http(), "/").await.expect("get").1)).or_default() += 1;
     }
     assert_eq!((counts["a"], counts["b"]), (30, 10), "{counts:?}");
+    node.stop().await;
+}
+
+/// A backend that counts the connections it accepts (answers with a Content-Length body).
+async fn counting_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::AtomicUsize;
+    let listener = tokio::net::TcpListener::bind((shoal_tests::LOCALHOST, 0)).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepts = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = accepts.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            counter.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let body = if req.uri().path() == "/healthz" { "ok" } else { "counted" };
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(body),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_connections_are_reused_for_sized_and_empty_bodies() {
+    let node = TestNode::start("http-reuse").await;
+    let (addr, accepts) = counting_backend().await;
+    node.put("/v1/pools/web", json!({"pattern": "/", "health": {"check": "tcp", "interval_ms": 60000}})).await;
+    node.put(&format!("/v1/pools/web/backends/{addr}"), json!({})).await;
+    eventually(Duration::from_secs(10), "serving", || async {
+        get_text(node.http(), "/").await.ok().filter(|(s, _)| s.is_success())
+    })
+    .await;
+    let before = accepts.load(Ordering::Relaxed);
+    for _ in 0..100 {
+        let (status, body) = get_text(node.http(), "/x").await.expect("get");
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "counted"));
+        let head = raw_http(node.http(), Method::HEAD, "/x", None).await.expect("head");
+        assert_eq!(head.status, StatusCode::OK);
+    }
+    let opened = accepts.load(Ordering::Relaxed) - before;
+    assert!(opened <= 3, "200 sequential requests opened {opened} backend connections");
     node.stop().await;
 }

@@ -31,6 +31,33 @@ pub async fn healthz(AxState(node): Node) -> Response {
     }
 }
 
+/// `GET /`: the live status page (self-contained HTML, refreshing every 2 s).
+pub async fn status_page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("status.html")).into_response()
+}
+
+/// `GET /v1/stats`: this node's counters per pool (the status page turns them into rates).
+pub async fn stats(AxState(node): Node) -> Json<serde_json::Value> {
+    let table = node.table.load();
+    let pools: serde_json::Map<String, serde_json::Value> = table
+        .pools
+        .iter()
+        .map(|p| {
+            let (requests, errors) = p.metrics.totals();
+            let active: u64 = p.shared.values().map(|s| s.active()).sum();
+            let v = serde_json::json!({
+                "requests": requests,
+                "errors": errors,
+                "bytes_in": p.metrics.bytes_in.get(),
+                "bytes_out": p.metrics.bytes_out.get(),
+                "active": active,
+            });
+            (p.name.clone(), v)
+        })
+        .collect();
+    Json(serde_json::json!({ "node": node.id, "pools": pools }))
+}
+
 pub async fn metrics(AxState(node): Node) -> Response {
     node.refresh_gauges().await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics.render()).into_response()

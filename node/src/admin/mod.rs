@@ -21,6 +21,8 @@ use crate::shutdown::{Phase, Shutdown};
 /// Builds the router over a node's shared state.
 pub fn router(node: Arc<NodeShared>) -> Router {
     Router::new()
+        .route("/", get(api::status_page))
+        .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
         .route("/v1/state", get(api::state))

@@ -165,6 +165,8 @@ fn print_tour(dir: &Path, n: u8, procs: &[Proc]) {
         HTTP_BACKENDS[0], HTTP_BACKENDS[1]
     );
     println!();
+    println!("  status page: http://{}:8081/   metrics: http://{}:8081/metrics", ip(1), ip(1));
+    println!();
     println!("Try:");
     println!("  for i in 1 2 3 4; do curl -s http://127.0.0.{}:8080/; done   # any node, round robin", n.min(2));
     println!("  echo hello | nc -q1 127.0.0.1 3001                        # TCP pool via heartbeats");

@@ -135,6 +135,9 @@ pub struct NodeArgs {
     pub max_connections: usize,
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+    /// Log one line per proxied HTTP request (method, URI, status, pool, backend, duration).
+    #[arg(long)]
+    pub access_log: bool,
     /// Join a cluster: this node's gossip address (UDP); Raft RPC uses TCP on the same address.
     #[arg(long)]
     pub cluster: Option<SocketAddr>,
@@ -203,6 +206,7 @@ impl NodeArgs {
             backend_ca: self.backend_ca.clone(),
             https_redirect: self.https_redirect.clone().or(redirect),
             ec: ec.map(|e| e.config()),
+            access_log: self.access_log,
             threads: self.threads,
             zone: self.zone.clone(),
             limits: Limits {

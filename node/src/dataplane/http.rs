@@ -18,7 +18,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
+use tracing::Instrument;
 
+use super::count::{CountedIo, ReqBody};
 use super::mux::{Route, join_path};
 use super::ws;
 use super::{DpCtx, connect_backend, tls};
@@ -35,8 +37,17 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// Serves HTTP/1.1 on one accepted client connection (plain or TLS).
+/// Serves HTTP/1.1 on one accepted client connection (plain or TLS), in a span naming the
+/// client and the listener.
 pub async fn serve<S>(io: S, conn: ConnInfo, ctx: Arc<DpCtx>, lm: ListenerMetrics)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!("conn", client = %conn.peer, listener = %lm.name, tls = conn.tls);
+    serve_conn(io, conn, ctx, lm).instrument(span).await
+}
+
+async fn serve_conn<S>(io: S, conn: ConnInfo, ctx: Arc<DpCtx>, lm: ListenerMetrics)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -51,6 +62,7 @@ where
         .header_read_timeout(ctx.limits.header_timeout)
         .max_buf_size(ctx.limits.max_header_bytes.max(8192))
         .max_headers(ctx.limits.max_headers);
+    let io = CountedIo::new(io, lm.bytes_in.clone(), lm.bytes_out.clone());
     let served = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(served);
     let mut shutdown = ctx.shutdown.clone();
@@ -64,7 +76,7 @@ where
     };
     if let Err(e) = result {
         lm.failed.inc();
-        tracing::debug!(client = %conn.peer, error = %e, "client connection ended with an error");
+        tracing::debug!(error = %e, "client connection ended with an error");
     }
 }
 
@@ -83,8 +95,14 @@ async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>) -> Res
         Route::Redirect(path) => redirect(&path, req.uri()),
         Route::Pool(idx) => {
             let pool = &table.pools[idx];
+            let access = ctx.access_log.then(|| (req.method().clone(), req.uri().clone(), Instant::now()));
             let resp = forward(req, conn, ctx, pool).await;
             pool.metrics.response(resp.status().as_u16());
+            if let Some((method, uri, started)) = access {
+                let backend = resp.extensions().get::<ServedBy>().map(|s| s.0.as_str()).unwrap_or("-");
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                tracing::info!(%method, %uri, status = resp.status().as_u16(), pool = %pool.name, backend, ms, "request");
+            }
             resp
         }
     }
@@ -129,7 +147,7 @@ async fn forward(mut req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, p
     if let Some(ws::Pin { path: Some(path), .. }) = &pin {
         parts.uri = with_path(&parts.uri, path);
     }
-    let mut body = Some(body);
+    let mut body = Some(ReqBody::new(body, pool.metrics.bytes_in.clone()));
     let mut tried: Vec<SocketAddr> = Vec::new();
     let attempts = if pin.is_some() { 1 } else { MAX_ATTEMPTS.min(pool.routable().len()) };
     for attempt in 0..attempts {
@@ -171,7 +189,7 @@ fn with_path(uri: &Uri, path: &str) -> Uri {
 
 /// Outcome of sending the request to one backend.
 enum Exchange {
-    Response(Response<Incoming>, SendRequest<Incoming>),
+    Response(Response<Incoming>, SendRequest<ReqBody>),
     /// Nothing was sent: another backend may take the request.
     RetryElsewhere,
     Failed(StatusCode, &'static str),
@@ -179,7 +197,7 @@ enum Exchange {
 
 async fn exchange(
     req: &http::request::Parts,
-    body: &mut Option<Incoming>,
+    body: &mut Option<ReqBody>,
     backend: &BackendRt,
     pool: &PoolRt,
     ctx: &DpCtx,
@@ -229,7 +247,7 @@ async fn exchange(
 
 /// Opens a new keep-alive connection to `backend` (over TLS for `backend_tls` pools);
 /// failures are reported as passive.
-async fn open(backend: &BackendRt, pool: &PoolRt, ctx: &DpCtx) -> Result<SendRequest<Incoming>, ()> {
+async fn open(backend: &BackendRt, pool: &PoolRt, ctx: &DpCtx) -> Result<SendRequest<ReqBody>, ()> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         pool.metrics.connect_error(&backend.key);
         ctx.reporter.passive_failure(&pool.name, backend.addr, format!("{what}: {e}"));
@@ -259,7 +277,7 @@ async fn open(backend: &BackendRt, pool: &PoolRt, ctx: &DpCtx) -> Result<SendReq
     handshake(TokioIo::new(tls_stream), backend).await
 }
 
-async fn handshake<T>(io: TokioIo<T>, backend: &BackendRt) -> Result<SendRequest<Incoming>, ()>
+async fn handshake<T>(io: TokioIo<T>, backend: &BackendRt) -> Result<SendRequest<ReqBody>, ()>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -277,7 +295,7 @@ where
     }
 }
 
-fn backend_request(req: &http::request::Parts, body: Incoming, backend: &BackendRt) -> Request<Incoming> {
+fn backend_request(req: &http::request::Parts, body: ReqBody, backend: &BackendRt) -> Request<ReqBody> {
     let path = join_path(&backend.url_path, req.uri.path());
     let uri = match req.uri.query() {
         Some(q) => format!("{path}?{q}"),
@@ -298,7 +316,7 @@ fn backend_request(req: &http::request::Parts, body: Incoming, backend: &Backend
 
 fn respond(
     mut resp: Response<Incoming>,
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<ReqBody>,
     tunnel: ws::Tunnel,
     pool: &PoolRt,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -315,12 +333,20 @@ fn respond(
         return Response::from_parts(parts, ProxyBody::empty());
     }
     strip_hop_by_hop(resp.headers_mut(), false);
+    if ctx.access_log {
+        resp.extensions_mut().insert(ServedBy(tunnel.backend.key.clone()));
+    }
     let done = ResponseGuard {
         _active: tunnel.guard,
         conn: Some((sender, tunnel.backend.shared.clone())),
         started,
         metrics: pool.metrics.clone(),
     };
+    if resp.body().is_end_stream() {
+        // No body to relay (204, HEAD, length 0): the exchange is already complete.
+        done.complete();
+        return resp.map(|body| ProxyBody::Backend { body, guard: None });
+    }
     resp.map(|body| ProxyBody::Backend { body, guard: Some(done) })
 }
 
@@ -439,11 +465,15 @@ pub fn error(status: StatusCode, msg: &str, close: bool) -> Response<ProxyBody> 
     resp
 }
 
+/// The backend that answered, for the access log.
+#[derive(Clone, Debug)]
+struct ServedBy(String);
+
 /// What finishing (or abandoning) a proxied response does.
 struct ResponseGuard {
     _active: ActiveGuard,
     /// Returned to the idle pool only when the body ended cleanly.
-    conn: Option<(SendRequest<Incoming>, Arc<BackendShared>)>,
+    conn: Option<(SendRequest<ReqBody>, Arc<BackendShared>)>,
     started: Instant,
     metrics: Arc<PoolMetrics>,
 }
@@ -488,8 +518,8 @@ impl Body for ProxyBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.project() {
             ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBodyProj::Backend { body, guard } => {
-                let polled = body.poll_frame(cx);
+            ProxyBodyProj::Backend { mut body, guard } => {
+                let polled = body.as_mut().poll_frame(cx);
                 match &polled {
                     Poll::Ready(None) => {
                         if let Some(g) = guard.take() {
@@ -497,7 +527,19 @@ impl Body for ProxyBody {
                         }
                     }
                     Poll::Ready(Some(Err(_))) => drop(guard.take()),
-                    _ => {}
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(data), Some(g)) = (frame.data_ref(), guard.as_ref()) {
+                            g.metrics.bytes_out.inc_by(data.len() as u64);
+                        }
+                        // With a known length hyper stops polling after the last frame: the
+                        // exchange is complete now, and the connection can go back to the pool.
+                        if body.is_end_stream()
+                            && let Some(g) = guard.take()
+                        {
+                            g.complete();
+                        }
+                    }
+                    Poll::Pending => {}
                 }
                 polled
             }

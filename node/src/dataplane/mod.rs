@@ -4,6 +4,7 @@
 //! a bounded channel; they never talk to Raft or gossip.
 
 pub mod balancer;
+pub mod count;
 pub mod http;
 pub mod maglev;
 pub mod mux;
@@ -73,6 +74,8 @@ pub struct DpCtx {
     pub https_redirect: Option<String>,
     /// Upgraded connections open on this node (shutdown waits for them to close).
     pub tunnels: AtomicUsize,
+    /// Log one line per proxied HTTP request.
+    pub access_log: bool,
 }
 
 /// What a listener serves.

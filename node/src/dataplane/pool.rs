@@ -5,9 +5,10 @@ use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
+
+use super::count::ReqBody;
 
 /// Idle connections kept per backend and worker.
 const MAX_IDLE: usize = 128;
@@ -28,7 +29,7 @@ fn worker() -> usize {
 }
 
 struct Idle {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<ReqBody>,
     since: Instant,
 }
 
@@ -54,7 +55,7 @@ impl ConnPool {
     }
 
     /// The most recently used live connection of this worker, if any.
-    pub fn take(&self) -> Option<SendRequest<Incoming>> {
+    pub fn take(&self) -> Option<SendRequest<ReqBody>> {
         let list = self.list()?;
         let mut idle = list.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -67,7 +68,7 @@ impl ConnPool {
     }
 
     /// Returns a connection whose last exchange completed cleanly.
-    pub fn put(&self, sender: SendRequest<Incoming>) {
+    pub fn put(&self, sender: SendRequest<ReqBody>) {
         if sender.is_closed() {
             return;
         }
