@@ -43,7 +43,7 @@ pub struct DemoArgs {
     /// Milliseconds between `OK` heartbeats.
     #[arg(long, default_value_t = 500)]
     pub interval_ms: u64,
-    /// Authenticator appended to identification datagrams (pools with a heartbeat secret).
+    /// The pool's heartbeat secret: identifications are signed with it (HMAC, timestamped).
     #[arg(long)]
     pub secret: Option<String>,
     /// TCP mode: a line sent first on every connection (tells which backend answered).
@@ -282,7 +282,11 @@ pub async fn heartbeats(
     interval: Duration,
     secret: Option<String>,
 ) {
-    let id = heartbeat::encode_id(tcp, udp, secret.as_deref());
+    // A signed identification expires; sign a fresh one each time it is sent.
+    let id = || {
+        let auth = secret.as_deref().map(|s| crate::health::heartbeat::sign_identification(s, tcp, udp));
+        heartbeat::encode_id(tcp, udp, auth.as_deref())
+    };
     let mut acked: HashMap<SocketAddr, bool> = targets.iter().map(|t| (*t, false)).collect();
     let mut tick = tokio::time::interval(interval.min(Duration::from_secs(1)));
     let mut last_id = tokio::time::Instant::now() - Duration::from_secs(10);
@@ -295,7 +299,7 @@ pub async fn heartbeats(
                     if *ok {
                         let _ = socket.send_to(heartbeat::OK, target).await;
                     } else if identify_due {
-                        let _ = socket.send_to(&id, target).await;
+                        let _ = socket.send_to(&id(), target).await;
                     }
                 }
                 if identify_due {
@@ -312,7 +316,7 @@ pub async fn heartbeats(
                     Ok(Datagram::Auth) => {
                         tracing::info!(balancer = %from, "balancer asked us to identify again");
                         acked.insert(from, false);
-                        let _ = socket.send_to(&id, from).await;
+                        let _ = socket.send_to(&id(), from).await;
                     }
                     _ => {}
                 }

@@ -21,7 +21,8 @@ use crate::config;
 use crate::control::gossip::{Gossip, GossipOptions, Members};
 use crate::control::membership::{self, Policy};
 use crate::control::raft::network::LinkFilter;
-use crate::control::raft::{RaftNode, RaftTiming, ShoalNode, server};
+use crate::control::raft::{RaftNet, RaftNode, RaftTiming, ShoalNode, server};
+use crate::control::secure::ClusterKey;
 use crate::dataplane::tls::{self, CertFiles, TlsStore};
 use crate::dataplane::{DataPlane, DpCtx, Limits, ListenerKind};
 use crate::health::combine::{self, PeerObs};
@@ -46,10 +47,12 @@ pub struct ClusterOptions {
     pub raft: RaftTiming,
     /// Test seam: which Raft links work.
     pub link_filter: Option<LinkFilter>,
+    /// The shared secret Raft RPC and gossip are authenticated with.
+    pub key: ClusterKey,
 }
 
 impl ClusterOptions {
-    pub fn new(addr: SocketAddr, join: Vec<String>, expect: usize) -> ClusterOptions {
+    pub fn new(addr: SocketAddr, join: Vec<String>, expect: usize, key: ClusterKey) -> ClusterOptions {
         ClusterOptions {
             addr,
             join,
@@ -60,6 +63,7 @@ impl ClusterOptions {
             policy: Policy::default(),
             raft: RaftTiming::default(),
             link_filter: None,
+            key,
         }
     }
 }
@@ -96,6 +100,10 @@ pub struct NodeOptions {
     pub ec: Option<config::ConfigFile>,
     /// One log line per proxied HTTP request.
     pub access_log: bool,
+    /// Bearer token of the admin API.
+    pub admin_token: String,
+    /// Serve `/healthz` and `/metrics` without the token.
+    pub public_metrics: bool,
 }
 
 impl NodeOptions {
@@ -119,6 +127,8 @@ impl NodeOptions {
             https_redirect: None,
             ec: None,
             access_log: false,
+            admin_token: rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect(),
+            public_metrics: false,
         }
     }
 }
@@ -143,6 +153,8 @@ pub struct NodeShared {
     pub tls: Option<Arc<TlsStore>>,
     /// Client TLS for `backend_tls` pools.
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
+    pub admin_token: String,
+    pub public_metrics: bool,
     http_addr: Mutex<Option<SocketAddr>>,
     https_addr: Mutex<Option<SocketAddr>>,
 }
@@ -272,10 +284,13 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         raft_addr: opts.cluster.as_ref().map(|c| c.addr.to_string()).unwrap_or_default(),
         admin: admin_addr.to_string(),
     };
-    let cluster_name = opts.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| "shoal".into());
+    let net = RaftNet {
+        cluster: opts.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| "shoal".into()),
+        key: opts.cluster.as_ref().map(|c| c.key.clone()),
+        filter: opts.cluster.as_ref().and_then(|c| c.link_filter.clone()),
+    };
     let timing = opts.cluster.as_ref().map(|c| c.raft.clone()).unwrap_or_default();
-    let filter = opts.cluster.as_ref().and_then(|c| c.link_filter.clone());
-    let raft = Arc::new(RaftNode::start(&opts.data_dir.join("raft"), me, &cluster_name, &timing, filter).await?);
+    let raft = Arc::new(RaftNode::start(&opts.data_dir.join("raft"), me, net, &timing).await?);
     let mut tasks = Vec::new();
     let gossip = match &opts.cluster {
         Some(c) => Some(start_cluster(c, &opts, &raft, admin_addr, listen_ip, &metrics, &shutdown, &mut tasks).await?),
@@ -291,7 +306,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         listen_ip,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
-        verifier: Arc::new(health_secret_matches),
+        verifier: Arc::new(health::heartbeat::verify_identification),
         me: opts.id.clone(),
         members: members_rx,
         probe_replicas: opts.cluster.as_ref().map(|c| c.probe_replicas).unwrap_or(1),
@@ -333,6 +348,8 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         ready: AtomicBool::new(false),
         tls,
         backend_tls,
+        admin_token: opts.admin_token.clone(),
+        public_metrics: opts.public_metrics,
         http_addr: Mutex::new(None),
         https_addr: Mutex::new(None),
     });
@@ -408,8 +425,9 @@ async fn start_cluster(
         addr: c.addr,
         seeds: c.join.clone(),
         interval: c.gossip_interval,
+        key: c.key.clone(),
     };
-    let gossip = Arc::new(Gossip::start(&gopts, keys).await?);
+    let gossip = Arc::new(Gossip::start(&gopts, keys, metrics.clone()).await?);
     let expect = if c.expect == 0 && c.join.is_empty() { 1 } else { c.expect };
     tasks.push(tokio::spawn(membership::bootstrap(raft.clone(), gossip.clone(), expect, shutdown.clone())));
     tasks.push(tokio::spawn(membership::reconcile(
@@ -441,12 +459,6 @@ fn live_names(gossip: Option<&Gossip>, tasks: &mut Vec<JoinHandle<()>>) -> watch
 
 fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-}
-
-/// Plain shared-secret check of a heartbeat identification (constant time).
-fn health_secret_matches(secret: &str, _pair: &str, auth: Option<&str>) -> bool {
-    use subtle::ConstantTimeEq;
-    auth.is_some_and(|a| bool::from(a.as_bytes().ct_eq(secret.as_bytes())))
 }
 
 /// Pools from a file or the EC environment, proposed when their content changed.

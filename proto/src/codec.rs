@@ -41,17 +41,30 @@ fn config() -> bincode::config::Configuration {
 
 /// Encodes `msg` as a complete frame of the given kind.
 pub fn encode<T: Serialize>(kind: u8, msg: &T) -> Result<Vec<u8>, CodecError> {
+    frame(kind, &encode_body(msg)?)
+}
+
+/// Encodes `msg` as a frame body only (for callers that seal bodies before framing).
+pub fn encode_body<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
     let body = bincode::serde::encode_to_vec(msg, config()).map_err(|e| CodecError::Body(e.to_string()))?;
     if body.len() > MAX_BODY {
         return Err(CodecError::TooLarge(body.len()));
     }
-    let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
-    frame.extend_from_slice(&MAGIC);
-    frame.push(VERSION);
-    frame.push(kind);
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
-    Ok(frame)
+    Ok(body)
+}
+
+/// Puts a header of `kind` in front of an already encoded (or sealed) body.
+pub fn frame(kind: u8, body: &[u8]) -> Result<Vec<u8>, CodecError> {
+    if body.len() > MAX_BODY {
+        return Err(CodecError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(kind);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    Ok(out)
 }
 
 /// Parses and checks a frame header; the caller then reads `len` body bytes.

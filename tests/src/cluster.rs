@@ -27,6 +27,8 @@ pub struct ProcNode {
     pub name: String,
     pub ip: IpAddr,
     pub data: PathBuf,
+    /// The admin token file every node of the cluster shares.
+    pub token_file: PathBuf,
     log: PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
@@ -34,7 +36,8 @@ pub struct ProcNode {
 
 impl ProcNode {
     pub fn admin(&self) -> AdminClient {
-        AdminClient::new(&SocketAddr::new(self.ip, ADMIN_PORT).to_string()).expect("admin client")
+        let token = std::fs::read_to_string(&self.token_file).ok().map(|t| t.trim().to_string());
+        AdminClient::new(&SocketAddr::new(self.ip, ADMIN_PORT).to_string()).expect("admin client").with_token(token)
     }
 
     pub fn http(&self) -> SocketAddr {
@@ -66,12 +69,19 @@ impl ProcCluster {
         let k = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let prefix = (10 + (pid % 200) as u8, (k % 250) as u8 + 1);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = dir.path().join("cluster.key");
+        std::fs::write(&key, shoal_node::control::secure::ClusterKey::generate().to_hex()).expect("key file");
+        let token = dir.path().join("admin.token");
+        std::fs::write(&token, "test-token-0123456789abcdef").expect("token file");
+        let secrets =
+            ["--cluster-key-file", key.to_str().expect("utf8"), "--token-file", token.to_str().expect("utf8")];
         let mut c = ProcCluster {
             bin: bin.to_string(),
-            dir: tempfile::tempdir().expect("temp dir"),
+            dir,
             nodes: Vec::new(),
             prefix,
-            common: fast_timings().into_iter().chain(common.iter().map(|s| s.to_string())).collect(),
+            common: fast_timings().into_iter().chain(secrets.iter().chain(common).map(|s| s.to_string())).collect(),
         };
         for i in 1..=n {
             let expect = vec!["--expect".to_string(), n.to_string()];
@@ -97,6 +107,7 @@ impl ProcCluster {
             name: name.to_string(),
             ip,
             data: self.dir.path().join(name),
+            token_file: self.dir.path().join("admin.token"),
             log: self.dir.path().join(format!("{name}.log")),
             child: None,
             extra,
@@ -117,7 +128,7 @@ impl ProcCluster {
             .args(["--admin", &SocketAddr::new(n.ip, ADMIN_PORT).to_string()])
             .args(["--cluster", &SocketAddr::new(n.ip, CLUSTER_PORT).to_string(), "--join", &seeds])
             .args(["--data-dir", &n.data.to_string_lossy(), "--threads", "1", "--drain-timeout", "2"])
-            .args(&self.common)
+            .args(overridden(&self.common, &n.extra))
             .args(&n.extra)
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
@@ -227,6 +238,21 @@ impl Drop for ProcCluster {
             self.kill(i);
         }
     }
+}
+
+/// `common` flags without those `extra` sets itself (a node may override, e.g., its key).
+fn overridden(common: &[String], extra: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < common.len() {
+        let takes_value = common.get(i + 1).is_some_and(|v| !v.starts_with("--"));
+        let width = if takes_value { 2 } else { 1 };
+        if !extra.contains(&common[i]) {
+            out.extend_from_slice(&common[i..i + width]);
+        }
+        i += width;
+    }
+    out
 }
 
 /// Quicker gossip and Raft than production defaults, still safe on a loaded 2-core machine.

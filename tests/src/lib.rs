@@ -57,8 +57,9 @@ impl TestNode {
         }
         let mut opts = NodeOptions::local(id, LOCALHOST, dir.path().to_path_buf());
         adjust(&mut opts);
+        let token = opts.admin_token.clone();
         let handle = node::start(opts).await.expect("node starts");
-        let admin = AdminClient::new(&handle.admin_addr().to_string()).expect("admin client");
+        let admin = AdminClient::new(&handle.admin_addr().to_string()).expect("admin client").with_token(Some(token));
         TestNode { handle, dir, admin }
     }
 
@@ -83,12 +84,15 @@ impl TestNode {
         self.admin.get(path).await.unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
     }
 
-    /// Status and JSON body of any admin call.
+    /// Status and JSON body of any admin call (with the node's token).
     pub async fn call(&self, method: Method, path: &str, body: Option<&str>) -> (StatusCode, Value) {
-        let answer = raw_http(self.handle.admin_addr(), method, path, body.map(|b| b.as_bytes().to_vec()))
-            .await
-            .expect("admin answers");
-        (answer.status, serde_json::from_slice(&answer.body).unwrap_or(Value::Null))
+        let body = body.map(|b| b.as_bytes().to_vec()).unwrap_or_default();
+        let (status, bytes) = self.admin.raw_bytes(method, path, body).await.expect("admin answers");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    pub fn token(&self) -> &str {
+        &self.handle.shared.admin_token
     }
 
     /// Stops the node, keeping its data directory for a restart.

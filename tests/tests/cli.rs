@@ -5,10 +5,14 @@ use std::time::Duration;
 
 use shoal_tests::{HttpBackend, TestNode, eventually};
 
+/// The admin token of the nodes these tests start.
+const TOKEN: &str = "cli-test-token-0123456789";
+
 fn shoal(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_shoal-under-test"))
         .args(args)
         .env_remove("SHOAL_ADMIN")
+        .env("SHOAL_TOKEN", TOKEN)
         .output()
         .expect("run shoal")
 }
@@ -22,7 +26,7 @@ fn ok(args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_003_verbs_against_a_node() {
-    let node = TestNode::start("cli-1").await;
+    let node = TestNode::start_in("cli-1", tempfile::tempdir().expect("dir"), |o| o.admin_token = TOKEN.into()).await;
     let admin = format!("http://{}", node.handle.admin_addr());
     let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
     let a_addr = a.addr.to_string();
@@ -68,6 +72,13 @@ async fn seed_003_verbs_against_a_node() {
         ok(&["pool", "rm", "web", "--admin", admin]);
         let out = shoal(&["status", "--admin", "http://127.0.0.1:1"]);
         assert_eq!(out.status.code(), Some(1), "unreachable admin is an error");
+        let out = shoal(&["status", "--admin", admin, "--token", "wrong-token-000000000"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("unauthorized (401"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     })
     .await
     .expect("cli");

@@ -214,7 +214,10 @@ async fn ec_env_file_runs_like_the_original_image() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leave_drains_before_removing() {
-    let node = TestNode::start("edge-leave").await;
+    let node = TestNode::start_in("edge-leave", tempfile::tempdir().expect("dir"), |o| {
+        o.admin_token = "edge-token-0123456789".into()
+    })
+    .await;
     let (a, b) = (HttpBackend::start("a").await, HttpBackend::start("b").await);
     let admin = format!("http://{}", node.handle.admin_addr());
     let join = |addr: SocketAddr, zone: &'static str| {
@@ -222,6 +225,7 @@ async fn leave_drains_before_removing() {
         tokio::task::spawn_blocking(move || {
             let out = std::process::Command::new(BIN)
                 .args(["backend", "join", "web", &addr.to_string(), "--zone", zone, "--weight", "2", "--admin", &admin])
+                .env("SHOAL_TOKEN", "edge-token-0123456789")
                 .output()
                 .expect("run");
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -247,6 +251,7 @@ async fn leave_drains_before_removing() {
     let leaving = tokio::task::spawn_blocking(move || {
         std::process::Command::new(BIN)
             .args(["backend", "leave", "web", &a_addr, "--drain-timeout", "20", "--json", "--admin", &leave_admin])
+            .env("SHOAL_TOKEN", "edge-token-0123456789")
             .output()
             .expect("run")
     });

@@ -132,7 +132,8 @@ async fn real_prometheus_scrapes_a_three_node_cluster() {
     let targets: Vec<String> =
         c.nodes.iter().map(|n| format!("\"{}\"", SocketAddr::new(n.ip, shoal_tests::cluster::ADMIN_PORT))).collect();
     let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: shoal\n    static_configs:\n      - targets: [{}]\n",
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: shoal\n    authorization:\n      credentials_file: {}\n    static_configs:\n      - targets: [{}]\n",
+        c.nodes[0].token_file.display(),
         targets.join(", ")
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).expect("config");
@@ -192,7 +193,7 @@ async fn status_page_renders_nodes_and_pools_in_headless_chromium() {
         get_text(node.http(), "/").await.ok().filter(|(s, _)| s.is_success())
     })
     .await;
-    let url = format!("http://{}/", node.handle.admin_addr());
+    let url = format!("http://{}/#token={}", node.handle.admin_addr(), node.token());
     let out_dir = repo().join("target");
     std::fs::create_dir_all(&out_dir).expect("target dir");
     let shot = out_dir.join("status-page.png");
@@ -241,15 +242,23 @@ async fn json_logs_carry_the_connection_span_and_seed_events() {
     let dir = tempfile::tempdir().expect("dir");
     let (admin, listen) = (free_port(), free_port());
     let log = dir.path().join("node.log");
+    let token_file = dir.path().join("admin.token");
     let mut child = Command::new(BIN)
         .args(["node", "--id", "logs", "--log-format", "json", "--listen-ip", "127.0.0.1", "--http-port", "0"])
+        .args(["--token-file", token_file.to_str().expect("utf8")])
         .args(["--admin", &format!("127.0.0.1:{admin}"), "--data-dir", dir.path().join("data").to_str().expect("utf8")])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("spawn");
-    let client = shoal_node::cli::client::AdminClient::new(&format!("127.0.0.1:{admin}")).expect("client");
+    let token = eventually(Duration::from_secs(20), "token file written", || async {
+        std::fs::read_to_string(&token_file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+    })
+    .await;
+    let client = shoal_node::cli::client::AdminClient::new(&format!("127.0.0.1:{admin}"))
+        .expect("client")
+        .with_token(Some(token));
     eventually(Duration::from_secs(20), "pool created", || async {
         let body = json!({"protocol": "tcp", "listen": listen});
         client.call::<Value>(http::Method::PUT, "/v1/pools/echo", Some(body)).await.ok()

@@ -20,12 +20,13 @@ async fn start_three(blocked: &Blocked) -> Vec<TestNode> {
     let ip = |i: u8| IpAddr::V4(Ipv4Addr::new(127, net, 77, i));
     let port = 19947;
     let seeds: Vec<String> = (1..=3).map(|i| SocketAddr::new(ip(i), port).to_string()).collect();
+    let key = shoal_node::control::secure::ClusterKey::generate();
     let mut nodes = Vec::new();
     for i in 1..=3u8 {
         let b = blocked.clone();
         let filter: LinkFilter =
             Arc::new(move |from, to| !b.lock().unwrap_or_else(|e| e.into_inner()).contains(&(from, to)));
-        let mut c = ClusterOptions::new(SocketAddr::new(ip(i), port), seeds.clone(), 3);
+        let mut c = ClusterOptions::new(SocketAddr::new(ip(i), port), seeds.clone(), 3, key.clone());
         c.gossip_interval = Duration::from_millis(200);
         c.raft = RaftTiming {
             heartbeat: Duration::from_millis(150),

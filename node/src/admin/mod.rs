@@ -2,6 +2,7 @@
 //! its own socket and shares nothing with the data plane's connection limits.
 
 mod api;
+pub mod auth;
 mod json;
 
 use std::net::SocketAddr;
@@ -41,6 +42,7 @@ pub fn router(node: Arc<NodeShared>) -> Router {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here".into())
         })
         .layer(DefaultBodyLimit::max(json::MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(node.clone(), auth::require_token))
         .with_state(node)
 }
 

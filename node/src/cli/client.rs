@@ -17,6 +17,7 @@ pub struct AdminClient {
     /// `host:port`.
     authority: String,
     timeout: Duration,
+    token: Option<String>,
 }
 
 /// An answer that was not 2xx.
@@ -40,7 +41,13 @@ impl AdminClient {
         if authority.is_empty() || authority.contains('/') {
             return Err(anyhow!("--admin: {admin:?} is not http://host:port"));
         }
-        Ok(AdminClient { authority, timeout: Duration::from_secs(30) })
+        Ok(AdminClient { authority, timeout: Duration::from_secs(30), token: None })
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request.
+    pub fn with_token(mut self, token: Option<String>) -> AdminClient {
+        self.token = token;
+        self
     }
 
     /// How long a call may take (the default is 30 s).
@@ -59,30 +66,33 @@ impl AdminClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
-        let fut = self.exchange(method, path, body);
+        let bytes = body.map(|b| serde_json::to_vec(&b)).transpose()?.unwrap_or_default();
+        self.raw_bytes(method, path, bytes).await
+    }
+
+    /// Sends a request with an arbitrary body (tests of malformed input use it).
+    pub async fn raw_bytes(&self, method: Method, path: &str, bytes: Vec<u8>) -> anyhow::Result<(StatusCode, Bytes)> {
+        let fut = self.exchange(method, path, bytes);
         tokio::time::timeout(self.timeout, fut)
             .await
             .map_err(|_| anyhow!("no answer from {} within {:?}", self.authority, self.timeout))?
     }
 
-    async fn exchange(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> anyhow::Result<(StatusCode, Bytes)> {
+    async fn exchange(&self, method: Method, path: &str, bytes: Vec<u8>) -> anyhow::Result<(StatusCode, Bytes)> {
         let stream = TcpStream::connect(&self.authority)
             .await
             .with_context(|| format!("cannot reach the admin API at {}", self.authority))?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let bytes = body.map(|b| serde_json::to_vec(&b)).transpose()?.unwrap_or_default();
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(http::header::HOST, &self.authority)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(bytes)))?;
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::from(bytes)))?;
         let resp = send.send_request(req).await?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();

@@ -42,7 +42,7 @@ pub fn run(args: DevArgs) -> ExitCode {
     let mut procs = Vec::new();
     let result = rt.block_on(async {
         start_all(&dir, n, &mut procs)?;
-        configure(n).await?;
+        configure(n, &token(&dir)).await?;
         print_tour(&dir, n, &procs);
         watch(&mut procs).await;
         anyhow::Ok(())
@@ -71,6 +71,7 @@ fn start_all(dir: &Path, n: u8, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
     let seeds: Vec<String> = (1..=n).map(|i| format!("{}:7946", ip(i))).collect();
     let seeds = seeds.join(",");
     let expect = n.to_string();
+    let (key, token) = secrets(dir)?;
     for i in 1..=n {
         let (name, ip) = (format!("node-{i}"), ip(i));
         let data = dir.join(&name).to_string_lossy().into_owned();
@@ -94,10 +95,31 @@ fn start_all(dir: &Path, n: u8, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
             "8080",
             "--data-dir",
             &data,
+            "--cluster-key-file",
+            &key,
+            "--token-file",
+            &token,
+            "--public-metrics",
         ];
         procs.push(spawn(dir, &name, &args)?);
     }
     Ok(())
+}
+
+/// One cluster key and one admin token for every dev node (paths as strings for the args).
+fn secrets(dir: &Path) -> anyhow::Result<(String, String)> {
+    let key = dir.join("cluster.key");
+    let token = dir.join("admin.token");
+    if !key.exists() {
+        crate::admin::auth::write_secret(&key, &crate::control::secure::ClusterKey::generate().to_hex())?;
+    }
+    crate::admin::auth::load_or_create_token(&token).map_err(|e| anyhow::anyhow!("{}: {e}", token.display()))?;
+    Ok((key.to_string_lossy().into_owned(), token.to_string_lossy().into_owned()))
+}
+
+/// The admin token the dev nodes share.
+fn token(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("admin.token")).unwrap_or_default().trim().to_string()
 }
 
 fn spawn(dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
@@ -114,8 +136,8 @@ fn spawn(dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
 }
 
 /// Creates the demo pools through node 1 once the cluster accepts writes.
-async fn configure(n: u8) -> anyhow::Result<()> {
-    let admin = AdminClient::new(&format!("http://{}:8081", ip(1)))?;
+async fn configure(n: u8, token: &str) -> anyhow::Result<()> {
+    let admin = AdminClient::new(&format!("http://{}:8081", ip(1)))?.with_token(Some(token.to_string()));
     let web = json!({ "pattern": "/" });
     retry(|| admin.call::<serde_json::Value>(Method::PUT, "/v1/pools/web", Some(web.clone()))).await?;
     for addr in HTTP_BACKENDS {
@@ -127,7 +149,7 @@ async fn configure(n: u8) -> anyhow::Result<()> {
     let path = format!("/v1/pools/logic/backends/{HB_TCP}");
     retry(|| admin.call::<serde_json::Value>(Method::PUT, &path, Some(json!({ "heartbeat_addr": HB_UDP })))).await?;
     for i in 1..=n {
-        let node = AdminClient::new(&format!("http://{}:8081", ip(i)))?;
+        let node = AdminClient::new(&format!("http://{}:8081", ip(i)))?.with_token(Some(token.to_string()));
         retry(|| async {
             let (s, _) = node.raw(Method::GET, "/healthz", None).await?;
             if s.is_success() { Ok(()) } else { anyhow::bail!("node-{i} not ready: {s}") }
@@ -165,7 +187,12 @@ fn print_tour(dir: &Path, n: u8, procs: &[Proc]) {
         HTTP_BACKENDS[0], HTTP_BACKENDS[1]
     );
     println!();
-    println!("  status page: http://{}:8081/   metrics: http://{}:8081/metrics", ip(1), ip(1));
+    let token = token(dir);
+    println!("  status page: http://{}:8081/#token={token}", ip(1));
+    println!("  metrics:     http://{}:8081/metrics (open without a token in dev: --public-metrics)", ip(1));
+    println!();
+    println!("The admin API wants the token; for the commands below:");
+    println!("  export SHOAL_TOKEN={token}");
     println!();
     println!("Try:");
     println!("  for i in 1 2 3 4; do curl -s http://127.0.0.{}:8080/; done   # any node, round robin", n.min(2));

@@ -17,6 +17,7 @@ use shoal_proto::admin::{ClusterView, PoolHealth, WriteResult};
 use shoal_proto::{Algorithm, Pool};
 
 use crate::control::raft::RaftTiming;
+use crate::control::secure::ClusterKey;
 use crate::dataplane::Limits;
 use crate::dataplane::tls::CertFiles;
 use crate::node::{ClusterOptions, NodeOptions};
@@ -33,7 +34,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a load-balancer node.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Run a local demo cluster with demo backends.
     Dev(dev::DevArgs),
     /// Validate a config file (shoal TOML or seed 004 JSON); exits non-zero on a problem.
@@ -58,6 +59,11 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum CertCmd {
+    /// A random cluster key (64 hex digits) for --cluster-key-file, written with mode 0600.
+    ClusterKey {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// A self-signed certificate and key: OUT/cert.pem and OUT/key.pem.
     SelfSigned {
         /// DNS names or IP addresses the certificate is valid for (repeatable).
@@ -144,6 +150,16 @@ pub struct NodeArgs {
     /// Gossip addresses of other nodes to contact first (comma separated; names resolve by DNS).
     #[arg(long, value_delimiter = ',', requires = "cluster")]
     pub join: Vec<String>,
+    /// The cluster's shared secret (64 hex digits); Raft RPC and gossip are authenticated with it.
+    #[arg(long)]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Admin API bearer token file; created with a random token (mode 0600) when missing
+    /// [default: <data-dir>/admin.token].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Serve /healthz and /metrics without the admin token (for load balancers and Prometheus).
+    #[arg(long)]
+    pub public_metrics: bool,
     /// Bootstrap a new cluster once this many nodes see each other (default: 1 without
     /// --join, else 0 = only join an existing cluster).
     #[arg(long, requires = "cluster")]
@@ -215,14 +231,20 @@ impl NodeArgs {
                 ..Limits::default()
             },
             drain_timeout: Duration::from_secs(self.drain_timeout),
-            cluster: self.cluster_options(),
+            cluster: self.cluster_options()?,
+            admin_token: self.admin_token()?,
+            public_metrics: self.public_metrics,
         })
     }
 
-    fn cluster_options(&self) -> Option<ClusterOptions> {
-        let addr = self.cluster?;
+    fn cluster_options(&self) -> Result<Option<ClusterOptions>, String> {
+        let Some(addr) = self.cluster else { return Ok(None) };
+        let key_file = self.cluster_key_file.as_ref().ok_or(
+            "--cluster needs --cluster-key-file: the same secret on every node (create one with `shoal cert cluster-key --out FILE`)",
+        )?;
+        let key = ClusterKey::load(key_file).map_err(|e| format!("--cluster-key-file {e}"))?;
         let expect = self.expect.unwrap_or(if self.join.is_empty() { 1 } else { 0 });
-        let mut c = ClusterOptions::new(addr, self.join.clone(), expect);
+        let mut c = ClusterOptions::new(addr, self.join.clone(), expect, key);
         c.name = self.cluster_name.clone();
         c.probe_replicas = self.probe_replicas.max(1);
         c.policy.dead_grace = Duration::from_secs(self.dead_voter_grace);
@@ -232,7 +254,13 @@ impl NodeArgs {
             election_min: Duration::from_millis(self.election_timeout_ms.max(self.raft_heartbeat_ms + 1)),
             election_max: Duration::from_millis(2 * self.election_timeout_ms.max(self.raft_heartbeat_ms + 1)),
         };
-        Some(c)
+        Ok(Some(c))
+    }
+
+    /// The admin token: read from the token file, or created there (mode 0600) when missing.
+    fn admin_token(&self) -> Result<String, String> {
+        let path = self.token_file.clone().unwrap_or_else(|| self.data_dir.join("admin.token"));
+        crate::admin::auth::load_or_create_token(&path).map_err(|e| format!("--token-file {}: {e}", path.display()))
     }
 }
 
@@ -262,6 +290,12 @@ pub struct ClientArgs {
     /// Admin API of any node.
     #[arg(long, env = "SHOAL_ADMIN", default_value = "http://127.0.0.1:8081")]
     pub admin: String,
+    /// Admin API bearer token.
+    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the admin token (e.g. a node's <data-dir>/admin.token).
+    #[arg(long, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Print the raw JSON answer.
     #[arg(long)]
     pub json: bool,
@@ -413,7 +447,7 @@ pub struct BackendAddArgs {
 /// Runs a parsed command line to completion.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Node(args) => run_node(args),
+        Command::Node(args) => run_node(*args),
         Command::Dev(args) => dev::run(args),
         Command::CheckConfig { file } => check_config(&file),
         Command::DemoBackend(args) => crate::demo::run(args),
@@ -477,7 +511,18 @@ pub async fn wait_for_signal() {
 }
 
 fn cert(cmd: CertCmd) -> ExitCode {
-    let CertCmd::SelfSigned { names, out } = cmd;
+    let (names, out) = match cmd {
+        CertCmd::SelfSigned { names, out } => (names, out),
+        CertCmd::ClusterKey { out } => {
+            return match crate::admin::auth::write_secret(&out, &ClusterKey::generate().to_hex()) {
+                Ok(()) => {
+                    println!("wrote a cluster key to {}; give every node of the cluster the same file", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, format!("cannot write {}: {e}", out.display())),
+            };
+        }
+    };
     let (cert, key) = match crate::dataplane::tls::self_signed(&names) {
         Ok(pair) => pair,
         Err(e) => return fail(1, format!("cannot generate a certificate: {e}")),
@@ -584,7 +629,17 @@ async fn client_verb(cmd: Command) -> anyhow::Result<()> {
 }
 
 fn connect(client: &ClientArgs) -> anyhow::Result<AdminClient> {
-    AdminClient::new(&client.admin)
+    let token = match (&client.token, &client.token_file) {
+        (Some(t), _) => Some(t.trim().to_string()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    Ok(AdminClient::new(&client.admin)?.with_token(token))
 }
 
 async fn pool_add(a: PoolAddArgs) -> anyhow::Result<()> {

@@ -12,12 +12,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chitchat::transport::UdpTransport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, spawn_chitchat};
 use tokio::sync::watch;
 
+use super::gossip_auth::AuthTransport;
+use super::secure::ClusterKey;
 use crate::health::combine::PeerObs;
 use crate::health::{BackendId, HealthView, Heard, Verdict};
+use crate::metrics::Metrics;
 use crate::routing::Counts;
 
 /// How this node joins gossip.
@@ -29,6 +31,8 @@ pub struct GossipOptions {
     pub addr: SocketAddr,
     pub seeds: Vec<String>,
     pub interval: Duration,
+    /// Every datagram is authenticated with the cluster key.
+    pub key: ClusterKey,
 }
 
 /// A live (or dead) node as gossip describes it.
@@ -75,7 +79,11 @@ pub struct Gossip {
 
 impl Gossip {
     /// Joins gossip with `keys` published from the first round on.
-    pub async fn start(opts: &GossipOptions, keys: Vec<(String, String)>) -> anyhow::Result<Gossip> {
+    pub async fn start(
+        opts: &GossipOptions,
+        keys: Vec<(String, String)>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Gossip> {
         let generation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -97,7 +105,8 @@ impl Gossip {
             extra_liveness_predicate: Some(Box::new(|ns: &NodeState| ns.contains_key("raft_id"))),
             protocol_version: chitchat::ProtocolVersion::V0,
         };
-        let handle = spawn_chitchat(config, keys, &UdpTransport)
+        let transport = AuthTransport { key: opts.key.clone(), metrics };
+        let handle = spawn_chitchat(config, keys, &transport)
             .await
             .map_err(|e| anyhow::anyhow!("cannot start gossip on {}: {e}", opts.addr))?;
         let (tx, members) = watch::channel(Arc::new(Members::default()));

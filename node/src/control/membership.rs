@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::gossip::{Gossip, Members};
+use super::raft::network::{Conn, Reply, Request};
 use super::raft::{NodeId, RaftNode, ShoalNode};
 use crate::shutdown::Shutdown;
 
@@ -229,7 +230,25 @@ impl Seen {
     }
 }
 
+/// Admits a node gossip announced only after it proved the cluster key on an authenticated
+/// Raft connection and answered with the id it announced.
+async fn verified(raft: &RaftNode, id: NodeId, node: &ShoalNode) -> bool {
+    let mut conn = Conn::new(raft.wire.clone(), id, node.raft_addr.clone());
+    match conn.call(Request::Ping, Duration::from_secs(3)).await {
+        Ok(Reply::Pong(answered)) if answered == id => true,
+        other => {
+            tracing::warn!(node = %node, ?other, "not admitting a gossiped node that failed Raft authentication");
+            false
+        }
+    }
+}
+
 async fn execute(raft: &RaftNode, action: Action) {
+    if let Action::AddLearner(id, node) = &action
+        && !verified(raft, *id, node).await
+    {
+        return;
+    }
     tracing::info!(?action, "membership change");
     let r = &raft.raft;
     let fut = async {

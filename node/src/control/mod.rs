@@ -2,8 +2,10 @@
 //! leader-only membership loop that joins the two.
 
 pub mod gossip;
+pub mod gossip_auth;
 pub mod membership;
 pub mod propose;
 pub mod raft;
+pub mod secure;
 
 pub use propose::ProposeError;

@@ -199,6 +199,38 @@ fn orient(src: SocketAddr, first: SocketAddr, second: SocketAddr) -> (SocketAddr
     (tcp, udp)
 }
 
+/// How far a signed identification's timestamp may be from the node's clock.
+const AUTH_WINDOW_SECS: u64 = 300;
+
+fn heartbeat_mac(secret: &str, pair: &str, ts: u64) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, format!("{pair} {ts}").as_bytes());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The authenticator a backend appends to its identification in pools with a secret:
+/// `<unix seconds>.<hex HMAC-SHA256(secret, "<first> <second> <unix seconds>")>`.
+pub fn sign_identification(secret: &str, first: SocketAddr, second: SocketAddr) -> String {
+    let ts = unix_now();
+    format!("{ts}.{}", heartbeat_mac(secret, &format!("{first} {second}"), ts))
+}
+
+/// Checks an identification's authenticator (constant time, five-minute window): a copied
+/// datagram stops working, and the secret never travels in clear.
+pub fn verify_identification(secret: &str, pair: &str, auth: Option<&str>) -> bool {
+    let Some((ts, mac)) = auth.and_then(|a| a.split_once('.')) else { return false };
+    let Ok(ts) = ts.parse::<u64>() else { return false };
+    if ts.abs_diff(unix_now()) > AUTH_WINDOW_SECS {
+        return false;
+    }
+    let expected = heartbeat_mac(secret, pair, ts);
+    bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), mac.as_bytes()))
+}
+
 /// An event tagged with its pool, as sent to the health manager.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolHbEvent {
@@ -340,6 +372,19 @@ mod tests {
         let evs = t.tick(now + Duration::from_secs(3));
         assert_eq!(evs, vec![HbEvent::Down { tcp }]);
         assert_eq!(t.tick(late), vec![HbEvent::Forgotten { tcp }]);
+    }
+
+    #[test]
+    fn signed_identifications_verify_only_with_the_secret() {
+        let (tcp, udp) = (a("10.0.0.1:7000"), a("10.0.0.1:7001"));
+        let auth = sign_identification("s3cret", tcp, udp);
+        let pair = format!("{tcp} {udp}");
+        assert!(verify_identification("s3cret", &pair, Some(&auth)));
+        assert!(!verify_identification("other", &pair, Some(&auth)));
+        assert!(!verify_identification("s3cret", "10.0.0.2:7000 10.0.0.1:7001", Some(&auth)));
+        assert!(!verify_identification("s3cret", &pair, Some("s3cret")), "the plain secret is not an authenticator");
+        assert!(!verify_identification("s3cret", &pair, Some("1.00")), "a stale timestamp fails");
+        assert!(!verify_identification("s3cret", &pair, None));
     }
 
     #[tokio::test(start_paused = true)]

@@ -24,6 +24,7 @@ use self::network::{Conn, LinkFilter, Network, Reply, Request, Wire};
 use self::state_machine::StateMachine;
 use self::store::{Db, LogStore};
 use super::ProposeError;
+use super::secure::ClusterKey;
 
 pub type NodeId = u64;
 
@@ -76,6 +77,15 @@ impl Default for RaftTiming {
     }
 }
 
+/// Who a node talks Raft with: the cluster's name and key, and the test seam.
+#[derive(Clone, Default)]
+pub struct RaftNet {
+    pub cluster: String,
+    /// `None` for a node alone (it never talks to peers).
+    pub key: Option<ClusterKey>,
+    pub filter: Option<LinkFilter>,
+}
+
 /// How long a write may take before the client gets a 503.
 const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// Per-RPC timeout of forwarded writes and read-index requests.
@@ -106,13 +116,9 @@ pub fn load_or_create_id(dir: &Path) -> anyhow::Result<NodeId> {
 
 impl RaftNode {
     /// Opens storage under `dir` and starts the Raft core.
-    pub async fn start(
-        dir: &Path,
-        me: ShoalNode,
-        cluster: &str,
-        timing: &RaftTiming,
-        filter: Option<LinkFilter>,
-    ) -> anyhow::Result<RaftNode> {
+    pub async fn start(dir: &Path, me: ShoalNode, net: RaftNet, timing: &RaftTiming) -> anyhow::Result<RaftNode> {
+        let RaftNet { cluster, key, filter } = net;
+        let cluster = cluster.as_str();
         std::fs::create_dir_all(dir)?;
         let id = load_or_create_id(dir)?;
         let db = Db::open(&dir.join("raft.redb"))?;
@@ -129,7 +135,7 @@ impl RaftNode {
             ..Config::default()
         }
         .validate()?;
-        let wire = Wire { cluster: cluster.to_string(), me: id, filter };
+        let wire = Wire { cluster: cluster.to_string(), me: id, filter, key };
         let network = Network { wire: wire.clone() };
         let raft = Raft::new(id, Arc::new(config), network, LogStore::new(db), sm.clone()).await?;
         Ok(RaftNode { id, me, raft, sm, wire })

@@ -15,11 +15,11 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 use shoal_proto::Command;
-use shoal_proto::codec::{self, HEADER_LEN};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tokio::net::TcpStream;
 
 use super::{CommandResult, NodeId, ShoalNode, TypeConfig};
+use crate::control::secure::{ClusterKey, SecureStream};
 
 /// Frame kinds on the Raft port.
 pub const KIND_REQUEST: u8 = 1;
@@ -46,6 +46,8 @@ pub enum Request {
     Write(Command),
     /// "Confirm you lead and tell me the index a linearizable read must wait for."
     ReadIndex,
+    /// "Who are you?" (the leader asks before admitting a node gossip announced).
+    Ping,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -56,6 +58,7 @@ pub enum Reply {
     /// The command's result and its log index; `Err` when the receiver is not the leader.
     Write(Result<(CommandResult, u64), String>),
     ReadIndex(Result<u64, String>),
+    Pong(NodeId),
     /// Wrong cluster, wrong node, or an undecodable request.
     Refused(String),
 }
@@ -75,6 +78,8 @@ pub struct Wire {
     pub cluster: String,
     pub me: NodeId,
     pub filter: Option<LinkFilter>,
+    /// The cluster key every connection proves and is sealed with (`None`: a lone node).
+    pub key: Option<ClusterKey>,
 }
 
 impl Wire {
@@ -92,7 +97,7 @@ pub struct Conn {
     wire: Wire,
     target: NodeId,
     addr: String,
-    stream: Option<TcpStream>,
+    stream: Option<SecureStream<TcpStream>>,
 }
 
 impl Conn {
@@ -105,9 +110,8 @@ impl Conn {
         if !self.wire.allowed(self.target) {
             return Err(CallError::Unreachable(io::Error::new(io::ErrorKind::ConnectionRefused, "link blocked")));
         }
-        let frame = codec::encode(KIND_REQUEST, &self.wire.envelope(self.target, body))
-            .map_err(|e| CallError::Network(io::Error::other(e.to_string())))?;
-        let result = tokio::time::timeout(timeout, self.exchange(&frame)).await;
+        let envelope = self.wire.envelope(self.target, body);
+        let result = tokio::time::timeout(timeout, self.exchange(&envelope)).await;
         let result =
             result.unwrap_or_else(|_| Err(CallError::Network(io::Error::new(io::ErrorKind::TimedOut, "rpc timeout"))));
         if result.is_err() {
@@ -117,37 +121,25 @@ impl Conn {
         result
     }
 
-    async fn exchange(&mut self, frame: &[u8]) -> Result<Reply, CallError> {
+    async fn exchange(&mut self, envelope: &Envelope) -> Result<Reply, CallError> {
         if self.stream.is_none() {
-            let s = TcpStream::connect(&self.addr).await.map_err(CallError::Unreachable)?;
-            let _ = s.set_nodelay(true);
-            self.stream = Some(s);
+            let key =
+                self.wire.key.as_ref().ok_or_else(|| CallError::Unreachable(io::Error::other("no cluster key")))?;
+            let tcp = TcpStream::connect(&self.addr).await.map_err(CallError::Unreachable)?;
+            let _ = tcp.set_nodelay(true);
+            let secure = SecureStream::connect(tcp, key, &self.wire.cluster).await.map_err(CallError::Unreachable)?;
+            self.stream = Some(secure);
         }
         let Some(stream) = self.stream.as_mut() else {
             return Err(CallError::Unreachable(io::Error::other("no stream")));
         };
-        stream.write_all(frame).await.map_err(CallError::Network)?;
-        let (kind, reply): (u8, Reply) = read_frame(stream).await.map_err(CallError::Network)?;
+        stream.send(KIND_REQUEST, envelope).await.map_err(CallError::Network)?;
+        let (kind, reply): (u8, Reply) = stream.recv().await.map_err(CallError::Network)?;
         if kind != KIND_REPLY {
             return Err(CallError::Network(io::Error::other("unexpected frame kind")));
         }
         Ok(reply)
     }
-}
-
-/// Reads one frame; the length is checked before anything is allocated.
-pub async fn read_frame<T, S>(stream: &mut S) -> io::Result<(u8, T)>
-where
-    T: serde::de::DeserializeOwned,
-    S: tokio::io::AsyncRead + Unpin,
-{
-    let mut head = [0u8; HEADER_LEN];
-    stream.read_exact(&mut head).await?;
-    let header = codec::decode_header(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    let mut body = vec![0u8; header.len];
-    stream.read_exact(&mut body).await?;
-    let msg = codec::decode_body(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    Ok((header.kind, msg))
 }
 
 /// Creates connections for openraft.

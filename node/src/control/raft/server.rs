@@ -4,13 +4,12 @@
 
 use std::sync::Arc;
 
-use shoal_proto::codec;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use super::RaftNode;
-use super::network::{Envelope, KIND_REPLY, KIND_REQUEST, Reply, Request, read_frame};
+use super::network::{Envelope, KIND_REPLY, KIND_REQUEST, Reply, Request};
+use crate::control::secure::SecureStream;
 use crate::metrics::Metrics;
 
 /// Accepts Raft RPC connections until the task is aborted.
@@ -28,14 +27,32 @@ pub async fn serve(listener: TcpListener, node: Arc<RaftNode>, metrics: Arc<Metr
     }
 }
 
-async fn serve_conn(mut stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics>) {
+/// A connection must finish the key handshake within this time.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn serve_conn(stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics>) {
+    let peer = stream.peer_addr().ok();
+    let Some(key) = node.wire.key.as_ref() else { return };
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, SecureStream::accept(stream, key, &node.wire.cluster)).await;
+    let mut stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            metrics.rejected_inputs.with_label_values(&["raft_auth"]).inc();
+            tracing::warn!(?peer, error = %e, "Raft connection refused: no valid cluster key");
+            return;
+        }
+        Err(_) => {
+            metrics.rejected_inputs.with_label_values(&["raft_auth"]).inc();
+            return;
+        }
+    };
     loop {
-        let (kind, env): (u8, Envelope) = match read_frame(&mut stream).await {
+        let (kind, env): (u8, Envelope) = match stream.recv().await {
             Ok(frame) => frame,
             Err(e) => {
-                if e.kind() == std::io::ErrorKind::InvalidData {
+                if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::PermissionDenied) {
                     metrics.rejected_inputs.with_label_values(&["raft_frame"]).inc();
-                    tracing::debug!(error = %e, "dropping a connection that sent an invalid Raft frame");
+                    tracing::debug!(?peer, error = %e, "dropping a connection that sent an invalid Raft frame");
                 }
                 return;
             }
@@ -45,8 +62,7 @@ async fn serve_conn(mut stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Met
         } else {
             dispatch(&node, env).await
         };
-        let Ok(frame) = codec::encode(KIND_REPLY, &reply) else { return };
-        if stream.write_all(&frame).await.is_err() {
+        if stream.send(KIND_REPLY, &reply).await.is_err() {
             return;
         }
     }
@@ -68,5 +84,6 @@ async fn dispatch(node: &RaftNode, env: Envelope) -> Reply {
         Request::Snapshot(rpc) => Reply::Snapshot(node.raft.install_snapshot(rpc).await),
         Request::Write(cmd) => Reply::Write(node.write_as_leader(cmd).await),
         Request::ReadIndex => Reply::ReadIndex(node.read_index_as_leader().await),
+        Request::Ping => Reply::Pong(node.id),
     }
 }

@@ -1,0 +1,116 @@
+//! Who may talk to a node: the admin token, the cluster key on Raft and gossip, heartbeat
+//! secrets; and garbage on the cluster ports.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+use shoal_tests::cluster::{CLUSTER_PORT, ProcCluster};
+use shoal_tests::{HeartbeatBackend, LOCALHOST, TestNode, eventually, free_port, free_udp_port, raw_http};
+use tokio::io::AsyncWriteExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shoal-under-test");
+
+/// Sum of a counter family's samples whose line contains `filter`.
+fn counter(text: &str, family: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_requires_the_token() {
+    let node = TestNode::start("sec-admin").await;
+    let admin = node.handle.admin_addr();
+    for path in ["/v1/pools", "/v1/cluster", "/metrics", "/healthz", "/v1/state"] {
+        let r = raw_http(admin, Method::GET, path, None).await.expect("answer");
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(r.headers["www-authenticate"], "Bearer");
+        let body: Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(body, json!({"error": "unauthorized"}), "no detail leaks");
+    }
+    let r = raw_http(admin, Method::PUT, "/v1/pools/x", Some(br#"{"pattern": "/"}"#.to_vec())).await.expect("answer");
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "writes too");
+    let wrong =
+        shoal_node::cli::client::AdminClient::new(&admin.to_string()).expect("c").with_token(Some("x".repeat(64)));
+    assert_eq!(wrong.raw(Method::GET, "/v1/pools", None).await.expect("answer").0, StatusCode::UNAUTHORIZED);
+    let page = raw_http(admin, Method::GET, "/", None).await.expect("page");
+    assert_eq!(page.status, StatusCode::OK, "the status page itself holds no data");
+    assert_eq!(node.call(Method::GET, "/v1/pools", None).await.0, StatusCode::OK, "with the token");
+    node.stop().await;
+
+    let open = TestNode::start_in("sec-open", tempfile::tempdir().expect("dir"), |o| o.public_metrics = true).await;
+    let a = open.handle.admin_addr();
+    assert_eq!(raw_http(a, Method::GET, "/metrics", None).await.expect("m").status, StatusCode::OK);
+    assert_eq!(raw_http(a, Method::GET, "/healthz", None).await.expect("h").status, StatusCode::OK);
+    assert_eq!(raw_http(a, Method::GET, "/v1/pools", None).await.expect("p").status, StatusCode::UNAUTHORIZED);
+    open.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_cluster_key_cannot_join_and_garbage_is_counted() {
+    let mut c = ProcCluster::start(BIN, 3, &[]).await;
+    // An intruder with its own key, pointed at the cluster's seeds.
+    let wrong_key = c.dir.path().join("wrong.key");
+    std::fs::write(&wrong_key, shoal_node::control::secure::ClusterKey::generate().to_hex()).expect("key");
+    c.add_node("intruder", 9, vec!["--cluster-key-file".into(), wrong_key.to_str().expect("utf8").into()]);
+    // Garbage on the Raft (TCP) and gossip (UDP) ports of node 1.
+    let target = SocketAddr::new(c.nodes[0].ip, CLUSTER_PORT);
+    for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0x53, 0x48, 1, 10, 0xff, 0xff, 0xff, 0xff], &[0u8; 64]] {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(target).await {
+            let _ = s.write_all(junk).await;
+        }
+    }
+    let udp = tokio::net::UdpSocket::bind((LOCALHOST, 0)).await.expect("udp");
+    for junk in [&b"SHG1 not really"[..], &[0u8; 200], b"hello"] {
+        let _ = udp.send_to(junk, target).await;
+    }
+    let metrics = eventually(Duration::from_secs(30), "intruder and garbage refused", || async {
+        let (_, bytes) = c.nodes[0].admin().raw(Method::GET, "/metrics", None).await.ok()?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let forged = counter(&text, "shoal_gossip_datagrams_dropped_total", "forged");
+        let malformed = counter(&text, "shoal_gossip_datagrams_dropped_total", "malformed");
+        let raft = counter(&text, "shoal_rejected_inputs_total", "raft_auth");
+        (forged > 0.0 && malformed > 0.0 && raft > 0.0).then_some(text)
+    })
+    .await;
+    eprintln!(
+        "dropped: forged gossip {}, malformed gossip {}, Raft handshakes refused {}",
+        counter(&metrics, "shoal_gossip_datagrams_dropped_total", "forged"),
+        counter(&metrics, "shoal_gossip_datagrams_dropped_total", "malformed"),
+        counter(&metrics, "shoal_rejected_inputs_total", "raft_auth")
+    );
+    let view = c.view(0).await.expect("view");
+    let names: Vec<&str> = view["nodes"].as_array().expect("nodes").iter().filter_map(|n| n["id"].as_str()).collect();
+    assert!(!names.contains(&"intruder"), "the intruder is neither member nor even seen: {names:?}");
+    assert_eq!(names.len(), 3);
+    // The cluster still works.
+    c.put(1, "/v1/pools/after", json!({"pattern": "/after/"})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_secret_keeps_impostors_out() {
+    let node = TestNode::start("sec-hb").await;
+    let (listen, hb) = (free_port(), free_udp_port());
+    let spec = json!({"protocol": "tcp", "listen": listen, "self_register": true, "health": {"heartbeat_port": hb, "heartbeat_secret": "s3cret-key"}});
+    node.put("/v1/pools/hb", spec).await;
+    let target: SocketAddr = (LOCALHOST, hb).into();
+    let good = HeartbeatBackend::start(vec![target], Some("s3cret-key".into())).await;
+    let impostor = HeartbeatBackend::start(vec![target], Some("guessed".into())).await;
+    let anonymous = HeartbeatBackend::start(vec![target], None).await;
+    let h = eventually(Duration::from_secs(15), "the real backend registers", || async {
+        let h = node.get("/v1/pools/hb/health").await;
+        (h["backends"].as_array()?.iter().any(|b| b["addr"] == good.tcp.to_string() && b["status"] == "BS_HEALTHY"))
+            .then_some(h)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let h2 = node.get("/v1/pools/hb/health").await;
+    let addrs: Vec<String> =
+        h2["backends"].as_array().expect("list").iter().map(|b| b["addr"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(addrs, vec![good.tcp.to_string()], "only the backend with the secret: {h} {h2}");
+    drop((impostor, anonymous));
+    node.stop().await;
+}
