@@ -338,6 +338,29 @@ pattern = "/api/"
             ("[pools.t]\nprotocol = \"tcp\"\n", "pools.t.listen"),
             ("[pools.web]\npattern = \"/\"\n[pools.web.health]\nrise = 0\n", "pools.web.health.rise"),
             ("[listeners]\n", "listeners"),
+            ("[pools.a]\npattern = \"/\"\n[pools.b]\npattern = \"/\"\n", "pools.b"),
+            ("[pools.a]\nprotocol = \"tcp\"\nlisten = 3001\n[pools.b]\nprotocol = \"tcp\"\nlisten = 3001\n", "pools.b"),
+            (
+                "[pools.web]\npattern = \"/\"\n[pools.web.health]\nheartbeat_port = 5000\ncheck = \"http\"\n",
+                "pools.web.health.heartbeat_port",
+            ),
+            ("[pools.web]\npattern = \"/\"\nscope = { zones = [] }\n", "pools.web.scope.zones"),
+            (
+                "[pools.web]\npattern = \"/\"\n[pools.web.backends.\"1.2.3.4:80\"]\nurl_path = \"no-slash\"\n",
+                "pools.web.backends.\"1.2.3.4:80\".url_path",
+            ),
+            (
+                "[pools.web]\npattern = \"/\"\n[pools.web.backends.\"1.2.3.4:80\"]\nzone = \"has space\"\n",
+                "pools.web.backends.\"1.2.3.4:80\".zone",
+            ),
+            (
+                "[pools.web]\npattern = \"/\"\n[pools.web.backends.\"1.2.3.4:80\"]\nwieght = 2\n",
+                "pools.web.backends.\"1.2.3.4:80\"",
+            ),
+            ("[pools.web]\npattern = 5\n", "pools.web"),
+            ("[pools.web]\npattern = \"/\"\npanic_threshold = 300\n", "pools.web"),
+            ("[pools.\"bad name\"]\npattern = \"/\"\n", "pools.bad name"),
+            ("[pools.web\n", "config"),
             ("{\"mode\": \"xx\"}", "mode"),
             (
                 "{\"mode\": \"fl\", \"client_tcp_listening_addr\": \"nope\", \"logic_heartbeat_udp_addr\": \"0.0.0.0:5000\", \"logic_servers\": []}",

@@ -136,9 +136,19 @@ pub struct NodeArgs {
     /// Largest request head in bytes (431 beyond).
     #[arg(long, default_value_t = 65536)]
     pub max_header_bytes: usize,
-    /// Client connections open at once, per worker.
+    /// Client connections open at once, per worker; further clients wait in the accept queue.
     #[arg(long, default_value_t = 50000)]
     pub max_connections: usize,
+    /// Most header fields in a request (431 beyond).
+    #[arg(long, default_value_t = 100)]
+    pub max_headers: usize,
+    /// Seconds a client gets to send a whole request head (slowloris defence; also closes
+    /// keep-alive connections idle this long).
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds a TLS client gets to finish its handshake.
+    #[arg(long, default_value_t = 10)]
+    pub tls_handshake_timeout: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
     /// Log one line per proxied HTTP request (method, URI, status, pool, backend, duration).
@@ -228,7 +238,9 @@ impl NodeArgs {
             limits: Limits {
                 max_header_bytes: self.max_header_bytes,
                 max_connections: self.max_connections,
-                ..Limits::default()
+                max_headers: self.max_headers,
+                header_timeout: Duration::from_secs(self.header_timeout.max(1)),
+                tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout.max(1)),
             },
             drain_timeout: Duration::from_secs(self.drain_timeout),
             cluster: self.cluster_options()?,

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::count::{CountedIo, ReqBody};
+use super::h1scan::{ScanFlag, ScannedIo, Violation};
 use super::mux::{Route, join_path};
 use super::ws;
 use super::{DpCtx, connect_backend, tls};
@@ -52,9 +53,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc_ctx = ctx.clone();
+    let flag = Arc::new(ScanFlag::default());
+    let svc_flag = flag.clone();
     let service = hyper::service::service_fn(move |req| {
-        let ctx = svc_ctx.clone();
-        async move { Ok::<_, Infallible>(handle(req, conn, &ctx).await) }
+        let (ctx, flag) = (svc_ctx.clone(), svc_flag.clone());
+        async move { Ok::<_, Infallible>(handle(req, conn, &ctx, &flag).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -62,6 +65,7 @@ where
         .header_read_timeout(ctx.limits.header_timeout)
         .max_buf_size(ctx.limits.max_header_bytes.max(8192))
         .max_headers(ctx.limits.max_headers);
+    let io = ScannedIo::new(io, ctx.limits.max_header_bytes, flag);
     let io = CountedIo::new(io, lm.bytes_in.clone(), lm.bytes_out.clone());
     let served = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(served);
@@ -81,9 +85,13 @@ where
 }
 
 /// Routes and proxies one request; every failure becomes a short HTTP error.
-async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>) -> Response<ProxyBody> {
+async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, scan: &ScanFlag) -> Response<ProxyBody> {
     let table = ctx.table.load_full();
+    if let Some(v) = scan.get() {
+        return refuse(ctx, v);
+    }
     if let Some(bad) = reject_smuggling(req.headers()) {
+        ctx.metrics.rejected_inputs.with_label_values(&["http_smuggling"]).inc();
         return error(StatusCode::BAD_REQUEST, bad, true);
     }
     if let (false, Some(host)) = (conn.tls, &ctx.https_redirect) {
@@ -96,7 +104,11 @@ async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>) -> Res
         Route::Pool(idx) => {
             let pool = &table.pools[idx];
             let access = ctx.access_log.then(|| (req.method().clone(), req.uri().clone(), Instant::now()));
-            let resp = forward(req, conn, ctx, pool).await;
+            let mut resp = forward(req, conn, ctx, pool).await;
+            if let (Some(v), true) = (scan.get(), resp.status().is_server_error()) {
+                // The backend exchange failed because the client's body was malformed.
+                resp = refuse(ctx, v);
+            }
             pool.metrics.response(resp.status().as_u16());
             if let Some((method, uri, started)) = access {
                 let backend = resp.extensions().get::<ServedBy>().map(|s| s.0.as_str()).unwrap_or("-");
@@ -106,6 +118,13 @@ async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>) -> Res
             resp
         }
     }
+}
+
+/// Answers a violation the request scanner found, and closes the connection.
+fn refuse(ctx: &DpCtx, v: Violation) -> Response<ProxyBody> {
+    ctx.metrics.rejected_inputs.with_label_values(&["http_framing"]).inc();
+    let status = StatusCode::from_u16(v.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    error(status, v.reason(), true)
 }
 
 /// Request shapes that smuggle a second request past a proxy: refused outright (RFC 9112 §6.3).

@@ -5,6 +5,7 @@
 
 pub mod balancer;
 pub mod count;
+pub mod h1scan;
 pub mod http;
 pub mod maglev;
 pub mod mux;

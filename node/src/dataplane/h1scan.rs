@@ -1,0 +1,351 @@
+//! A second, independent look at the HTTP/1 request stream, before hyper parses it. hyper is
+//! lenient where a proxy must not be: it treats `Content-Length` plus `Transfer-Encoding` as
+//! chunked (then closes), which hides a smuggling attempt instead of refusing it, and it accepts
+//! request heads larger than our limit. The scanner follows message framing (heads, fixed
+//! bodies, chunked bodies) and records the first violation; the proxy answers it with 400 or
+//! 431 and closes the connection. It never changes the bytes.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The first violation a connection's scanner saw, readable by the request handler.
+#[derive(Debug, Default)]
+pub struct ScanFlag(AtomicU8);
+
+impl ScanFlag {
+    pub fn get(&self) -> Option<Violation> {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Some(Violation::LengthAndChunked),
+            2 => Some(Violation::HeadTooLarge),
+            3 => Some(Violation::BadChunk),
+            _ => None,
+        }
+    }
+
+    fn set(&self, v: Violation) {
+        let code = match v {
+            Violation::LengthAndChunked => 1,
+            Violation::HeadTooLarge => 2,
+            Violation::BadChunk => 3,
+        };
+        let _ = self.0.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+pin_project! {
+    /// The client side of an HTTP connection, scanned on its way into hyper.
+    pub struct ScannedIo<T> {
+        #[pin]
+        inner: T,
+        scanner: Scanner,
+        flag: Arc<ScanFlag>,
+    }
+}
+
+impl<T> ScannedIo<T> {
+    pub fn new(inner: T, max_head: usize, flag: Arc<ScanFlag>) -> Self {
+        ScannedIo { inner, scanner: Scanner::new(max_head), flag }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for ScannedIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if this.scanner.violation.is_none() && buf.filled().len() > before {
+            this.scanner.feed(&buf.filled()[before..]);
+            if let Some(v) = this.scanner.violation {
+                this.flag.set(v);
+            }
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for ScannedIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// What the scanner refuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// Both `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.3: a smuggling shape).
+    LengthAndChunked,
+    /// A request head above the configured limit.
+    HeadTooLarge,
+    /// A chunk size line that is not hex, or a chunk not followed by CRLF.
+    BadChunk,
+}
+
+impl Violation {
+    pub fn status(self) -> u16 {
+        match self {
+            Violation::HeadTooLarge => 431,
+            Violation::LengthAndChunked | Violation::BadChunk => 400,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Violation::LengthAndChunked => "both Content-Length and Transfer-Encoding",
+            Violation::HeadTooLarge => "request head too large",
+            Violation::BadChunk => "malformed chunked body",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Head,
+    Fixed(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    /// Upgrades, CONNECT, or anything hyper will refuse itself: nothing more to check.
+    Done,
+}
+
+/// Follows one connection's request stream.
+#[derive(Debug)]
+pub struct Scanner {
+    state: State,
+    line: Vec<u8>,
+    max_head: usize,
+    pub violation: Option<Violation>,
+}
+
+/// Longest chunk-size or trailer line considered.
+const MAX_LINE: usize = 4096;
+
+impl Scanner {
+    pub fn new(max_head: usize) -> Scanner {
+        Scanner { state: State::Head, line: Vec::new(), max_head, violation: None }
+    }
+
+    /// Consumes bytes as they arrive from the client.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.violation.is_none() {
+            let used = match self.state {
+                State::Done => return,
+                State::Head => self.head(bytes),
+                State::Fixed(n) => {
+                    let take = (n.min(bytes.len() as u64)) as usize;
+                    self.state = if n == take as u64 { State::Head } else { State::Fixed(n - take as u64) };
+                    take
+                }
+                State::ChunkSize => self.chunk_size(bytes),
+                State::ChunkData(n) => {
+                    let take = (n.min(bytes.len() as u64)) as usize;
+                    self.state = if n == take as u64 { State::ChunkEnd } else { State::ChunkData(n - take as u64) };
+                    take
+                }
+                State::ChunkEnd => self.chunk_end(bytes),
+                State::Trailers => self.trailers(bytes),
+            };
+            bytes = &bytes[used..];
+        }
+    }
+
+    fn fail(&mut self, v: Violation) {
+        self.violation = Some(v);
+        self.state = State::Done;
+    }
+
+    /// Collects bytes up to the blank line ending a head; returns how many it used.
+    fn head(&mut self, bytes: &[u8]) -> usize {
+        let start = self.line.len();
+        self.line.extend_from_slice(bytes);
+        let search_from = start.saturating_sub(3);
+        let Some(pos) = find(&self.line[search_from..], b"\r\n\r\n").map(|p| p + search_from + 4) else {
+            if self.line.len() > self.max_head {
+                self.fail(Violation::HeadTooLarge);
+            }
+            return bytes.len();
+        };
+        if pos > self.max_head {
+            self.fail(Violation::HeadTooLarge);
+            return bytes.len();
+        }
+        let head = std::mem::take(&mut self.line);
+        let (next, length_and_chunked) = framing(&head[..pos]);
+        self.state = next;
+        if length_and_chunked {
+            self.fail(Violation::LengthAndChunked);
+        }
+        pos - start
+    }
+
+    fn chunk_size(&mut self, bytes: &[u8]) -> usize {
+        let Some((line, used)) = self.take_line(bytes) else { return bytes.len() };
+        let size = line.split(|b| *b == b';').next().unwrap_or(&[]);
+        let size = std::str::from_utf8(size).ok().map(str::trim).filter(|s| !s.is_empty() && s.len() <= 16);
+        match size.and_then(|s| u64::from_str_radix(s, 16).ok()) {
+            Some(0) => self.state = State::Trailers,
+            Some(n) => self.state = State::ChunkData(n),
+            None => self.fail(Violation::BadChunk),
+        }
+        used
+    }
+
+    fn chunk_end(&mut self, bytes: &[u8]) -> usize {
+        let Some((line, used)) = self.take_line(bytes) else { return bytes.len() };
+        if line.is_empty() {
+            self.state = State::ChunkSize;
+        } else {
+            self.fail(Violation::BadChunk);
+        }
+        used
+    }
+
+    fn trailers(&mut self, bytes: &[u8]) -> usize {
+        let Some((line, used)) = self.take_line(bytes) else { return bytes.len() };
+        if line.is_empty() {
+            self.state = State::Head;
+        }
+        used
+    }
+
+    /// Completes a CRLF-terminated line; `None` while more bytes are needed.
+    fn take_line(&mut self, bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
+        let start = self.line.len();
+        self.line.extend_from_slice(bytes);
+        let from = start.saturating_sub(1);
+        match find(&self.line[from..], b"\r\n").map(|p| p + from) {
+            Some(end) => {
+                let mut line = std::mem::take(&mut self.line);
+                line.truncate(end);
+                Some((line, end + 2 - start))
+            }
+            None => {
+                if self.line.len() > MAX_LINE {
+                    self.fail(Violation::BadChunk);
+                }
+                None
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// How the body after this head is framed (`Done` when the scanner should stop), and whether
+/// the head carries both a length and a transfer coding.
+fn framing(head: &[u8]) -> (State, bool) {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(_)) = req.parse(head) else { return (State::Done, false) };
+    if req.method == Some("CONNECT") {
+        return (State::Done, false);
+    }
+    let (mut length, mut chunked, mut te, mut upgrade) = (None, false, false, false);
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            length = value.parse::<u64>().ok();
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te = true;
+            chunked = value.to_ascii_lowercase().ends_with("chunked");
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    let has_length = req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("content-length"));
+    let state = match (te, chunked, length, upgrade) {
+        (_, _, _, true) => State::Done,
+        (true, _, _, _) if has_length => State::Done,
+        (true, true, None, _) => State::ChunkSize,
+        (true, false, _, _) => State::Done,
+        (false, _, Some(n), _) if n > 0 => State::Fixed(n),
+        _ => State::Head,
+    };
+    (state, te && has_length)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scan(input: &[u8], chunk: usize) -> Option<Violation> {
+        let mut s = Scanner::new(8192);
+        input.chunks(chunk.max(1)).for_each(|c| s.feed(c));
+        s.violation
+    }
+
+    #[test]
+    fn benign_streams_pass_in_any_chunking() {
+        let stream = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloPOST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\nGET /last HTTP/1.1\r\nHost: a\r\n\r\n";
+        for chunk in [1, 2, 3, 7, 64, stream.len()] {
+            assert_eq!(scan(stream, chunk), None, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn smuggling_shapes_are_caught_after_benign_requests() {
+        let cl_te = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let te_cl = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n";
+        let bad_chunk = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n";
+        let missing_crlf = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n";
+        for chunk in [1, 5, 1000] {
+            assert_eq!(scan(cl_te, chunk), Some(Violation::LengthAndChunked));
+            assert_eq!(scan(te_cl, chunk), Some(Violation::LengthAndChunked));
+            assert_eq!(scan(bad_chunk, chunk), Some(Violation::BadChunk));
+            assert_eq!(scan(missing_crlf, chunk), Some(Violation::BadChunk));
+        }
+    }
+
+    #[test]
+    fn oversized_heads_are_refused() {
+        let mut big = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 10_000));
+        big.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(scan(&big, 1000), Some(Violation::HeadTooLarge));
+        let never_ending = vec![b'a'; 9000];
+        assert_eq!(scan(&never_ending, 100), Some(Violation::HeadTooLarge));
+    }
+
+    #[test]
+    fn upgrades_stop_the_scan() {
+        let ws = b"GET /agent HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
+        assert_eq!(scan(ws, 3), None);
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000), chunk in 1usize..64) {
+            let _ = scan(&bytes, chunk);
+        }
+    }
+}
