@@ -39,22 +39,23 @@ impl ScanFlag {
 }
 
 pin_project! {
-    /// The client side of an HTTP connection, scanned on its way into hyper.
-    pub struct ScannedIo<T> {
+    /// The client side of an HTTP connection, scanned on its way into hyper; `F` gives access
+    /// to the flag the request handler reads.
+    pub struct ScannedIo<T, F> {
         #[pin]
         inner: T,
         scanner: Scanner,
-        flag: Arc<ScanFlag>,
+        flag: Arc<F>,
     }
 }
 
-impl<T> ScannedIo<T> {
-    pub fn new(inner: T, max_head: usize, flag: Arc<ScanFlag>) -> Self {
+impl<T, F: AsRef<ScanFlag>> ScannedIo<T, F> {
+    pub fn new(inner: T, max_head: usize, flag: Arc<F>) -> Self {
         ScannedIo { inner, scanner: Scanner::new(max_head), flag }
     }
 }
 
-impl<T: AsyncRead> AsyncRead for ScannedIo<T> {
+impl<T: AsyncRead, F: AsRef<ScanFlag>> AsyncRead for ScannedIo<T, F> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
@@ -62,14 +63,14 @@ impl<T: AsyncRead> AsyncRead for ScannedIo<T> {
         if this.scanner.violation.is_none() && buf.filled().len() > before {
             this.scanner.feed(&buf.filled()[before..]);
             if let Some(v) = this.scanner.violation {
-                this.flag.set(v);
+                (**this.flag).as_ref().set(v);
             }
         }
         polled
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for ScannedIo<T> {
+impl<T: AsyncWrite, F> AsyncWrite for ScannedIo<T, F> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
@@ -183,6 +184,12 @@ impl Scanner {
 
     /// Collects bytes up to the blank line ending a head; returns how many it used.
     fn head(&mut self, bytes: &[u8]) -> usize {
+        if self.line.is_empty()
+            && let Some(p) = find(bytes, b"\r\n\r\n")
+        {
+            // The usual case: a whole head in one read, inspected in place.
+            return self.complete_head(bytes, p + 4);
+        }
         let start = self.line.len();
         self.line.extend_from_slice(bytes);
         let search_from = start.saturating_sub(3);
@@ -192,17 +199,23 @@ impl Scanner {
             }
             return bytes.len();
         };
-        if pos > self.max_head {
-            self.fail(Violation::HeadTooLarge);
-            return bytes.len();
-        }
         let head = std::mem::take(&mut self.line);
-        let (next, length_and_chunked) = framing(&head[..pos]);
+        self.complete_head(&head, pos);
+        pos - start
+    }
+
+    /// Inspects the head `buf[..len]` and moves on to its body.
+    fn complete_head(&mut self, buf: &[u8], len: usize) -> usize {
+        if len > self.max_head {
+            self.fail(Violation::HeadTooLarge);
+            return buf.len();
+        }
+        let (next, length_and_chunked) = framing(&buf[..len]);
         self.state = next;
         if length_and_chunked {
             self.fail(Violation::LengthAndChunked);
         }
-        pos - start
+        len
     }
 
     fn chunk_size(&mut self, bytes: &[u8]) -> usize {
@@ -257,7 +270,7 @@ impl Scanner {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 /// How the body after this head is framed (`Done` when the scanner should stop), and whether

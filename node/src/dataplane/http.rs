@@ -53,11 +53,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc_ctx = ctx.clone();
-    let flag = Arc::new(ScanFlag::default());
-    let svc_flag = flag.clone();
+    let state = Arc::new(ConnState::new(conn));
+    let svc_state = state.clone();
     let service = hyper::service::service_fn(move |req| {
-        let (ctx, flag) = (svc_ctx.clone(), svc_flag.clone());
-        async move { Ok::<_, Infallible>(handle(req, conn, &ctx, &flag).await) }
+        let (ctx, state) = (svc_ctx.clone(), svc_state.clone());
+        async move { Ok::<_, Infallible>(handle(req, conn, &ctx, &state).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -65,7 +65,7 @@ where
         .header_read_timeout(ctx.limits.header_timeout)
         .max_buf_size(ctx.limits.max_header_bytes.max(8192))
         .max_headers(ctx.limits.max_headers);
-    let io = ScannedIo::new(io, ctx.limits.max_header_bytes, flag);
+    let io = ScannedIo::new(io, ctx.limits.max_header_bytes, state.clone());
     let io = CountedIo::new(io, lm.bytes_in.clone(), lm.bytes_out.clone());
     let served = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(served);
@@ -85,7 +85,8 @@ where
 }
 
 /// Routes and proxies one request; every failure becomes a short HTTP error.
-async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, scan: &ScanFlag) -> Response<ProxyBody> {
+async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, state: &ConnState) -> Response<ProxyBody> {
+    let scan = &state.scan;
     let table = ctx.table.load_full();
     if let Some(v) = scan.get() {
         return refuse(ctx, v);
@@ -97,14 +98,14 @@ async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, scan: 
     if let (false, Some(host)) = (conn.tls, &ctx.https_redirect) {
         return to_https(host, req.uri());
     }
-    let host = host_of(&req);
+    let host = if table.mux.has_hosts() { host_of(&req) } else { String::new() };
     match table.mux.route(&host, req.uri().path()) {
         Route::NotFound => error(StatusCode::NOT_FOUND, "no pool matches this URL", false),
         Route::Redirect(path) => redirect(&path, req.uri()),
         Route::Pool(idx) => {
             let pool = &table.pools[idx];
             let access = ctx.access_log.then(|| (req.method().clone(), req.uri().clone(), Instant::now()));
-            let mut resp = forward(req, conn, ctx, pool).await;
+            let mut resp = forward(req, conn, ctx, pool, &state.client_ip).await;
             if let (Some(v), true) = (scan.get(), resp.status().is_server_error()) {
                 // The backend exchange failed because the client's body was malformed.
                 resp = refuse(ctx, v);
@@ -151,7 +152,13 @@ fn reject_smuggling(headers: &HeaderMap) -> Option<&'static str> {
     None
 }
 
-async fn forward(mut req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, pool: &PoolRt) -> Response<ProxyBody> {
+async fn forward(
+    mut req: Request<Incoming>,
+    conn: ConnInfo,
+    ctx: &Arc<DpCtx>,
+    pool: &PoolRt,
+    client_ip: &HeaderValue,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     if pool.routable().is_empty() {
         pool.metrics.no_backend.inc();
@@ -162,17 +169,19 @@ async fn forward(mut req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, p
     let websocket = upgrade && ws::is_websocket(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    prepare_headers(&mut parts.headers, conn, upgrade);
+    prepare_headers(&mut parts.headers, conn.tls, client_ip, upgrade);
     if let Some(ws::Pin { path: Some(path), .. }) = &pin {
         parts.uri = with_path(&parts.uri, path);
     }
-    let mut body = Some(ReqBody::new(body, pool.metrics.bytes_in.clone()));
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    let original = parts.uri.clone();
+    parts.version = http::Version::HTTP_11;
+    let mut outgoing = Some(Request::from_parts(parts, ReqBody::new(body, pool.metrics.bytes_in.clone())));
+    let mut tried = Tried::default();
     let attempts = if pin.is_some() { 1 } else { MAX_ATTEMPTS.min(pool.routable().len()) };
     for attempt in 0..attempts {
         let chosen = match &pin {
             Some(p) => pool.by_slot(p.slot),
-            None => pool.pick(conn.peer.ip(), &tried),
+            None => pool.pick(conn.peer.ip(), tried.as_slice()),
         };
         let Some(backend) = chosen else { break };
         tried.push(backend.addr);
@@ -180,7 +189,7 @@ async fn forward(mut req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, p
             pool.metrics.retries.inc();
         }
         let guard = backend.shared.track();
-        match exchange(&parts, &mut body, backend, pool, ctx).await {
+        match exchange(&original, &mut outgoing, backend, pool, ctx).await {
             Exchange::Response(resp, sender) => {
                 let tunnel = ws::Tunnel { backend: backend.clone(), guard, websocket, pinned: pin.is_some() };
                 return respond(resp, sender, tunnel, pool, client_upgrade, started, ctx);
@@ -195,6 +204,31 @@ async fn forward(mut req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, p
             error(StatusCode::SERVICE_UNAVAILABLE, &format!("pinned backend gw{} is not available", p.slot), false)
         }
         None => error(StatusCode::BAD_GATEWAY, "no backend could be reached", false),
+    }
+}
+
+/// Backends already tried for one request, without allocating.
+struct Tried {
+    addrs: [SocketAddr; MAX_ATTEMPTS],
+    len: usize,
+}
+
+impl Default for Tried {
+    fn default() -> Self {
+        Tried { addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS], len: 0 }
+    }
+}
+
+impl Tried {
+    fn push(&mut self, a: SocketAddr) {
+        if self.len < MAX_ATTEMPTS {
+            self.addrs[self.len] = a;
+            self.len += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[SocketAddr] {
+        &self.addrs[..self.len]
     }
 }
 
@@ -214,9 +248,10 @@ enum Exchange {
     Failed(StatusCode, &'static str),
 }
 
+/// Sends `outgoing` (taken, and put back when hyper returns it unsent) to `backend`.
 async fn exchange(
-    req: &http::request::Parts,
-    body: &mut Option<ReqBody>,
+    original: &Uri,
+    outgoing: &mut Option<Request<ReqBody>>,
     backend: &BackendRt,
     pool: &PoolRt,
     ctx: &DpCtx,
@@ -239,8 +274,10 @@ async fn exchange(
             }
             continue;
         }
-        let Some(b) = body.take() else { return Exchange::Failed(StatusCode::BAD_GATEWAY, "request body lost") };
-        let out = backend_request(req, b, backend);
+        let Some(mut out) = outgoing.take() else {
+            return Exchange::Failed(StatusCode::BAD_GATEWAY, "request lost");
+        };
+        address(&mut out, original, backend);
         let sent = tokio::time::timeout(pool.response_timeout, sender.try_send_request(out)).await;
         match sent {
             Err(_) => {
@@ -250,7 +287,7 @@ async fn exchange(
             Ok(Ok(resp)) => return Exchange::Response(resp, sender),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(unsent) if !fresh => {
-                    *body = Some(unsent.into_body());
+                    *outgoing = Some(unsent);
                     continue;
                 }
                 _ => {
@@ -261,6 +298,26 @@ async fn exchange(
                 }
             },
         }
+    }
+}
+
+/// Points the request at `backend`: its `url_path` in front of the path, origin form, a Host.
+fn address(req: &mut Request<ReqBody>, original: &Uri, backend: &BackendRt) {
+    let plain = backend.url_path == "/" && original.scheme().is_none();
+    *req.uri_mut() = if plain {
+        original.clone()
+    } else {
+        let path = join_path(&backend.url_path, original.path());
+        let pq = match original.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"))
+    };
+    if !req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&backend.key)
+    {
+        req.headers_mut().insert(header::HOST, v);
     }
 }
 
@@ -314,25 +371,6 @@ where
     }
 }
 
-fn backend_request(req: &http::request::Parts, body: ReqBody, backend: &BackendRt) -> Request<ReqBody> {
-    let path = join_path(&backend.url_path, req.uri.path());
-    let uri = match req.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
-    let mut out = Request::new(body);
-    *out.method_mut() = req.method.clone();
-    *out.uri_mut() = Uri::try_from(uri).unwrap_or_else(|_| Uri::from_static("/"));
-    *out.version_mut() = http::Version::HTTP_11;
-    *out.headers_mut() = req.headers.clone();
-    if !out.headers().contains_key(header::HOST)
-        && let Ok(v) = HeaderValue::from_str(&backend.key)
-    {
-        out.headers_mut().insert(header::HOST, v);
-    }
-    out
-}
-
 fn respond(
     mut resp: Response<Incoming>,
     sender: SendRequest<ReqBody>,
@@ -384,26 +422,14 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), keeping `Upgrade` on upgrade requests.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    // One pass over the names is cheaper than hashing nine removals on every message.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::UPGRADE,
-    ] {
+    if headers.contains_key(header::CONNECTION) {
+        remove_listed(headers, keep_upgrade);
+    }
+    for name in HOP_BY_HOP {
         if keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
             continue;
         }
@@ -413,21 +439,73 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     headers.remove("proxy-connection");
 }
 
-fn prepare_headers(headers: &mut HeaderMap, conn: ConnInfo, upgrade: bool) {
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::UPGRADE,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name.as_str() == "keep-alive" || name.as_str() == "proxy-connection"
+}
+
+/// Removes the headers a `Connection` header names (other than the usual tokens).
+fn remove_listed(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+}
+
+fn prepare_headers(headers: &mut HeaderMap, tls: bool, client_ip: &HeaderValue, upgrade: bool) {
     strip_hop_by_hop(headers, upgrade);
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let ip = conn.peer.ip().to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
+        Some(prior) => {
+            let joined = format!("{prior}, {}", client_ip.to_str().unwrap_or(""));
+            HeaderValue::from_str(&joined).unwrap_or_else(|_| client_ip.clone())
+        }
+        None => client_ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    headers.insert("x-forwarded-for", xff);
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(if tls { "https" } else { "http" }));
+}
+
+/// Per-connection state the request handler shares with the connection's IO wrappers.
+pub struct ConnState {
+    /// Violations the request scanner saw on this connection.
+    pub scan: ScanFlag,
+    /// The client's IP as a header value, computed once per connection.
+    client_ip: HeaderValue,
+}
+
+impl ConnState {
+    fn new(conn: ConnInfo) -> ConnState {
+        let client_ip =
+            HeaderValue::from_str(&conn.peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        ConnState { scan: ScanFlag::default(), client_ip }
     }
-    let proto = if conn.tls { "https" } else { "http" };
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+}
+
+impl AsRef<ScanFlag> for ConnState {
+    fn as_ref(&self) -> &ScanFlag {
+        &self.scan
+    }
 }
 
 /// The Host header (or URI authority) without port, lower-cased, for host patterns.
@@ -601,8 +679,7 @@ mod tests {
     fn forwarded_headers_append() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        let conn = ConnInfo { peer: "10.0.0.9:5555".parse().expect("addr"), tls: true };
-        prepare_headers(&mut h, conn, false);
+        prepare_headers(&mut h, true, &HeaderValue::from_static("10.0.0.9"), false);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
     }

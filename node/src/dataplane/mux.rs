@@ -22,6 +22,8 @@ pub struct Mux {
     exact: HashMap<String, usize>,
     /// Subtree patterns, longest first.
     subtrees: Vec<(String, usize)>,
+    /// Subtree patterns without their trailing `/` (what redirects to them).
+    roots: std::collections::HashSet<String>,
     has_hosts: bool,
 }
 
@@ -31,13 +33,19 @@ impl Mux {
         let mut mux = Mux::default();
         for (pattern, idx) in patterns {
             mux.has_hosts |= !pattern.starts_with('/');
-            if pattern.ends_with('/') {
+            if let Some(root) = pattern.strip_suffix('/') {
                 mux.subtrees.push((pattern.to_string(), idx));
+                mux.roots.insert(root.to_string());
             }
             mux.exact.insert(pattern.to_string(), idx);
         }
         mux.subtrees.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         mux
+    }
+
+    /// Whether any pattern names a host (callers skip computing the host otherwise).
+    pub fn has_hosts(&self) -> bool {
+        self.has_hosts
     }
 
     /// Routes a request path (without query) for `host` (without port).
@@ -82,9 +90,8 @@ impl Mux {
         if path.ends_with('/') || self.exact.contains_key(path) {
             return false;
         }
-        let with_slash = format!("{path}/");
-        let hosted = format!("{host}{with_slash}");
-        self.exact.contains_key(&with_slash) || (self.has_hosts && self.exact.contains_key(&hosted))
+        self.roots.contains(path)
+            || (self.has_hosts && !host.is_empty() && self.roots.contains(&format!("{host}{path}")))
     }
 }
 

@@ -13,8 +13,16 @@ use tokio::time::Instant;
 use super::wsframe::{FrameTracker, GOING_AWAY, close_frame};
 use crate::shutdown::{Phase, Shutdown};
 
-/// Per-direction buffer.
-const BUF: usize = 32 * 1024;
+/// Per-direction buffer: small for chatty or idle connections, grown for bulk transfers.
+const BUF_START: usize = 4 * 1024;
+const BUF_MAX: usize = 64 * 1024;
+
+/// Quadruples the buffer (up to the maximum) after a read filled it.
+fn grow(buf: &mut Vec<u8>, filled: usize) {
+    if filled == buf.len() && buf.len() < BUF_MAX {
+        buf.resize((buf.len() * 4).min(BUF_MAX), 0);
+    }
+}
 
 /// Bytes moved each way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,7 +70,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF];
+    let mut buf = vec![0u8; BUF_START];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
@@ -71,6 +79,7 @@ where
             return Ok(());
         }
         w.write_all(&buf[..n]).await?;
+        grow(&mut buf, n);
         count.fetch_add(n as u64, Ordering::Relaxed);
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -136,7 +145,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF];
+    let mut buf = vec![0u8; BUF_START];
     let mut frames = FrameTracker::default();
     let mut stopping = false;
     loop {
@@ -160,6 +169,7 @@ where
         let n = if stopping { frames.until_boundary(&buf[..n]) } else { n };
         frames.feed(&buf[..n]);
         w.write_all(&buf[..n]).await?;
+        grow(&mut buf, n);
         side.count.fetch_add(n as u64, Ordering::Relaxed);
         side.last.store(side.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
