@@ -263,7 +263,9 @@ async fn exchange(
         let fresh = pooled.is_none();
         let mut sender = match pooled.take() {
             Some(s) => s,
-            None => match open(backend, pool, ctx).await {
+            // Boxed: the connect (and TLS) state is large and rarely needed with keep-alive;
+            // inline it would be moved around with every request's future.
+            None => match Box::pin(open(backend, pool, ctx)).await {
                 Ok(s) => s,
                 Err(()) => return Exchange::RetryElsewhere,
             },

@@ -169,7 +169,15 @@ impl RaftNode {
     pub async fn propose(&self, cmd: Command) -> Result<Applied, ProposeError> {
         let deadline = Instant::now() + WRITE_DEADLINE;
         loop {
-            match self.try_propose(&cmd).await {
+            // A leader that lost its quorum waits for a higher term inside `client_write`;
+            // the deadline bounds every attempt, not only the pauses between them.
+            let attempt = tokio::time::timeout_at(deadline, self.try_propose(&cmd)).await;
+            let Ok(attempt) = attempt else {
+                return Err(ProposeError::Unavailable(format!(
+                    "not committed within {WRITE_DEADLINE:?}; the write may still take effect if this node regains a quorum"
+                )));
+            };
+            match attempt {
                 Attempt::Done(result) => return result.map_err(ProposeError::Refused),
                 Attempt::Fatal(why) => return Err(ProposeError::Unavailable(why)),
                 Attempt::Retry(why) if Instant::now() >= deadline => {

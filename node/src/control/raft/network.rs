@@ -25,6 +25,9 @@ use crate::control::secure::{ClusterKey, SecureStream};
 pub const KIND_REQUEST: u8 = 1;
 pub const KIND_REPLY: u8 = 2;
 
+/// How long connecting to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+
 /// Decides whether `from` may talk to `to` (a test seam for partitions; `None` allows all).
 pub type LinkFilter = Arc<dyn Fn(NodeId, NodeId) -> bool + Send + Sync>;
 
@@ -125,7 +128,12 @@ impl Conn {
         if self.stream.is_none() {
             let key =
                 self.wire.key.as_ref().ok_or_else(|| CallError::Unreachable(io::Error::other("no cluster key")))?;
-            let tcp = TcpStream::connect(&self.addr).await.map_err(CallError::Unreachable)?;
+            // A dead peer's address often answers nothing: give up on connecting early, so a
+            // forwarded write retries towards the new leader instead of waiting out the RPC.
+            let connecting = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await;
+            let tcp = connecting
+                .map_err(|_| CallError::Unreachable(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")))?
+                .map_err(CallError::Unreachable)?;
             let _ = tcp.set_nodelay(true);
             let secure = SecureStream::connect(tcp, key, &self.wire.cluster).await.map_err(CallError::Unreachable)?;
             self.stream = Some(secure);
