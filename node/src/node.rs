@@ -127,7 +127,7 @@ impl NodeOptions {
             https_redirect: None,
             ec: None,
             access_log: false,
-            admin_token: rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect(),
+            admin_token: crate::control::secure::hex(&rand::random::<[u8; 16]>()),
             public_metrics: false,
         }
     }

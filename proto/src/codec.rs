@@ -35,8 +35,10 @@ pub struct Header {
     pub len: usize,
 }
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The limit makes bincode refuse a length prefix (string, vector) larger than a frame
+/// could hold before it allocates for it: prefixes come from the network.
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_BODY>()
 }
 
 /// Encodes `msg` as a complete frame of the given kind.
@@ -124,6 +126,29 @@ mod tests {
         assert!(matches!(decode::<Command>(&frame), Err(CodecError::BadVersion(9))));
         let huge = [0x53, 0x48, 1, 1, 0xff, 0xff, 0xff, 0xff];
         assert!(matches!(decode_header(&huge), Err(CodecError::TooLarge(_))));
+    }
+
+    #[test]
+    fn huge_length_prefix_is_refused_without_allocating() {
+        // A `PutPool` whose name claims u64::MAX bytes.
+        let body = [0u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(decode_body::<Command>(&body), Err(CodecError::Body(_))));
+    }
+
+    fn nested(depth: usize) -> Command {
+        (0..depth).fold(Command::Noop, |inner, _| Command::Batch(vec![inner]))
+    }
+
+    #[test]
+    fn deeply_nested_batches_are_refused() {
+        let ok = nested(crate::command::MAX_BATCH_DEPTH);
+        assert_eq!(decode_body::<Command>(&encode_body(&ok).expect("encode")).expect("decode"), ok);
+        // Far deeper than any stack would survive without the guard.
+        let mut body = [5u8, 1].repeat(200_000);
+        body.push(6);
+        assert!(matches!(decode_body::<Command>(&body), Err(CodecError::Body(_))));
+        // The guard resets after a refusal: the next frame decodes normally.
+        assert_eq!(decode_body::<Command>(&encode_body(&ok).expect("encode")).expect("decode"), ok);
     }
 
     proptest! {

@@ -22,10 +22,50 @@ pub enum Command {
     DeleteBackend { pool: String, addr: SocketAddr },
     /// Stop (or resume) sending new work to a backend.
     SetDrain { pool: String, addr: SocketAddr, drain: bool },
-    /// Several commands applied atomically: all or none.
-    Batch(Vec<Command>),
+    /// Several commands applied atomically: all or none. Nesting is limited to
+    /// [`MAX_BATCH_DEPTH`] so a hostile frame cannot exhaust the stack while decoding.
+    Batch(#[serde(deserialize_with = "batch_depth::deserialize")] Vec<Command>),
     /// Changes nothing; a linearizable read barrier and a liveness probe for writes.
     Noop,
+}
+
+/// Deepest nesting of [`Command::Batch`] a decoder accepts.
+pub const MAX_BATCH_DEPTH: usize = 8;
+
+/// Counts how deep the current thread is inside nested batches while deserializing.
+/// Decoders (bincode has no recursion limit) recurse once per level, so the guard must
+/// sit in the decoder itself rather than in a check after decoding.
+mod batch_depth {
+    use std::cell::Cell;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    use super::{Command, MAX_BATCH_DEPTH};
+
+    thread_local! {
+        static DEPTH: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Leaves the level again even when decoding fails half way.
+    struct Level;
+
+    impl Drop for Level {
+        fn drop(&mut self) {
+            DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Command>, D::Error> {
+        let depth = DEPTH.with(|d| {
+            d.set(d.get() + 1);
+            d.get()
+        });
+        let _level = Level;
+        if depth > MAX_BATCH_DEPTH {
+            return Err(D::Error::custom(format!("batches nested deeper than {MAX_BATCH_DEPTH}")));
+        }
+        Vec::deserialize(de)
+    }
 }
 
 /// What a successful command did.

@@ -21,7 +21,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, String> {
         Ok(text) if text.trim().len() >= 16 => Ok(text.trim().to_string()),
         Ok(_) => Err("the token must be at least 16 characters".into()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token: String = rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect();
+            let token: String = crate::control::secure::hex(&rand::random::<[u8; 32]>());
             write_secret(path, &token).map_err(|e| e.to_string())?;
             Ok(token)
         }

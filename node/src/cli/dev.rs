@@ -41,9 +41,10 @@ pub fn run(args: DevArgs) -> ExitCode {
     };
     let mut procs = Vec::new();
     let result = rt.block_on(async {
-        start_all(&dir, n, &mut procs)?;
-        configure(n, &token(&dir)).await?;
-        print_tour(&dir, n, &procs);
+        let secrets = Secrets::create(&dir)?;
+        start_all(&dir, n, &secrets, &mut procs)?;
+        configure(n, &secrets.token).await?;
+        print_tour(&dir, n, &procs, &secrets.token);
         watch(&mut procs).await;
         anyhow::Ok(())
     });
@@ -58,7 +59,7 @@ fn ip(i: u8) -> String {
     format!("127.0.0.{i}")
 }
 
-fn start_all(dir: &Path, n: u8, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
+fn start_all(dir: &Path, n: u8, secrets: &Secrets, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("logs"))?;
     for (i, addr) in HTTP_BACKENDS.iter().enumerate() {
         let name = format!("demo-{}", i + 1);
@@ -71,7 +72,7 @@ fn start_all(dir: &Path, n: u8, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
     let seeds: Vec<String> = (1..=n).map(|i| format!("{}:7946", ip(i))).collect();
     let seeds = seeds.join(",");
     let expect = n.to_string();
-    let (key, token) = secrets(dir)?;
+    let (key, token) = (secrets.key_file.to_string_lossy(), secrets.token_file.to_string_lossy());
     for i in 1..=n {
         let (name, ip) = (format!("node-{i}"), ip(i));
         let data = dir.join(&name).to_string_lossy().into_owned();
@@ -106,20 +107,25 @@ fn start_all(dir: &Path, n: u8, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One cluster key and one admin token for every dev node (paths as strings for the args).
-fn secrets(dir: &Path) -> anyhow::Result<(String, String)> {
-    let key = dir.join("cluster.key");
-    let token = dir.join("admin.token");
-    if !key.exists() {
-        crate::admin::auth::write_secret(&key, &crate::control::secure::ClusterKey::generate().to_hex())?;
-    }
-    crate::admin::auth::load_or_create_token(&token).map_err(|e| anyhow::anyhow!("{}: {e}", token.display()))?;
-    Ok((key.to_string_lossy().into_owned(), token.to_string_lossy().into_owned()))
+/// One cluster key and one admin token for every dev node.
+struct Secrets {
+    key_file: PathBuf,
+    token_file: PathBuf,
+    token: String,
 }
 
-/// The admin token the dev nodes share.
-fn token(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("admin.token")).unwrap_or_default().trim().to_string()
+impl Secrets {
+    /// Creates the files in `dir`, or reuses those a previous run left there.
+    fn create(dir: &Path) -> anyhow::Result<Secrets> {
+        let key_file = dir.join("cluster.key");
+        let token_file = dir.join("admin.token");
+        if !key_file.exists() {
+            crate::admin::auth::write_secret(&key_file, &crate::control::secure::ClusterKey::generate().to_hex())?;
+        }
+        let token = crate::admin::auth::load_or_create_token(&token_file)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", token_file.display()))?;
+        Ok(Secrets { key_file, token_file, token })
+    }
 }
 
 fn spawn(dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
@@ -175,7 +181,7 @@ where
     }
 }
 
-fn print_tour(dir: &Path, n: u8, procs: &[Proc]) {
+fn print_tour(dir: &Path, n: u8, procs: &[Proc], token: &str) {
     println!("shoal dev: a {n}-node cluster is running (state and logs in {})", dir.display());
     println!();
     for i in 1..=n {
@@ -187,7 +193,6 @@ fn print_tour(dir: &Path, n: u8, procs: &[Proc]) {
         HTTP_BACKENDS[0], HTTP_BACKENDS[1]
     );
     println!();
-    let token = token(dir);
     println!("  status page: http://{}:8081/#token={token}", ip(1));
     println!("  metrics:     http://{}:8081/metrics (open without a token in dev: --public-metrics)", ip(1));
     println!();

@@ -14,6 +14,7 @@ use ring::hmac;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use shoal_proto::codec::{self, HEADER_LEN};
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Frame kinds of the handshake (sealed frames use the callers' kinds).
@@ -25,6 +26,8 @@ const KIND_PROOF: u8 = 12;
 #[derive(Clone)]
 pub struct ClusterKey {
     raw: [u8; 32],
+    /// HMAC key schedule of `raw`, computed once: gossip MACs every datagram.
+    hmac: hmac::Key,
 }
 
 impl std::fmt::Debug for ClusterKey {
@@ -36,12 +39,16 @@ impl std::fmt::Debug for ClusterKey {
 impl ClusterKey {
     /// A fresh random key.
     pub fn generate() -> ClusterKey {
-        ClusterKey { raw: rand::random() }
+        ClusterKey::from_raw(rand::random())
+    }
+
+    fn from_raw(raw: [u8; 32]) -> ClusterKey {
+        ClusterKey { raw, hmac: hmac::Key::new(hmac::HMAC_SHA256, &raw) }
     }
 
     /// 64 hex digits.
     pub fn to_hex(&self) -> String {
-        self.raw.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.raw)
     }
 
     pub fn from_hex(text: &str) -> Result<ClusterKey, String> {
@@ -54,7 +61,7 @@ impl ClusterKey {
             let pair = std::str::from_utf8(chunk).map_err(|e| e.to_string())?;
             raw[i] = u8::from_str_radix(pair, 16).map_err(|e| e.to_string())?;
         }
-        Ok(ClusterKey { raw })
+        Ok(ClusterKey::from_raw(raw))
     }
 
     /// Reads a key file; errors name the file.
@@ -65,8 +72,7 @@ impl ClusterKey {
 
     /// HMAC-SHA256 of the parts, in order.
     pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.raw);
-        let mut ctx = hmac::Context::with_key(&key);
+        let mut ctx = hmac::Context::with_key(&self.hmac);
         parts.iter().for_each(|p| ctx.update(p));
         let tag = ctx.sign();
         let mut out = [0u8; 32];
@@ -76,10 +82,13 @@ impl ClusterKey {
 
     /// Constant-time check of a MAC over `parts`.
     pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.raw);
-        let msg: Vec<u8> = parts.concat();
-        hmac::verify(&key, &msg, tag).is_ok()
+        self.mac(parts).as_slice().ct_eq(tag).into()
     }
+}
+
+/// Lower-case hex digits of `bytes` (keys and tokens).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -135,18 +144,29 @@ async fn send_plain<S: AsyncWrite + Unpin, T: Serialize>(s: &mut S, kind: u8, ms
     s.write_all(&frame).await
 }
 
-/// Reads one frame's kind and raw body; the length is checked before anything is allocated.
-async fn read_raw<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<(u8, Vec<u8>)> {
+/// Largest handshake frame: they hold a cluster name and 32-byte values, and they arrive
+/// before the peer has proved anything, so a stranger cannot make us buffer much.
+const MAX_HANDSHAKE_FRAME: usize = 4096;
+
+/// Reads one frame's kind and raw body of at most `max` bytes. The buffer grows as bytes
+/// arrive rather than trusting the announced length up front.
+async fn read_raw<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; HEADER_LEN];
     s.read_exact(&mut head).await?;
     let header = codec::decode_header(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    let mut body = vec![0u8; header.len];
-    s.read_exact(&mut body).await?;
+    if header.len > max {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {} bytes exceeds {max}", header.len)));
+    }
+    let mut body = Vec::with_capacity(header.len.min(64 * 1024));
+    (&mut *s).take(header.len as u64).read_to_end(&mut body).await?;
+    if body.len() != header.len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok((header.kind, body))
 }
 
 async fn recv_plain<S: AsyncRead + Unpin, T: DeserializeOwned>(s: &mut S, kind: u8) -> io::Result<T> {
-    let (got, body) = read_raw(s).await?;
+    let (got, body) = read_raw(s, MAX_HANDSHAKE_FRAME).await?;
     if got != kind {
         return Err(bad("unexpected handshake frame"));
     }
@@ -209,7 +229,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SecureStream<S> {
 
     /// Receives and opens one message; a forged or replayed frame is an error.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> io::Result<(u8, T)> {
-        let (kind, mut body) = read_raw(&mut self.stream).await?;
+        let (kind, mut body) = read_raw(&mut self.stream, codec::MAX_BODY).await?;
         let nonce = self.rx.nonce();
         let plain = self
             .rx
@@ -262,6 +282,18 @@ mod tests {
         c.tx.counter = 5;
         c.send(1, &"forged".to_string()).await.expect("send");
         assert!(server.await.expect("join").is_err());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_hello_is_refused_before_it_is_read() {
+        let key = ClusterKey::generate();
+        let (mut a, b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move { SecureStream::accept(b, &key, "c").await.map(|_| ()) });
+        // Announces a 64 MiB hello and sends none of it: the server must not wait for it.
+        let head = [codec::MAGIC[0], codec::MAGIC[1], codec::VERSION, KIND_HELLO, 4, 0, 0, 0];
+        a.write_all(&head).await.expect("write");
+        let err = server.await.expect("join").expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 
     #[test]

@@ -219,53 +219,73 @@ impl Scanner {
     }
 
     fn chunk_size(&mut self, bytes: &[u8]) -> usize {
-        let Some((line, used)) = self.take_line(bytes) else { return bytes.len() };
-        let size = line.split(|b| *b == b';').next().unwrap_or(&[]);
-        let size = std::str::from_utf8(size).ok().map(str::trim).filter(|s| !s.is_empty() && s.len() <= 16);
-        match size.and_then(|s| u64::from_str_radix(s, 16).ok()) {
-            Some(0) => self.state = State::Trailers,
-            Some(n) => self.state = State::ChunkData(n),
-            None => self.fail(Violation::BadChunk),
-        }
-        used
+        self.with_line(bytes, |me, line| {
+            let size = line.split(|b| *b == b';').next().unwrap_or(&[]);
+            let size = std::str::from_utf8(size).ok().map(str::trim).filter(|s| !s.is_empty() && s.len() <= 16);
+            match size.and_then(|s| u64::from_str_radix(s, 16).ok()) {
+                Some(0) => me.state = State::Trailers,
+                Some(n) => me.state = State::ChunkData(n),
+                None => me.fail(Violation::BadChunk),
+            }
+        })
     }
 
     fn chunk_end(&mut self, bytes: &[u8]) -> usize {
-        let Some((line, used)) = self.take_line(bytes) else { return bytes.len() };
-        if line.is_empty() {
-            self.state = State::ChunkSize;
-        } else {
-            self.fail(Violation::BadChunk);
-        }
-        used
+        self.with_line(bytes, |me, line| {
+            if line.is_empty() {
+                me.state = State::ChunkSize;
+            } else {
+                me.fail(Violation::BadChunk);
+            }
+        })
     }
 
     fn trailers(&mut self, bytes: &[u8]) -> usize {
-        let Some((line, used)) = self.take_line(bytes) else { return bytes.len() };
-        if line.is_empty() {
-            self.state = State::Head;
-        }
-        used
+        self.with_line(bytes, |me, line| {
+            if line.is_empty() {
+                me.state = State::Head;
+            }
+        })
     }
 
-    /// Completes a CRLF-terminated line; `None` while more bytes are needed.
-    fn take_line(&mut self, bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
-        let start = self.line.len();
-        self.line.extend_from_slice(bytes);
-        let from = start.saturating_sub(1);
-        match find(&self.line[from..], b"\r\n").map(|p| p + from) {
-            Some(end) => {
-                let mut line = std::mem::take(&mut self.line);
-                line.truncate(end);
-                Some((line, end + 2 - start))
+    /// Hands the next CRLF-terminated line to `then` once it is complete and returns how many
+    /// bytes it used. A line inside one read is inspected in place; only a line spanning reads
+    /// is buffered, so the cost is linear and the verdict (a line longer than [`MAX_LINE`] is
+    /// refused) does not depend on where reads split.
+    fn with_line(&mut self, bytes: &[u8], then: impl FnOnce(&mut Self, &[u8])) -> usize {
+        let pending = self.line.len();
+        // A CR ending the previous read and an LF starting this one end the line.
+        let split_crlf = self.line.last() == Some(&b'\r') && bytes.first() == Some(&b'\n');
+        let (in_bytes, used) = if split_crlf {
+            (None, 1)
+        } else if let Some(p) = find(bytes, b"\r\n") {
+            (Some(p), p + 2)
+        } else {
+            // One byte of slack for a CR that may end a line of exactly MAX_LINE bytes.
+            if pending + bytes.len() > MAX_LINE + 1 {
+                self.fail(Violation::BadChunk);
+            } else {
+                self.line.extend_from_slice(bytes);
             }
-            None => {
-                if self.line.len() > MAX_LINE {
-                    self.fail(Violation::BadChunk);
-                }
-                None
+            return bytes.len();
+        };
+        let len = in_bytes.map_or(pending.saturating_sub(1), |p| pending + p);
+        if len > MAX_LINE {
+            self.fail(Violation::BadChunk);
+            return used;
+        }
+        match in_bytes {
+            Some(p) if pending == 0 => then(self, &bytes[..p]),
+            _ => {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&bytes[..in_bytes.unwrap_or(0)]);
+                line.truncate(len);
+                then(self, &line);
+                line.clear();
+                self.line = line;
             }
         }
+        used
     }
 }
 
@@ -322,6 +342,19 @@ mod tests {
         let stream = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloPOST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\nGET /last HTTP/1.1\r\nHost: a\r\n\r\n";
         for chunk in [1, 2, 3, 7, 64, stream.len()] {
             assert_eq!(scan(stream, chunk), None, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn line_limit_holds_however_reads_split() {
+        let head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n".to_vec();
+        for (len, verdict) in [(MAX_LINE, None), (MAX_LINE + 1, Some(Violation::BadChunk))] {
+            let mut stream = head.clone();
+            stream.extend(std::iter::repeat_n(b'x', len));
+            stream.extend_from_slice(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+            for chunk in [1, 2, 7, 4096, stream.len()] {
+                assert_eq!(scan(&stream, chunk), verdict, "trailer of {len} bytes in reads of {chunk}");
+            }
         }
     }
 

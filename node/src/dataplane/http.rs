@@ -24,7 +24,7 @@ use super::count::{CountedIo, ReqBody};
 use super::h1scan::{ScanFlag, ScannedIo, Violation};
 use super::mux::{Route, join_path};
 use super::ws;
-use super::{DpCtx, connect_backend, tls};
+use super::{DpCtx, Tried, connect_backend, tls};
 use crate::metrics::{ListenerMetrics, PoolMetrics};
 use crate::routing::{ActiveGuard, BackendRt, BackendShared, PoolRt};
 
@@ -176,7 +176,7 @@ async fn forward(
     let original = parts.uri.clone();
     parts.version = http::Version::HTTP_11;
     let mut outgoing = Some(Request::from_parts(parts, ReqBody::new(body, pool.metrics.bytes_in.clone())));
-    let mut tried = Tried::default();
+    let mut tried = Tried::<MAX_ATTEMPTS>::default();
     let attempts = if pin.is_some() { 1 } else { MAX_ATTEMPTS.min(pool.routable().len()) };
     for attempt in 0..attempts {
         let chosen = match &pin {
@@ -204,31 +204,6 @@ async fn forward(
             error(StatusCode::SERVICE_UNAVAILABLE, &format!("pinned backend gw{} is not available", p.slot), false)
         }
         None => error(StatusCode::BAD_GATEWAY, "no backend could be reached", false),
-    }
-}
-
-/// Backends already tried for one request, without allocating.
-struct Tried {
-    addrs: [SocketAddr; MAX_ATTEMPTS],
-    len: usize,
-}
-
-impl Default for Tried {
-    fn default() -> Self {
-        Tried { addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS], len: 0 }
-    }
-}
-
-impl Tried {
-    fn push(&mut self, a: SocketAddr) {
-        if self.len < MAX_ATTEMPTS {
-            self.addrs[self.len] = a;
-            self.len += 1;
-        }
-    }
-
-    fn as_slice(&self) -> &[SocketAddr] {
-        &self.addrs[..self.len]
     }
 }
 

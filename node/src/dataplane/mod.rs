@@ -11,6 +11,7 @@ pub mod maglev;
 pub mod mux;
 pub mod pool;
 pub mod relay;
+pub mod splice;
 pub mod tcp;
 pub mod tls;
 pub mod ws;
@@ -222,6 +223,32 @@ pub async fn connect_backend(addr: SocketAddr, timeout: Duration) -> io::Result<
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timeout"))??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// The backends already tried for one client request or connection (at most `N`), so a
+/// retry picks another; kept inline because it lives on every request's path.
+struct Tried<const N: usize> {
+    addrs: [SocketAddr; N],
+    len: usize,
+}
+
+impl<const N: usize> Default for Tried<N> {
+    fn default() -> Self {
+        Tried { addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); N], len: 0 }
+    }
+}
+
+impl<const N: usize> Tried<N> {
+    fn push(&mut self, a: SocketAddr) {
+        if self.len < N {
+            self.addrs[self.len] = a;
+            self.len += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[SocketAddr] {
+        &self.addrs[..self.len]
+    }
 }
 
 fn worker_main(id: usize, rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>) {

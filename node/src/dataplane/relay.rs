@@ -2,8 +2,8 @@
 //! and then half-closes the other side, so either peer may finish first; an optional idle
 //! timeout ends connections silent in both directions.
 
+use std::future::Future;
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -14,11 +14,11 @@ use super::wsframe::{FrameTracker, GOING_AWAY, close_frame};
 use crate::shutdown::{Phase, Shutdown};
 
 /// Per-direction buffer: small for chatty or idle connections, grown for bulk transfers.
-const BUF_START: usize = 4 * 1024;
-const BUF_MAX: usize = 64 * 1024;
+pub(super) const BUF_START: usize = 4 * 1024;
+pub(super) const BUF_MAX: usize = 64 * 1024;
 
 /// Quadruples the buffer (up to the maximum) after a read filled it.
-fn grow(buf: &mut Vec<u8>, filled: usize) {
+pub(super) fn grow(buf: &mut Vec<u8>, filled: usize) {
     if filled == buf.len() && buf.len() < BUF_MAX {
         buf.resize((buf.len() * 4).min(BUF_MAX), 0);
     }
@@ -51,21 +51,74 @@ where
 {
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut br, mut bw) = tokio::io::split(backend);
-    let start = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let up = Arc::new(AtomicU64::new(0));
-    let down = Arc::new(AtomicU64::new(0));
+    let meter = Meter::new();
     let both = async {
-        tokio::try_join!(pipe(&mut cr, &mut bw, &up, &last, start), pipe(&mut br, &mut cw, &down, &last, start))
+        tokio::try_join!(pipe(&mut cr, &mut bw, &meter, Dir::Up), pipe(&mut br, &mut cw, &meter, Dir::Down)).map(|_| ())
     };
-    let ended = tokio::select! {
-        r = both => match r { Ok(_) => Ended::Closed, Err(e) => Ended::Error(e) },
-        _ = idle_watch(idle, &last, start) => Ended::Idle,
-    };
-    (Moved { up: up.load(Ordering::Relaxed), down: down.load(Ordering::Relaxed) }, ended)
+    meter.run(both, idle).await
 }
 
-async fn pipe<R, W>(r: &mut R, w: &mut W, count: &AtomicU64, last: &AtomicU64, start: Instant) -> io::Result<()>
+/// Which way bytes go.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Dir {
+    /// Client to backend.
+    Up,
+    /// Backend to client.
+    Down,
+}
+
+/// What the two directions of one relay share: their byte counts and the time of the last
+/// progress either made, which the idle timeout watches.
+pub(super) struct Meter {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Meter {
+    pub(super) fn new() -> Meter {
+        Meter { start: Instant::now(), last: AtomicU64::new(0), up: AtomicU64::new(0), down: AtomicU64::new(0) }
+    }
+
+    /// Records `n` bytes delivered in direction `dir`.
+    pub(super) fn moved(&self, dir: Dir, n: usize) {
+        let count = match dir {
+            Dir::Up => &self.up,
+            Dir::Down => &self.down,
+        };
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Drives `both` directions to their end, or stops them at the idle timeout.
+    pub(super) async fn run(
+        &self,
+        both: impl Future<Output = io::Result<()>>,
+        idle: Option<Duration>,
+    ) -> (Moved, Ended) {
+        let ended = tokio::select! {
+            r = both => match r { Ok(()) => Ended::Closed, Err(e) => Ended::Error(e) },
+            _ = self.idle(idle) => Ended::Idle,
+        };
+        (Moved { up: self.up.load(Ordering::Relaxed), down: self.down.load(Ordering::Relaxed) }, ended)
+    }
+
+    /// Resolves once nothing moved for `idle`; never without a timeout.
+    async fn idle(&self, idle: Option<Duration>) {
+        let Some(idle) = idle else { return std::future::pending().await };
+        loop {
+            let deadline = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+async fn pipe<R, W>(r: &mut R, w: &mut W, meter: &Meter, dir: Dir) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -80,20 +133,7 @@ where
         }
         w.write_all(&buf[..n]).await?;
         grow(&mut buf, n);
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-async fn idle_watch(idle: Option<Duration>, last: &AtomicU64, start: Instant) {
-    let Some(idle) = idle else { return std::future::pending().await };
-    loop {
-        let last_at = start + Duration::from_millis(last.load(Ordering::Relaxed));
-        let deadline = last_at + idle;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
+        meter.moved(dir, n);
     }
 }
 
@@ -107,25 +147,23 @@ where
 {
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut br, mut bw) = tokio::io::split(backend);
-    let start = Instant::now();
-    let last = AtomicU64::new(0);
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let to_backend = Side { count: &up, last: &last, start, masked: true };
-    let to_client = Side { count: &down, last: &last, start, masked: false };
-    let both = async {
-        tokio::try_join!(
-            ws_pipe(&mut cr, &mut bw, to_backend, shutdown.clone()),
-            ws_pipe(&mut br, &mut cw, to_client, shutdown.clone())
-        )
-    };
+    let meter = Meter::new();
+    let to_backend = Side { meter: &meter, dir: Dir::Up, masked: true };
+    let to_client = Side { meter: &meter, dir: Dir::Down, masked: false };
     let mut stopped = shutdown.clone();
-    let ended = tokio::select! {
-        r = both => match r { Ok(_) => Ended::Closed, Err(e) => Ended::Error(e) },
-        _ = idle_watch(idle, &last, start) => Ended::Idle,
-        // A peer that never finishes its frame cannot hold the node's shutdown forever.
-        _ = async { stopped.wait_for(Phase::Stopped).await; tokio::time::sleep(CLOSE_GRACE).await } => Ended::Closed,
+    let both = async {
+        tokio::select! {
+            r = async {
+                tokio::try_join!(
+                    ws_pipe(&mut cr, &mut bw, to_backend, shutdown.clone()),
+                    ws_pipe(&mut br, &mut cw, to_client, shutdown.clone())
+                )
+            } => r.map(|_| ()),
+            // A peer that never finishes its frame cannot hold the node's shutdown forever.
+            _ = async { stopped.wait_for(Phase::Stopped).await; tokio::time::sleep(CLOSE_GRACE).await } => Ok(()),
+        }
     };
-    (Moved { up: up.load(Ordering::Relaxed), down: down.load(Ordering::Relaxed) }, ended)
+    meter.run(both, idle).await
 }
 
 /// How long, once stopping, a direction may take to reach a frame boundary.
@@ -133,9 +171,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// One direction's counters and framing.
 struct Side<'a> {
-    count: &'a AtomicU64,
-    last: &'a AtomicU64,
-    start: Instant,
+    meter: &'a Meter,
+    dir: Dir,
     /// Frames in this direction go client → server and must be masked.
     masked: bool,
 }
@@ -170,8 +207,7 @@ where
         frames.feed(&buf[..n]);
         w.write_all(&buf[..n]).await?;
         grow(&mut buf, n);
-        side.count.fetch_add(n as u64, Ordering::Relaxed);
-        side.last.store(side.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        side.meter.moved(side.dir, n);
     }
 }
 

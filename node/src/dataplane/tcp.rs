@@ -8,8 +8,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use super::relay::{self, Ended};
-use super::{DpCtx, connect_backend};
+use super::relay::Ended;
+use super::splice;
+use super::{DpCtx, Tried, connect_backend};
 use crate::metrics::ListenerMetrics;
 use crate::routing::{ActiveGuard, BackendRt, PoolRt};
 
@@ -39,7 +40,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<
         };
         tracing::Span::current().record("backend", tracing::field::display(&backend.key));
         tracing::info!("forwarding traffic between client and backend");
-        let (moved, ended) = relay::relay(client, upstream, pool.idle_timeout).await;
+        let (moved, ended) = splice::relay(&client, &upstream, pool.idle_timeout).await;
         drop(guard);
         lm.bytes_in.inc_by(moved.up);
         lm.bytes_out.inc_by(moved.down);
@@ -60,9 +61,9 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<
 
 /// Connects to the balancer's pick, moving on to the next healthy backend on failure.
 async fn connect_any(pool: &PoolRt, peer: SocketAddr, ctx: &DpCtx) -> Option<(Arc<BackendRt>, TcpStream, ActiveGuard)> {
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut tried = Tried::<MAX_ATTEMPTS>::default();
     for attempt in 0..MAX_ATTEMPTS.min(pool.routable().len()) {
-        let backend = pool.pick(peer.ip(), &tried)?;
+        let backend = pool.pick(peer.ip(), tried.as_slice())?;
         tried.push(backend.addr);
         let guard = backend.shared.track();
         if attempt > 0 {
