@@ -149,6 +149,8 @@ pub struct NodeShared {
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     pub ready: AtomicBool,
+    /// Config sources (file, EC environment) not yet applied; the node is not ready before.
+    pub sources_pending: AtomicUsize,
     /// Server certificates of the HTTPS listener (reloadable).
     pub tls: Option<Arc<TlsStore>>,
     /// Client TLS for `backend_tls` pools.
@@ -213,6 +215,8 @@ pub struct NodeHandle {
     trigger: Trigger,
     dataplane: Arc<DataPlane>,
     tasks: Vec<JoinHandle<()>>,
+    /// The admin server: it closes its connections itself at `Phase::Stopped`.
+    admin: JoinHandle<()>,
     drain_timeout: Duration,
 }
 
@@ -236,6 +240,14 @@ impl NodeHandle {
         self.trigger.advance(Phase::Stopped);
         for t in &self.tasks {
             t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        // Admin connections hold the node (and its store) until the server has closed them.
+        let mut admin = self.admin;
+        if tokio::time::timeout(Duration::from_secs(2), &mut admin).await.is_err() {
+            admin.abort();
         }
         self.shared.raft.shutdown().await;
         if let Some(dp) = Arc::into_inner(self.dataplane) {
@@ -346,6 +358,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         metrics,
         shutdown: shutdown.clone(),
         ready: AtomicBool::new(false),
+        sources_pending: AtomicUsize::new(0),
         tls,
         backend_tls,
         admin_token: opts.admin_token.clone(),
@@ -357,14 +370,6 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         http: SocketAddr::new(listen_ip, opts.http_port),
         https: opts.https_port.map(|p| SocketAddr::new(listen_ip, p)),
     };
-    let ctx = NodeCtx { workers: threads, zone: opts.zone.clone() };
-    tasks.push(spawn_reconciler(shared.clone(), dataplane.clone(), fixed, ctx, local_health.clone(), combined_tx));
-    if let Some(store) = shared.tls.clone() {
-        tasks.push(tokio::spawn(watch_certificates(store)));
-    }
-    if let Some(g) = &shared.gossip {
-        tasks.push(tokio::spawn(publish_observations(g.clone(), local_health, shared.clone())));
-    }
     let mut sources = Vec::new();
     if let (Some(file), Some(path)) = (config_file, opts.config.clone()) {
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -379,19 +384,29 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         let bytes = serde_json::to_vec(&file.pools)?;
         sources.push(Source { label: "EC environment".into(), file, digest: digest(&bytes), marker: "ec.applied" });
     }
+    shared.sources_pending.store(sources.len(), Ordering::Relaxed);
     for source in sources {
         let apply = apply_source(shared.clone(), source, opts.data_dir.clone());
         if shared.gossip.is_some() {
             // A cluster may still be electing its first leader: apply in the background.
             tasks.push(tokio::spawn(apply));
         } else {
+            // Alone, the node is its own leader: have the pools before the listeners open.
             apply.await;
         }
     }
+    let ctx = NodeCtx { workers: threads, zone: opts.zone.clone() };
+    tasks.push(spawn_reconciler(shared.clone(), dataplane.clone(), fixed, ctx, local_health.clone(), combined_tx));
+    if let Some(store) = shared.tls.clone() {
+        tasks.push(tokio::spawn(watch_certificates(store)));
+    }
+    if let Some(g) = &shared.gossip {
+        tasks.push(tokio::spawn(publish_observations(g.clone(), local_health, shared.clone())));
+    }
     wait_first_table(&shared).await;
-    tasks.push(tokio::spawn(crate::admin::serve(admin_listener, shared.clone(), shutdown.clone())));
+    let admin = tokio::spawn(crate::admin::serve(admin_listener, shared.clone(), shutdown.clone()));
     tracing::info!(node = %opts.id, raft_id = shared.raft.id, admin = %admin_addr, http = ?shared.http_addr(), cluster = ?shared.cluster_addr, threads, "node started");
-    Ok(NodeHandle { shared, trigger, dataplane, tasks, drain_timeout: opts.drain_timeout })
+    Ok(NodeHandle { shared, trigger, dataplane, tasks, admin, drain_timeout: opts.drain_timeout })
 }
 
 /// Starts gossip, the Raft RPC server, bootstrap and the membership loop.
@@ -477,6 +492,11 @@ fn digest(bytes: &[u8]) -> String {
 /// Proposes a source's pools once a leader accepts writes, when their content changed since
 /// the last time they were applied; the cluster's state is authoritative in between.
 async fn apply_source(node: Arc<NodeShared>, source: Source, data_dir: PathBuf) {
+    apply_source_once(&node, source, data_dir).await;
+    node.sources_pending.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn apply_source_once(node: &NodeShared, source: Source, data_dir: PathBuf) {
     let marker = data_dir.join(source.marker);
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(source.digest.as_str()) {
         tracing::info!(source = %source.label, "unchanged since it was applied; the cluster's state is authoritative");
@@ -552,6 +572,8 @@ fn spawn_reconciler(
         let mut shutdown = node.shutdown.clone();
         let started = Instant::now();
         let mut members_open = node.gossip.is_some();
+        let mut raft_rx = node.raft.metrics();
+        let mut raft_open = true;
         loop {
             let state = state_rx.borrow_and_update().clone();
             let local = local_rx.borrow_and_update().clone();
@@ -567,14 +589,17 @@ fn spawn_reconciler(
                 r = state_rx.changed() => if r.is_err() { return },
                 r = local_rx.changed() => if r.is_err() { return },
                 r = members_rx.changed(), if members_open => members_open = r.is_ok(),
+                // Readiness waits on Raft (a leader, the log applied) and on time.
+                r = raft_rx.changed(), if raft_open && !node.ready.load(Ordering::Relaxed) => raft_open = r.is_ok(),
                 _ = tokio::time::sleep(Duration::from_secs(1)), if !node.ready.load(Ordering::Relaxed) => {}
             }
         }
     })
 }
 
-/// A node is ready once every actively checked backend has a verdict (its own or a peer's),
-/// or after a grace period; until then routing has nothing "assumed up" to offer anyway.
+/// A node is ready once it follows a leader with the log applied, its config sources are in,
+/// and every actively checked backend has a verdict (its own or a peer's), or after a grace
+/// period; until then routing has nothing "assumed up" to offer anyway.
 async fn update_readiness(node: &NodeShared, state: &State, view: &HealthView, started: Instant) {
     if node.ready.load(Ordering::Relaxed) {
         return;
@@ -586,18 +611,23 @@ async fn update_readiness(node: &NodeShared, state: &State, view: &HealthView, s
         .flat_map(|p| p.backends.values().map(move |b| (p.name.clone(), b.addr)))
         .filter(|id: &BackendId| view.verdicts.get(id).copied().unwrap_or_default() == Verdict::Unknown)
         .count();
-    if unknown == 0 || started.elapsed() > Duration::from_secs(10) {
+    let pending = node.sources_pending.load(Ordering::Relaxed);
+    // Before a leader is known and its log applied, the state may lack pools it is about to get.
+    let raft = node.raft.status().await;
+    let caught_up = raft.leader.is_some() && raft.applied >= raft.committed;
+    if (unknown == 0 && pending == 0 && caught_up) || started.elapsed() > Duration::from_secs(10) {
         node.ready.store(true, Ordering::Relaxed);
         if let Some(g) = &node.gossip {
             g.set("ready", Some("1".into())).await;
         }
-        tracing::info!(node = %node.id, unknown, "node ready");
+        tracing::info!(node = %node.id, unknown, pending, "node ready");
     }
 }
 
 fn rebuild(node: &NodeShared, dp: &DataPlane, state: &State, health: &HealthView, ctx: &NodeCtx, fixed: Fixed) {
     let prev = node.table.load_full();
-    let next = reconcile::build(state, health, ctx, &prev, &node.metrics);
+    let mut next = reconcile::build(state, health, ctx, &prev, &node.metrics);
+    next.starting = !node.ready.load(Ordering::Relaxed);
     for gone in prev.pools.iter().filter(|p| next.pool(&p.name).is_none()) {
         gone.shared.values().for_each(|s| s.pool.clear());
         node.metrics.forget_pool(&gone.name);
@@ -666,7 +696,8 @@ pub fn active_per_backend(table: &Table) -> HashMap<BackendId, Counts> {
 
 async fn wait_first_table(node: &NodeShared) {
     for _ in 0..200 {
-        if node.table.load().generation > 0 {
+        // The listeners are bound right after the table is stored.
+        if node.table.load().generation > 0 && node.http_addr().is_some() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -31,6 +31,8 @@ pub struct Table {
     /// TCP listen port → index into `pools`.
     pub tcp: HashMap<u16, usize>,
     pub pools: Vec<PoolRt>,
+    /// The node is not ready yet: its state may still lack pools it will have in a moment.
+    pub starting: bool,
 }
 
 impl Table {

@@ -288,8 +288,23 @@ pub fn tls_client(ca_pem: &std::path::Path) -> tokio_rustls::TlsConnector {
 /// WebSocket client streams used by the tests.
 pub type Ws<S> = tokio_tungstenite::WebSocketStream<S>;
 
+/// A completed WebSocket handshake: the stream and the server's response.
+pub type WsOpened<S> = (Ws<S>, http::Response<Option<Vec<u8>>>);
+
 /// Opens a WebSocket to `path` over `stream`, with extra request headers.
-pub async fn ws_over<S>(stream: S, url: &str, headers: &[(&str, &str)]) -> (Ws<S>, http::Response<Option<Vec<u8>>>)
+pub async fn ws_over<S>(stream: S, url: &str, headers: &[(&str, &str)]) -> WsOpened<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    try_ws_over(stream, url, headers).await.expect("websocket handshake")
+}
+
+/// Like [`ws_over`], but a refused handshake is an error to retry on, not a panic.
+pub async fn try_ws_over<S>(
+    stream: S,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<WsOpened<S>, tokio_tungstenite::tungstenite::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -298,7 +313,7 @@ where
     for (k, v) in headers {
         req.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).expect("name"), v.parse().expect("value"));
     }
-    tokio_tungstenite::client_async(req, stream).await.expect("websocket handshake")
+    tokio_tungstenite::client_async(req, stream).await
 }
 
 /// Sends a text message and expects it echoed.

@@ -8,7 +8,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use serde_json::{Value, json};
-use shoal_tests::{HttpBackend, LOCALHOST, TestNode, eventually, get_text, tls_client, write_cert, ws_echo, ws_over};
+use shoal_tests::{
+    HttpBackend, LOCALHOST, TestNode, eventually, get_text, tls_client, try_ws_over, write_cert, ws_echo, ws_over,
+};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -195,7 +197,8 @@ async fn ec_env_file_runs_like_the_original_image() {
     let resp = eventually(Duration::from_secs(20), "gw2 through wss", || async {
         let tcp = TcpStream::connect(secure).await.ok()?;
         let tls = tls_client(&cert.cert).connect(name.clone(), tcp).await.ok()?;
-        let (mut ws, resp) = ws_over(tls, "wss://lb.example.test/agent", &[("x-server-select", "gw2")]).await;
+        let opened = try_ws_over(tls, "wss://lb.example.test/agent", &[("x-server-select", "gw2")]).await;
+        let (mut ws, resp) = opened.ok()?;
         ws_echo(&mut ws, "through the EC image").await;
         Some(resp)
     })

@@ -8,6 +8,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, StatusCode};
 use serde_json::json;
+use shoal_node::control::secure::ClusterKey;
+use shoal_node::node::ClusterOptions;
 use shoal_tests::{HttpBackend, TestNode, eventually, get_text, raw_http};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -265,5 +267,21 @@ async fn backend_connections_are_reused_for_sized_and_empty_bodies() {
     }
     let opened = accepts.load(Ordering::Relaxed) - before;
     assert!(opened <= 3, "200 sequential requests opened {opened} backend connections");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_node_says_retry_instead_of_not_found() {
+    // Waiting for a second node that never comes: no leader, so no pools yet and not ready.
+    let cluster = SocketAddr::new(shoal_tests::LOCALHOST, shoal_tests::free_port());
+    let dir = tempfile::tempdir().expect("dir");
+    let node = TestNode::start_in("lonely", dir, |o| {
+        o.cluster = Some(ClusterOptions::new(cluster, vec![], 2, ClusterKey::generate()));
+    })
+    .await;
+    let resp = raw_http(node.http(), Method::GET, "/anything", None).await.expect("answer");
+    assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers["retry-after"], "1");
+    assert!(!node.handle.shared.is_ready(), "the node became ready without a leader or verdicts");
     node.stop().await;
 }

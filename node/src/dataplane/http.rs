@@ -100,6 +100,7 @@ async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, state:
     }
     let host = if table.mux.has_hosts() { host_of(&req) } else { String::new() };
     match table.mux.route(&host, req.uri().path()) {
+        Route::NotFound if table.starting => starting(),
         Route::NotFound => error(StatusCode::NOT_FOUND, "no pool matches this URL", false),
         Route::Redirect(path) => redirect(&path, req.uri()),
         Route::Pool(idx) => {
@@ -119,6 +120,13 @@ async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, state:
             resp
         }
     }
+}
+
+/// A starting node may not have applied its pools yet: "try again", not "no such URL".
+fn starting() -> Response<ProxyBody> {
+    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "node is starting", false);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// Answers a violation the request scanner found, and closes the connection.

@@ -288,6 +288,11 @@ impl RaftNode {
         }
     }
 
+    /// Wakes on every change of Raft's metrics (leader, commit, apply).
+    pub fn metrics(&self) -> watch::Receiver<openraft::RaftMetrics<NodeId, ShoalNode>> {
+        self.raft.metrics()
+    }
+
     /// Raft facts for operators and metrics.
     pub async fn status(&self) -> RaftStatus {
         let m = self.raft.metrics().borrow().clone();
