@@ -8,6 +8,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::{Backend, BackendSpec, CheckKind, Pool, PoolSpec, Protocol, State, backend_key, validate_pool_name};
 
+/// A command as Raft's log holds it. The proposer picks `id` once per client write and keeps
+/// it across retries, so a write whose reply was lost and that is proposed again applies once
+/// (0: no deduplication).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proposal {
+    pub id: u64,
+    pub cmd: Command,
+}
+
 /// A change of desired state, as proposed through Raft.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]

@@ -14,5 +14,5 @@ pub mod command;
 pub mod heartbeat;
 pub mod spec;
 
-pub use command::{Applied, ApplyError, Command, apply};
+pub use command::{Applied, ApplyError, Command, Proposal, apply};
 pub use spec::{Algorithm, Backend, BackendSpec, CheckKind, HealthSpec, Pool, PoolSpec, Protocol, Scope, State};

@@ -16,7 +16,7 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
-use shoal_proto::{Applied, ApplyError, Command, State};
+use shoal_proto::{Applied, ApplyError, Command, Proposal, State};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -48,7 +48,7 @@ impl std::fmt::Display for ShoalNode {
 
 openraft::declare_raft_types!(
     pub TypeConfig:
-        D = Command,
+        D = Proposal,
         R = CommandResult,
         NodeId = NodeId,
         Node = ShoalNode,
@@ -166,8 +166,10 @@ impl RaftNode {
     }
 
     /// Proposes `cmd` wherever the leader is; returns once this node has applied it.
+    /// Every retry carries the same proposal id, so the write applies at most once.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, ProposeError> {
         let deadline = Instant::now() + WRITE_DEADLINE;
+        let cmd = Proposal { id: rand::random::<u64>() | 1, cmd };
         loop {
             // A leader that lost its quorum waits for a higher term inside `client_write`;
             // the deadline bounds every attempt, not only the pauses between them.
@@ -190,7 +192,7 @@ impl RaftNode {
         }
     }
 
-    async fn try_propose(&self, cmd: &Command) -> Attempt {
+    async fn try_propose(&self, cmd: &Proposal) -> Attempt {
         match self.raft.client_write(cmd.clone()).await {
             Ok(resp) => Attempt::Done(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match (f.leader_id, f.leader_node) {
@@ -202,7 +204,7 @@ impl RaftNode {
         }
     }
 
-    async fn forward_write(&self, leader: NodeId, node: ShoalNode, cmd: &Command) -> Attempt {
+    async fn forward_write(&self, leader: NodeId, node: ShoalNode, cmd: &Proposal) -> Attempt {
         let mut conn = Conn::new(self.wire.clone(), leader, node.raft_addr.clone());
         match conn.call(Request::Write(cmd.clone()), FORWARD_TIMEOUT).await {
             Ok(Reply::Write(Ok((result, index)))) => {
@@ -219,7 +221,7 @@ impl RaftNode {
     }
 
     /// Runs a forwarded write on this node, which must be the leader.
-    pub async fn write_as_leader(&self, cmd: Command) -> Result<(CommandResult, u64), String> {
+    pub async fn write_as_leader(&self, cmd: Proposal) -> Result<(CommandResult, u64), String> {
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok((resp.data, resp.log_id.index)),
             Err(e) => Err(e.to_string()),

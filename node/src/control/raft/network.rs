@@ -14,7 +14,7 @@ use openraft::raft::{
     VoteResponse,
 };
 use serde::{Deserialize, Serialize};
-use shoal_proto::Command;
+use shoal_proto::Proposal;
 
 use tokio::net::TcpStream;
 
@@ -46,7 +46,7 @@ pub enum Request {
     Vote(VoteRequest<NodeId>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// A client write forwarded to the leader.
-    Write(Command),
+    Write(Proposal),
     /// "Confirm you lead and tell me the index a linearizable read must wait for."
     ReadIndex,
     /// "Who are you?" (the leader asks before admitting a node gossip announced).
