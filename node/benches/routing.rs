@@ -49,11 +49,17 @@ fn balancers(c: &mut Criterion) {
 }
 
 fn routing(c: &mut Criterion) {
-    let patterns: Vec<String> =
-        (0..50).map(|i| format!("/svc{i}/")).chain(["/".to_string(), "/api/v2/".to_string()]).collect();
-    let mux = Mux::new(patterns.iter().enumerate().map(|(i, p)| (p.as_str(), i)));
-    c.bench_function("mux/route/subtree", |b| b.iter(|| mux.route(black_box(""), black_box("/api/v2/users/42"))));
-    c.bench_function("mux/route/root", |b| b.iter(|| mux.route(black_box(""), black_box("/index.html"))));
+    for pools in [50, 1000] {
+        let patterns: Vec<String> =
+            (0..pools).map(|i| format!("/svc{i}/")).chain(["/".to_string(), "/api/v2/".to_string()]).collect();
+        let mux = Mux::new(patterns.iter().enumerate().map(|(i, p)| (p.as_str(), i)));
+        c.bench_function(&format!("mux/route/subtree/{pools}"), |b| {
+            b.iter(|| mux.route(black_box(""), black_box("/api/v2/users/42")))
+        });
+        c.bench_function(&format!("mux/route/root/{pools}"), |b| {
+            b.iter(|| mux.route(black_box(""), black_box("/index.html")))
+        });
+    }
 }
 
 criterion_group!(benches, balancers, routing);

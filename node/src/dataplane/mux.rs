@@ -19,9 +19,8 @@ pub enum Route {
 /// A compiled set of patterns.
 #[derive(Clone, Debug, Default)]
 pub struct Mux {
+    /// Every pattern; those ending in `/` are subtrees.
     exact: HashMap<String, usize>,
-    /// Subtree patterns, longest first.
-    subtrees: Vec<(String, usize)>,
     /// Subtree patterns without their trailing `/` (what redirects to them).
     roots: std::collections::HashSet<String>,
     has_hosts: bool,
@@ -34,12 +33,10 @@ impl Mux {
         for (pattern, idx) in patterns {
             mux.has_hosts |= !pattern.starts_with('/');
             if let Some(root) = pattern.strip_suffix('/') {
-                mux.subtrees.push((pattern.to_string(), idx));
                 mux.roots.insert(root.to_string());
             }
             mux.exact.insert(pattern.to_string(), idx);
         }
-        mux.subtrees.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         mux
     }
 
@@ -56,38 +53,41 @@ impl Mux {
         if needs_cleaning(path) {
             return Route::Redirect(clean_path(path));
         }
-        if self.should_redirect_to_subtree(host, path) {
+        let exact = self.exact.get(path).copied();
+        if exact.is_none() && self.should_redirect_to_subtree(host, path) {
             return Route::Redirect(format!("{path}/"));
         }
-        match self.lookup(host, path) {
+        match self.lookup(host, path, exact) {
             Some(idx) => Route::Pool(idx),
             None => Route::NotFound,
         }
     }
 
-    fn lookup(&self, host: &str, path: &str) -> Option<usize> {
+    /// `exact`: the pattern equal to `path`, already looked up by the caller.
+    fn lookup(&self, host: &str, path: &str, exact: Option<usize>) -> Option<usize> {
         if self.has_hosts && !host.is_empty() {
             let mut key = String::with_capacity(host.len() + path.len());
             key.push_str(host);
             key.push_str(path);
-            if let Some(idx) = self.match_path(&key) {
+            if let Some(idx) = self.exact.get(&key).copied().or_else(|| self.longest_subtree(&key)) {
                 return Some(idx);
             }
         }
-        self.match_path(path)
+        exact.or_else(|| self.longest_subtree(path))
     }
 
-    fn match_path(&self, key: &str) -> Option<usize> {
-        if let Some(idx) = self.exact.get(key) {
-            return Some(*idx);
-        }
-        self.subtrees.iter().find(|(p, _)| key.starts_with(p.as_str())).map(|(_, idx)| *idx)
+    fn longest_subtree(&self, key: &str) -> Option<usize> {
+        // The longest subtree pattern prefixing `key`: subtree patterns end in `/`, so only the
+        // prefixes ending at a `/` can be one; try them longest first. The cost follows the
+        // path's depth, not the number of pools.
+        key.rmatch_indices('/').find_map(|(i, _)| self.exact.get(&key[..=i]).copied())
     }
 
     /// ServeMux: `/tree` redirects to `/tree/` when `/tree/` is registered and `/tree` is not
     /// (even if a shorter subtree such as `/` would match).
+    /// (Callers have checked that `path` itself is not a pattern.)
     fn should_redirect_to_subtree(&self, host: &str, path: &str) -> bool {
-        if path.ends_with('/') || self.exact.contains_key(path) {
+        if path.ends_with('/') {
             return false;
         }
         self.roots.contains(path)
