@@ -113,7 +113,7 @@ async fn round_robin_and_failed_backend_leaves_and_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unhealthy_pool_answers_502_and_sick_backend_is_skipped() {
+async fn unhealthy_pool_answers_503_and_sick_backend_is_skipped() {
     let node = TestNode::start("http-3").await;
     let a = HttpBackend::start("a").await;
     let b = HttpBackend::start("b").await;
@@ -129,7 +129,7 @@ async fn unhealthy_pool_answers_502_and_sick_backend_is_skipped() {
     a.healthy.store(false, Ordering::Relaxed);
     wait_healthy(&node, "web", 0).await;
     let (status, body) = get_text(node.http(), "/").await.expect("get");
-    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let h = node.get("/v1/pools/web/health").await;
     assert_eq!(h["status"], "PS_EMPTY");
     node.stop().await;

@@ -73,7 +73,7 @@ async fn grafana_dashboard_queries_only_exported_metrics() {
     assert!(exprs.len() >= 15, "the dashboard has its panels");
     let wanted: BTreeSet<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
 
-    // Exercise every path the dashboard shows: traffic, a 502, a passive ejection, a websocket.
+    // Exercise every path the dashboard shows: traffic, a 502 and a 503, a passive ejection, a websocket.
     let node = TestNode::start("obs-1").await;
     let b = HttpBackend::start("b").await;
     node.put("/v1/pools/web", json!({"pattern": "/", "health": {"interval_ms": 200}})).await;

@@ -170,7 +170,8 @@ async fn forward(
     let started = Instant::now();
     if pool.routable().is_empty() {
         pool.metrics.no_backend.inc();
-        return error(StatusCode::BAD_GATEWAY, "no healthy backend", false);
+        // As HAProxy and Envoy (and shoal's TCP pools) answer: nothing to try, not a bad answer.
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend", false);
     }
     let pin = if pool.pinning { ws::pinned(req.headers(), req.uri().path()) } else { None };
     let upgrade = wants_upgrade(req.headers());
