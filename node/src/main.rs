@@ -2,8 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    shoal_node::cli::run(shoal_node::cli::Cli::parse())
+    shoal_node::cli::run(shoal_node::cli::parse())
 }

@@ -40,7 +40,8 @@ async fn seed_003_verbs_against_a_node() {
         );
         ok(&["backend", "add", "web", &a_addr, "--url-path", "/", "--admin", admin]);
         ok(&["backend", "add", "web", &b_addr, "--weight", "2", "--admin", admin]);
-        let list = ok(&["pool", "list", "--admin", admin]);
+        // Global flags before the verb, as `kubectl --context X get …`.
+        let list = ok(&["--admin", admin, "pool", "list"]);
         assert!(list.contains("web") && list.contains("http /"), "{list}");
         let status = ok(&["status", "--admin", admin]);
         assert!(status.contains("cli-1") && status.contains("leader"), "{status}");
@@ -63,7 +64,7 @@ async fn seed_003_verbs_against_a_node() {
         assert!(ok(&["backend", "drain", "web", &a_addr, "--admin", admin]).contains("draining"));
         assert!(ok(&["pool", "health", "web", "--admin", admin]).contains("BS_DRAINING"));
         ok(&["backend", "rm", "web", &a_addr, "--admin", admin]);
-        let json = ok(&["pool", "health", "web", "--json", "--admin", admin]);
+        let json = ok(&["--json", "--admin", admin, "pool", "health", "web"]);
         let v: serde_json::Value = serde_json::from_str(&json).expect("json output");
         assert_eq!(v["backends"].as_array().map(Vec::len), Some(1));
         let out = shoal(&["backend", "add", "missing", "127.0.0.1:1", "--admin", admin]);

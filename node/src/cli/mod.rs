@@ -1,6 +1,7 @@
 //! The `shoal` command line: `node`, `dev`, `check-config`, `demo-backend`, and the admin
 //! verbs (`pool`, `backend`, `status`) that talk to any node's admin API.
 
+mod args;
 pub mod client;
 pub mod dev;
 mod output;
@@ -21,11 +22,18 @@ use crate::control::secure::ClusterKey;
 use crate::dataplane::Limits;
 use crate::dataplane::tls::CertFiles;
 use crate::node::{ClusterOptions, NodeOptions};
+pub use args::parse;
 use client::{AdminClient, ApiFailure};
 
 /// shoal: a clustered load balancer.
 #[derive(Debug, Parser)]
-#[command(name = "shoal", version, about, propagate_version = true)]
+#[command(
+    name = "shoal",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "--admin, --token, --token-file and --json may come before or after the verb."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
