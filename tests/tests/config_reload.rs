@@ -225,3 +225,42 @@ fn check_config_accepts_the_reloaded_files() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("2 pools"), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// Two nodes reading the same file: the edit is applied once and they do not fight over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_sharing_a_file_apply_it_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("pools.toml");
+    std::fs::write(&file, FIRST).expect("config");
+    let file_arg = file.to_string_lossy().into_owned();
+    let bin = env!("CARGO_BIN_EXE_shoal-under-test");
+    let c = shoal_tests::cluster::ProcCluster::start(bin, 2, &["--config-path", &file_arg, "--config-poll-ms", "200"])
+        .await;
+    let state = |i: usize| {
+        let admin = c.nodes[i].admin();
+        async move { admin.get::<Value>("/v1/state").await.ok() }
+    };
+    for i in 0..2 {
+        eventually(WITHIN, "the file's pools on every node", || async {
+            state(i).await.filter(|s| pools(s) == ["a", "b"])
+        })
+        .await;
+    }
+    let tmp = dir.path().join("pools.toml.new");
+    std::fs::write(&tmp, EDITED).expect("write");
+    std::fs::rename(&tmp, &file).expect("rename");
+    for i in 0..2 {
+        eventually(WITHIN, "the edit on every node", || async {
+            state(i).await.filter(|s| pools(s) == ["b", "c"] && weight(s, "b", "127.0.0.1:9002") == Some(5))
+        })
+        .await;
+    }
+    // Both nodes look at the file every 200 ms: once settled, nothing is proposed back and forth.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = state(0).await.expect("state")["version"].as_u64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..2 {
+        let now = state(i).await.expect("state");
+        assert_eq!(now["version"].as_u64(), before, "node {i}: the state kept changing");
+    }
+}
