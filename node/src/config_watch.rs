@@ -278,7 +278,7 @@ impl Keeper {
     /// Re-reads the file every poll interval and on SIGHUP until the node stops.
     pub async fn watch(mut self) {
         let Some(mut watch) = self.watch.take() else { return };
-        let mut state = WatchState { seen: Some(self.digest.clone()), failure: None };
+        let mut state = WatchState { seen: Some(self.digest.clone()), failure: None, settling: None };
         let mut shutdown = self.node.shutdown.clone();
         tracing::info!(source = %self.label, poll = ?watch.poll, "watching the config file (and SIGHUP)");
         loop {
@@ -304,7 +304,7 @@ impl Keeper {
             Ok(bytes) => (digest(&bytes), config::from_bytes(path, &bytes)),
             Err(e) => (format!("unreadable: {e}"), Err(config::unreadable(path, &e))),
         };
-        if !forced && state.seen.as_deref() == Some(digest.as_str()) {
+        if !forced && !state.settled(&digest) {
             return;
         }
         state.seen = Some(digest.clone());
@@ -362,6 +362,25 @@ struct WatchState {
     seen: Option<String>,
     /// The last failure logged, so a persistent one is not logged every poll.
     failure: Option<String>,
+    /// New content seen at the last poll: it is acted on once it stays the same for one more
+    /// poll, so a file being written in place is not read half way.
+    settling: Option<String>,
+}
+
+impl WatchState {
+    /// Whether a poll that read `digest` should act on it.
+    fn settled(&mut self, digest: &str) -> bool {
+        if self.seen.as_deref() == Some(digest) {
+            self.settling = None;
+            return false;
+        }
+        if self.settling.as_deref() == Some(digest) {
+            self.settling = None;
+            return true;
+        }
+        self.settling = Some(digest.to_string());
+        false
+    }
 }
 
 async fn recv(signal: &mut Option<Signal>) -> Option<()> {
@@ -478,6 +497,17 @@ mod tests {
         let wanted = pools(&[pool("web", "/", &[])]);
         let e = plan(None, &current, &wanted).unwrap_err();
         assert!(e.to_string().contains("manual"), "{e}");
+    }
+
+    #[test]
+    fn new_content_is_acted_on_once_it_stays_the_same_for_a_poll() {
+        let mut w = WatchState { seen: Some("a".into()), failure: None, settling: None };
+        assert!(!w.settled("a"), "unchanged");
+        assert!(!w.settled("half"), "just changed: maybe half written");
+        assert!(!w.settled("b"), "still changing");
+        assert!(w.settled("b"), "stable for a poll");
+        w.seen = Some("b".into());
+        assert!(!w.settled("b"));
     }
 
     #[test]
