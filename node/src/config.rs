@@ -1,6 +1,6 @@
 //! Config files: shoal's own TOML and seed 004's two JSON shapes (`mode: "fl"` and
 //! `mode: "ld"`, with `//` comments and the original's misspelled key), both translated into
-//! commands. Errors name the key and the problem.
+//! pools (`config_watch` proposes them). Errors name the key and the problem.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -34,21 +34,6 @@ pub struct ConfigFile {
 }
 
 impl ConfigFile {
-    /// The batch that makes the file's pools exist exactly as written (other pools untouched).
-    pub fn commands(&self, current: &State) -> Command {
-        let mut cmds = Vec::new();
-        for (name, spec, backends) in &self.pools {
-            if current.pools.contains_key(name) {
-                cmds.push(Command::DeletePool { name: name.clone() });
-            }
-            cmds.push(Command::PutPool { name: name.clone(), spec: spec.clone() });
-            for (addr, b) in backends {
-                cmds.push(Command::PutBackend { pool: name.clone(), addr: *addr, spec: b.clone() });
-            }
-        }
-        Command::Batch(cmds)
-    }
-
     /// Checks the whole file as `apply` would, naming the pool in errors.
     pub fn validate(&self) -> Result<State, ConfigError> {
         let mut state = State::default();
@@ -74,11 +59,21 @@ fn from_apply(prefix: &str, e: ApplyError) -> ConfigError {
 
 /// Reads and parses a config file, deciding the format by content.
 pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
-    let file = parse(&text)?;
+    let bytes = std::fs::read(path).map_err(|e| unreadable(path, &e))?;
+    from_bytes(path, &bytes)
+}
+
+/// Parses and validates the content of the config file at `path`.
+pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<ConfigFile, ConfigError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| err(path.display().to_string(), format!("not UTF-8: {e}")))?;
+    let file = parse(text)?;
     file.validate()?;
     Ok(file)
+}
+
+/// The error for a config file that cannot be read.
+pub fn unreadable(path: &Path, e: &std::io::Error) -> ConfigError {
+    err(path.display().to_string(), format!("cannot read: {e}"))
 }
 
 /// Parses config text: JSON (seed 004) when it starts with `{`, TOML otherwise.

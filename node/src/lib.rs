@@ -5,11 +5,13 @@
 //! - [`health`]: active probes, heartbeats, passive ejection, hysteresis;
 //! - [`control`]: desired state and how it changes;
 //! - [`admin`]: the JSON admin API; [`cli`]: the `shoal` command line;
-//! - [`node`]: start and shutdown order; [`config`]: config files; [`metrics`]: Prometheus.
+//! - [`node`]: start and shutdown order; [`config`]: config files, kept in force by
+//!   [`config_watch`]; [`metrics`]: Prometheus.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod config_watch;
 pub mod control;
 pub mod dataplane;
 pub mod demo;

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub proposal_failures: IntCounter,
     pub admin_requests: IntCounterVec,
     pub rejected_inputs: IntCounterVec,
+    pub config_reloads: IntCounterVec,
 }
 
 /// Request duration buckets, in seconds: 100 µs to 30 s.
@@ -176,6 +177,12 @@ impl Metrics {
             proposal_failures: plain_counter(&r, "raft_proposal_failures_total", "Proposals that failed to commit"),
             admin_requests: counter(&r, "admin_requests_total", "Admin API requests by status class", &["class"]),
             rejected_inputs: counter(&r, "rejected_inputs_total", "Hostile or malformed inputs dropped", &["kind"]),
+            config_reloads: counter(
+                &r,
+                "config_reloads_total",
+                "Config file reloads by result (ok, invalid: refused as written, failed: not committed)",
+                &["result"],
+            ),
             registry: r,
         }
     }

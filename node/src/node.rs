@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config;
+use crate::config_watch::{self, Source};
 use crate::control::gossip::{Gossip, GossipOptions, Members};
 use crate::control::membership::{self, Policy};
 use crate::control::raft::network::LinkFilter;
@@ -76,6 +77,8 @@ pub struct NodeOptions {
     pub admin: SocketAddr,
     pub data_dir: PathBuf,
     pub config: Option<PathBuf>,
+    /// How often the config file is re-read (zero: only on SIGHUP).
+    pub config_poll: Duration,
     /// IP every data listener binds. `None`: a seed config's IP, else 0.0.0.0.
     pub listen_ip: Option<IpAddr>,
     /// The node's HTTP listener port (0 picks a free port).
@@ -114,6 +117,7 @@ impl NodeOptions {
             admin: SocketAddr::new(ip, 0),
             data_dir,
             config: None,
+            config_poll: Duration::from_secs(1),
             listen_ip: Some(ip),
             http_port: 0,
             threads: 1,
@@ -370,29 +374,17 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         http: SocketAddr::new(listen_ip, opts.http_port),
         https: opts.https_port.map(|p| SocketAddr::new(listen_ip, p)),
     };
-    let mut sources = Vec::new();
-    if let (Some(file), Some(path)) = (config_file, opts.config.clone()) {
-        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        sources.push(Source {
-            label: path.display().to_string(),
-            file,
-            digest: digest(&bytes),
-            marker: "config.applied",
-        });
-    }
-    if let Some(file) = opts.ec.clone() {
-        let bytes = serde_json::to_vec(&file.pools)?;
-        sources.push(Source { label: "EC environment".into(), file, digest: digest(&bytes), marker: "ec.applied" });
-    }
+    let sources = config_sources(config_file, &opts)?;
     shared.sources_pending.store(sources.len(), Ordering::Relaxed);
     for source in sources {
-        let apply = apply_source(shared.clone(), source, opts.data_dir.clone());
+        let mut keeper = config_watch::Keeper::new(shared.clone(), source, &opts.data_dir);
         if shared.gossip.is_some() {
             // A cluster may still be electing its first leader: apply in the background.
-            tasks.push(tokio::spawn(apply));
+            tasks.push(tokio::spawn(keeper.run()));
         } else {
             // Alone, the node is its own leader: have the pools before the listeners open.
-            apply.await;
+            keeper.apply_at_start().await;
+            tasks.push(tokio::spawn(keeper.watch()));
         }
     }
     let ctx = NodeCtx { workers: threads, zone: opts.zone.clone() };
@@ -476,46 +468,28 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Pools from a file or the EC environment, proposed when their content changed.
-struct Source {
-    label: String,
-    file: config::ConfigFile,
-    digest: String,
-    /// File in the data dir remembering the digest last applied.
-    marker: &'static str,
-}
-
-fn digest(bytes: &[u8]) -> String {
-    format!("{:016x}", crate::dataplane::maglev::stable_hash(bytes, 0))
-}
-
-/// Proposes a source's pools once a leader accepts writes, when their content changed since
-/// the last time they were applied; the cluster's state is authoritative in between.
-async fn apply_source(node: Arc<NodeShared>, source: Source, data_dir: PathBuf) {
-    apply_source_once(&node, source, data_dir).await;
-    node.sources_pending.fetch_sub(1, Ordering::Relaxed);
-}
-
-async fn apply_source_once(node: &NodeShared, source: Source, data_dir: PathBuf) {
-    let marker = data_dir.join(source.marker);
-    if std::fs::read_to_string(&marker).ok().as_deref() == Some(source.digest.as_str()) {
-        tracing::info!(source = %source.label, "unchanged since it was applied; the cluster's state is authoritative");
-        return;
+/// The config file (watched, and reloaded on SIGHUP) and the EC environment's pools.
+fn config_sources(file: Option<config::ConfigFile>, opts: &NodeOptions) -> anyhow::Result<Vec<Source>> {
+    let mut sources = Vec::new();
+    if let (Some(file), Some(path)) = (file, opts.config.clone()) {
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGHUP; the config file is still polled"))
+            .ok();
+        sources.push(Source {
+            label: path.display().to_string(),
+            file,
+            digest: config_watch::digest(&bytes),
+            marker: "config.applied",
+            watch: Some(config_watch::Watch { path, poll: opts.config_poll, hangup }),
+        });
     }
-    loop {
-        match node.raft.propose(source.file.commands(&node.state())).await {
-            Ok(applied) => {
-                let _ = std::fs::write(&marker, &source.digest);
-                let summary = config::summary(&source.file);
-                tracing::info!(source = %source.label, %summary, version = applied.version, "pools applied");
-                return;
-            }
-            Err(crate::control::ProposeError::Unavailable(why)) => {
-                tracing::info!(%why, source = %source.label, "waiting for a leader to apply pools");
-            }
-            Err(e) => return tracing::error!(source = %source.label, error = %e, "pools refused"),
-        }
+    if let Some(file) = opts.ec.clone() {
+        let bytes = serde_json::to_vec(&file.pools)?;
+        let digest = config_watch::digest(&bytes);
+        sources.push(Source { label: "EC environment".into(), file, digest, marker: "ec.applied", watch: None });
     }
+    Ok(sources)
 }
 
 /// Client TLS for `backend_tls` pools: the given CA file must load; the system bundle may be absent.

@@ -101,9 +101,13 @@ pub struct NodeArgs {
     /// Where the node keeps its state.
     #[arg(long, default_value = "shoal-data")]
     pub data_dir: PathBuf,
-    /// Initial pools: shoal TOML or a seed 004 JSON file; re-applied when the file changes.
-    #[arg(long)]
+    /// Pools from a shoal TOML or seed 004 JSON file; watched, and reloaded on SIGHUP: a change
+    /// is proposed, a bad file refused with the running state kept.
+    #[arg(long, visible_alias = "config-path")]
     pub config: Option<PathBuf>,
+    /// How often the --config file is re-read, in milliseconds (0: only on SIGHUP).
+    #[arg(long, default_value_t = 1000, hide = true)]
+    pub config_poll_ms: u64,
     /// Port of the node's HTTP listener (HTTP pools attach to it by URL pattern) [default: 8080,
     /// 80 with --ec-env].
     #[arg(long)]
@@ -233,6 +237,7 @@ impl NodeArgs {
             admin: self.admin,
             data_dir: self.data_dir.clone(),
             config: self.config.clone(),
+            config_poll: Duration::from_millis(self.config_poll_ms),
             listen_ip: self.listen_ip,
             http_port: self.http_port.unwrap_or(if ec.is_some() { 80 } else { 8080 }),
             https_port,
