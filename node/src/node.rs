@@ -105,8 +105,10 @@ pub struct NodeOptions {
     pub access_log: bool,
     /// Bearer token of the admin API.
     pub admin_token: String,
-    /// Serve `/healthz` and `/metrics` without the token.
+    /// Serve `/metrics` without the token.
     pub public_metrics: bool,
+    /// Accept gRPC control calls without the token (`--grpc-allow-unauthenticated`).
+    pub grpc_allow_unauthenticated: bool,
 }
 
 impl NodeOptions {
@@ -133,6 +135,7 @@ impl NodeOptions {
             access_log: false,
             admin_token: crate::control::secure::hex(&rand::random::<[u8; 16]>()),
             public_metrics: false,
+            grpc_allow_unauthenticated: false,
         }
     }
 }
@@ -161,6 +164,7 @@ pub struct NodeShared {
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     pub admin_token: String,
     pub public_metrics: bool,
+    pub grpc_allow_unauthenticated: bool,
     http_addr: Mutex<Option<SocketAddr>>,
     https_addr: Mutex<Option<SocketAddr>>,
 }
@@ -367,6 +371,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         backend_tls,
         admin_token: opts.admin_token.clone(),
         public_metrics: opts.public_metrics,
+        grpc_allow_unauthenticated: opts.grpc_allow_unauthenticated,
         http_addr: Mutex::new(None),
         https_addr: Mutex::new(None),
     });

@@ -673,7 +673,7 @@ class Bench:
         return path
 
     def configure_shoal(self, ports: tuple[int, int, int]) -> None:
-        wait_until("shoal admin API", lambda: http_get(f"http://{HOST}:{SHOAL_ADMIN}/healthz")[0] == 200)
+        wait_until("shoal admin API", lambda: http_get(f"http://{HOST}:{SHOAL_ADMIN}/readyz")[0] == 200)
         health = {"interval_ms": 1000}
         admin("PUT", "/v1/pools/web", {"pattern": "/", "health": health})
         admin("PUT", "/v1/pools/ws", {"pattern": "/ws", "health": health})

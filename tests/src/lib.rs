@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
 pub mod cluster;
+pub mod grpc;
 
 pub use shoal_node;
 pub use shoal_proto;

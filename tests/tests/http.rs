@@ -283,5 +283,34 @@ async fn a_starting_node_says_retry_instead_of_not_found() {
     assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.headers["retry-after"], "1");
     assert!(!node.handle.shared.is_ready(), "the node became ready without a leader or verdicts");
+    // Probes without a token: alive, but not ready for traffic.
+    let ready = raw_http(node.handle.admin_addr(), Method::GET, "/readyz", None).await.expect("readyz");
+    assert_eq!((ready.status, ready.text().as_str()), (StatusCode::SERVICE_UNAVAILABLE, "starting\n"));
+    let live = raw_http(node.handle.admin_addr(), Method::GET, "/healthz", None).await.expect("healthz");
+    assert_eq!(live.status, StatusCode::OK, "a starting node is alive");
     node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_is_not_ready_but_alive() {
+    let node = TestNode::start("draining").await;
+    let backend = HttpBackend::start("b1").await;
+    node.put("/v1/pools/web", json!({"pattern": "/", "health": {"interval_ms": 200}})).await;
+    add_backend(&node, "web", &backend, json!({})).await;
+    wait_healthy(&node, "web", 1).await;
+    let admin = node.handle.admin_addr();
+    // An open WebSocket keeps the node draining for its drain timeout (5 s).
+    let tcp = TcpStream::connect(node.http()).await.expect("connect");
+    let (mut ws, _) = shoal_tests::ws_over(tcp, &format!("ws://{}/agent", node.http()), &[]).await;
+    shoal_tests::ws_echo(&mut ws, "before the drain").await;
+    let stopping = tokio::spawn(node.stop());
+    eventually(Duration::from_secs(4), "/readyz says draining", || async {
+        let r = raw_http(admin, Method::GET, "/readyz", None).await.ok()?;
+        (r.status == StatusCode::SERVICE_UNAVAILABLE && r.text() == "draining\n").then_some(())
+    })
+    .await;
+    let live = raw_http(admin, Method::GET, "/healthz", None).await.expect("healthz while draining");
+    assert_eq!(live.status, StatusCode::OK, "draining is not dead: a supervisor must not restart it");
+    drop(ws);
+    stopping.await.expect("stopped");
 }

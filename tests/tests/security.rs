@@ -24,7 +24,7 @@ fn counter(text: &str, family: &str, filter: &str) -> f64 {
 async fn admin_api_requires_the_token() {
     let node = TestNode::start("sec-admin").await;
     let admin = node.handle.admin_addr();
-    for path in ["/v1/pools", "/v1/cluster", "/metrics", "/healthz", "/v1/state"] {
+    for path in ["/v1/pools", "/v1/cluster", "/metrics", "/v1/state", "/v1/stats", "/v1/pools/x/health"] {
         let r = raw_http(admin, Method::GET, path, None).await.expect("answer");
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
         assert_eq!(r.headers["www-authenticate"], "Bearer");
@@ -38,13 +38,20 @@ async fn admin_api_requires_the_token() {
     assert_eq!(wrong.raw(Method::GET, "/v1/pools", None).await.expect("answer").0, StatusCode::UNAUTHORIZED);
     let page = raw_http(admin, Method::GET, "/", None).await.expect("page");
     assert_eq!(page.status, StatusCode::OK, "the status page itself holds no data");
+    // Probes need no token and learn nothing but the status.
+    let live = raw_http(admin, Method::GET, "/healthz", None).await.expect("healthz");
+    assert_eq!((live.status, live.text().as_str()), (StatusCode::OK, "ok\n"));
+    let ready = raw_http(admin, Method::GET, "/readyz", None).await.expect("readyz");
+    assert_eq!((ready.status, ready.text().as_str()), (StatusCode::OK, "ready\n"));
+    let head = raw_http(admin, Method::HEAD, "/readyz", None).await.expect("HEAD readyz");
+    assert_eq!(head.status, StatusCode::OK);
     assert_eq!(node.call(Method::GET, "/v1/pools", None).await.0, StatusCode::OK, "with the token");
     node.stop().await;
 
     let open = TestNode::start_in("sec-open", tempfile::tempdir().expect("dir"), |o| o.public_metrics = true).await;
     let a = open.handle.admin_addr();
     assert_eq!(raw_http(a, Method::GET, "/metrics", None).await.expect("m").status, StatusCode::OK);
-    assert_eq!(raw_http(a, Method::GET, "/healthz", None).await.expect("h").status, StatusCode::OK);
+    assert_eq!(raw_http(a, Method::GET, "/readyz", None).await.expect("h").status, StatusCode::OK);
     assert_eq!(raw_http(a, Method::GET, "/v1/pools", None).await.expect("p").status, StatusCode::UNAUTHORIZED);
     open.stop().await;
 }

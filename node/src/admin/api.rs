@@ -21,12 +21,18 @@ use crate::shutdown::Phase;
 
 type Node = AxState<Arc<NodeShared>>;
 
-pub async fn healthz(AxState(node): Node) -> Response {
+/// `GET /healthz`: liveness. The process is alive and its admin runtime answers; it stays `ok`
+/// while the node starts and drains, so a supervisor never restarts a node for being unready.
+pub async fn healthz() -> Response {
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+/// `GET /readyz`: readiness to take traffic. 503 while starting (no leader, log not applied,
+/// config sources or health verdicts pending) and once draining has begun.
+pub async fn readyz(AxState(node): Node) -> Response {
     match (node.shutdown.phase(), node.is_ready()) {
-        (Phase::Running, true) => (StatusCode::OK, "ok\n").into_response(),
-        (Phase::Running, false) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "starting: waiting for health verdicts\n").into_response()
-        }
+        (Phase::Running, true) => (StatusCode::OK, "ready\n").into_response(),
+        (Phase::Running, false) => (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response(),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response(),
     }
 }
@@ -154,13 +160,19 @@ pub async fn put_backend(
     let existing = p.backends.get(&addr.to_string()).map(|b| &b.spec);
     let (spec, force) = req.into_spec(existing);
     if existing.is_none() && !force {
-        first_check(&node, p, addr).await?;
+        first_check(&node, p, addr).await.map_err(|reason| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("backend {addr} failed its first health check ({reason}); fix it, or add it with force=true"),
+            )
+        })?;
     }
     write(&node, Command::PutBackend { pool, addr, spec }).await
 }
 
-/// Seed 003: a backend that fails its first health check is not added (unless forced).
-async fn first_check(node: &NodeShared, pool: &Pool, addr: SocketAddr) -> Result<(), ApiError> {
+/// Seed 003: a backend that fails its first health check is not added (unless forced). Runs the
+/// pool's check once from this node; `Err` is the reason.
+pub(super) async fn first_check(node: &NodeShared, pool: &Pool, addr: SocketAddr) -> Result<(), String> {
     let kind = pool.spec.check();
     if !matches!(kind, CheckKind::Http | CheckKind::Tcp) {
         return Ok(());
@@ -169,12 +181,7 @@ async fn first_check(node: &NodeShared, pool: &Pool, addr: SocketAddr) -> Result
         (true, Some(c)) => Some((c, pool.spec.backend_tls_name.clone())),
         _ => None,
     };
-    probe::probe(kind, addr, &pool.spec.health, tls.as_ref()).await.map_err(|reason| {
-        ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("backend {addr} failed its first health check ({reason}); fix it, or add it with force=true"),
-        )
-    })
+    probe::probe(kind, addr, &pool.spec.health, tls.as_ref()).await
 }
 
 pub async fn delete_backend(

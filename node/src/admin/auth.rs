@@ -1,6 +1,7 @@
 //! Who may use the admin API: a bearer token, compared in constant time. `GET /` (the status
-//! page's static HTML, which carries no data) is always served; `/healthz` and `/metrics` only
-//! when the node runs with `--public-metrics`. A missing or wrong token gets a bare 401.
+//! page's static HTML, which carries no data), `/healthz` and `/readyz` (a status and nothing
+//! else, for probes) are always served; `/metrics` only when the node runs with
+//! `--public-metrics`. A missing or wrong token gets a bare 401 (gRPC: `UNAUTHENTICATED`).
 
 use std::io::Write;
 use std::path::Path;
@@ -45,7 +46,17 @@ pub fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
 }
 
 fn is_public(node: &NodeShared, path: &str) -> bool {
-    path == "/" || (node.public_metrics && matches!(path, "/healthz" | "/metrics"))
+    matches!(path, "/" | "/healthz" | "/readyz") || (node.public_metrics && path == "/metrics")
+}
+
+/// Whether an `Authorization` value carries the node's bearer token; a refusal is counted.
+pub fn bearer_ok(node: &NodeShared, header: Option<&str>) -> bool {
+    let presented = header.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
+    let ok = bool::from(presented.as_bytes().ct_eq(node.admin_token.as_bytes()));
+    if !ok {
+        node.metrics.rejected_inputs.with_label_values(&["admin_auth"]).inc();
+    }
+    ok
 }
 
 /// Axum middleware: lets a request through only with the node's bearer token.
@@ -53,17 +64,9 @@ pub async fn require_token(State(node): State<Arc<NodeShared>>, req: Request, ne
     if is_public(&node, req.uri().path()) {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(node.admin_token.as_bytes())) {
+    if bearer_ok(&node, req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())) {
         return next.run(req).await;
     }
-    node.metrics.rejected_inputs.with_label_values(&["admin_auth"]).inc();
     let mut resp = ApiError(StatusCode::UNAUTHORIZED, "unauthorized".into()).into_response();
     resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
     resp

@@ -1,8 +1,12 @@
-//! The admin API (axum, JSON): pools, backends, health, cluster view, metrics. It listens on
-//! its own socket and shares nothing with the data plane's connection limits.
+//! The admin API: JSON over HTTP/1.1 (axum) for pools, backends, health, cluster view and
+//! metrics, and seed 003's gRPC control API over h2c on the same socket. A request whose
+//! content type is `application/grpc*` goes to the gRPC routes, anything else to the JSON
+//! router, so every gRPC caller gets a gRPC-shaped answer. It listens on its own socket and
+//! shares nothing with the data plane's connection limits.
 
 mod api;
 pub mod auth;
+pub mod grpc;
 mod json;
 
 use std::net::SocketAddr;
@@ -13,18 +17,30 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
 pub use json::ApiError;
 
 use crate::node::NodeShared;
 use crate::shutdown::{Phase, Shutdown};
 
-/// Builds the router over a node's shared state.
+/// Builds the admin service over a node's shared state: gRPC by content type, else JSON.
 pub fn router(node: Arc<NodeShared>) -> Router {
+    let json = json_router(node.clone());
+    let grpc = grpc::router(node);
+    Router::new().fallback_service(tower::service_fn(move |req: axum::extract::Request| {
+        let to = if grpc::is_grpc(&req) { grpc.clone() } else { json.clone() };
+        to.oneshot(req)
+    }))
+}
+
+/// The JSON API behind the bearer-token middleware.
+fn json_router(node: Arc<NodeShared>) -> Router {
     Router::new()
         .route("/", get(api::status_page))
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
         .route("/v1/state", get(api::state))
         .route("/v1/cluster", get(api::cluster))
@@ -48,6 +64,12 @@ pub fn router(node: Arc<NodeShared>) -> Router {
 
 /// Serves the admin API on `listener` until the node is fully stopped.
 pub async fn serve(listener: TcpListener, node: Arc<NodeShared>, mut shutdown: Shutdown) {
+    if node.grpc_allow_unauthenticated {
+        tracing::warn!(
+            admin = %node.admin_addr,
+            "--grpc-allow-unauthenticated: gRPC calls without the admin token can change pools and backends"
+        );
+    }
     let app = router(node);
     let stop = async move { shutdown.wait_for(Phase::Stopped).await };
     if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())

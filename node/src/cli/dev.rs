@@ -157,7 +157,7 @@ async fn configure(n: u8, token: &str) -> anyhow::Result<()> {
     for i in 1..=n {
         let node = AdminClient::new(&format!("http://{}:8081", ip(i)))?.with_token(Some(token.to_string()));
         retry(|| async {
-            let (s, _) = node.raw(Method::GET, "/healthz", None).await?;
+            let (s, _) = node.raw(Method::GET, "/readyz", None).await?;
             if s.is_success() { Ok(()) } else { anyhow::bail!("node-{i} not ready: {s}") }
         })
         .await?;

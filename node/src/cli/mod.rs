@@ -179,9 +179,15 @@ pub struct NodeArgs {
     /// [default: <data-dir>/admin.token].
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Serve /healthz and /metrics without the admin token (for load balancers and Prometheus).
+    /// Serve /metrics without the admin token (for Prometheus). /healthz and /readyz are
+    /// always open.
     #[arg(long)]
     pub public_metrics: bool,
+    /// Accept seed 003's gRPC control calls (AddPool, AddBackend, ...) without the admin token,
+    /// as the seed's own CLI sends none. Anyone who reaches the admin address can then change
+    /// what the cluster routes.
+    #[arg(long)]
+    pub grpc_allow_unauthenticated: bool,
     /// Bootstrap a new cluster once this many nodes see each other (default: 1 without
     /// --join, else 0 = only join an existing cluster).
     #[arg(long, requires = "cluster")]
@@ -259,6 +265,7 @@ impl NodeArgs {
             cluster: self.cluster_options()?,
             admin_token: self.admin_token()?,
             public_metrics: self.public_metrics,
+            grpc_allow_unauthenticated: self.grpc_allow_unauthenticated,
         })
     }
 
