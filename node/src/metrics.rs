@@ -52,6 +52,8 @@ pub struct Metrics {
     pub proposal_failures: IntCounter,
     pub admin_requests: IntCounterVec,
     pub rejected_inputs: IntCounterVec,
+    /// EC gateways named by host name whose re-resolution failed (the old address stays).
+    pub ec_resolve_failures: IntCounter,
 }
 
 /// Request duration buckets, in seconds: 100 µs to 30 s.
@@ -176,6 +178,11 @@ impl Metrics {
             proposal_failures: plain_counter(&r, "raft_proposal_failures_total", "Proposals that failed to commit"),
             admin_requests: counter(&r, "admin_requests_total", "Admin API requests by status class", &["class"]),
             rejected_inputs: counter(&r, "rejected_inputs_total", "Hostile or malformed inputs dropped", &["kind"]),
+            ec_resolve_failures: plain_counter(
+                &r,
+                "ec_gateway_resolve_failures_total",
+                "GATEWAY_LIST host names that failed to resolve again (previous address kept)",
+            ),
             registry: r,
         }
     }
