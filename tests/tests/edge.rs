@@ -178,6 +178,32 @@ async fn client_sent_identity_headers_do_not_reach_gateways() {
     node.stop().await;
 }
 
+/// EC mode's listener shape (0.0.0.0 and [::] on one port, as nginx's `listen 80; listen
+/// [::]:80;`), with an ephemeral port: the IPv6 listener must take IPv6 only, or it would clash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listener_beside_every_ipv4_address() {
+    let has_ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let node = TestNode::start_in("edge-v6", tempfile::tempdir().expect("data"), |o| {
+        o.listen_ip = Some(std::net::Ipv4Addr::UNSPECIFIED.into());
+        o.listen_ip6 = Some(std::net::Ipv6Addr::UNSPECIFIED.into());
+    })
+    .await;
+    let gw = HttpBackend::start("gw").await;
+    node.put("/v1/pools/ec", json!({"pattern": "/", "health": {"interval_ms": 200}})).await;
+    node.put(&format!("/v1/pools/ec/backends/{}", gw.addr), json!({})).await;
+    wait_healthy(&node, "ec", 1).await;
+    let port = node.http().port();
+    let (status, body) = get_text(SocketAddr::new(LOCALHOST, port), "/v4").await.expect("IPv4");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    if has_ipv6 {
+        let v6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port);
+        let (status, body) = get_text(v6, "/v6").await.expect("IPv6 on the same port");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains("real-ip=::1 "), "{body}");
+    }
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_reload_serves_new_clients_and_keeps_old_connections() {
     let dir = tempfile::tempdir().expect("dir");

@@ -150,8 +150,12 @@ impl DataPlane {
             }
             // An IPv6 listener beside an IPv4 one on the same port takes IPv6 only (as nginx's
             // `listen [::]:80` does); alone, it keeps the host's default (usually dual-stack).
-            let v6_only =
-                addr.is_ipv6() && wanted.iter().any(|(a, k)| a.is_ipv4() && a.port() == addr.port() && k == kind);
+            let v6_only = addr.is_ipv6()
+                && wanted.iter().any(|(a, k)| {
+                    let port =
+                        if a.port() == 0 { open.get(&(*a, k.clone())).map(|b| b.port()) } else { Some(a.port()) };
+                    a.is_ipv4() && k == kind && port == Some(addr.port())
+                });
             match self.bind_all(*addr, kind, v6_only) {
                 Ok(bound) => {
                     open.insert((*addr, kind.clone()), bound);
