@@ -116,9 +116,10 @@ pub struct NodeArgs {
     /// Answer every plain-HTTP request with a redirect to https://HOST.
     #[arg(long)]
     pub https_redirect: Option<String>,
-    /// Enterprise Connect mode: GATEWAY_LIST and DNS_NAME from this env file ("-": from the
-    /// environment); serves every path from the gateways on port 80, and 443 when a certificate
-    /// is found at /etc/nginx/certs/cert.crt + certkey.key or ~/cert.pem + ~/key.pem.
+    /// Enterprise Connect mode: GATEWAY_LIST, DNS_NAME (a host name or a URL) and
+    /// GATEWAY_RESOLVE_SECONDS (default 30) from this env file ("-": from the environment);
+    /// serves every path from the gateways on port 80, and 443 when a certificate is found at
+    /// /etc/nginx/certs/cert.crt + certkey.key or ~/cert.pem + ~/key.pem.
     #[arg(long)]
     pub ec_env: Option<PathBuf>,
     /// IP every data listener binds (default: the seed config's IP, else 0.0.0.0).
