@@ -232,11 +232,13 @@ impl Keeper {
     /// Proposes the source once a leader accepts writes, when its content changed since it was
     /// last applied; then the node may report ready.
     pub async fn apply_at_start(&mut self) {
-        self.apply_start_once().await;
+        self.apply_if_changed().await;
         self.node.sources_pending.fetch_sub(1, Ordering::Relaxed);
     }
 
-    async fn apply_start_once(&self) {
+    /// Proposes the source's difference once a leader accepts writes, unless this content was
+    /// applied already.
+    pub async fn apply_if_changed(&self) {
         let label = &self.label;
         if read_record(&self.marker).is_some_and(|r| r.digest == self.digest) {
             tracing::info!(source = %label, "unchanged since it was applied; the cluster's state is authoritative");

@@ -1,6 +1,7 @@
 //! `shoal demo-backend`: stand-in backends for demos and tests. HTTP mode answers `/healthz`
-//! with `ok` (switchable to `fail`), names itself in every answer, echoes request bodies and
-//! serves `/bytes/N`. TCP mode echoes bytes and speaks seed 004's heartbeat protocol.
+//! with `ok` (switchable to `fail`), names itself in every answer (with the client identity
+//! headers it received), echoes request bodies and serves `/bytes/N`. TCP mode echoes bytes
+//! and speaks seed 004's heartbeat protocol.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -175,8 +176,12 @@ async fn answer(
         }
         ("POST" | "PUT", _) => Response::new(req.into_body().boxed()),
         _ => {
-            let xff = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
-            Response::new(full(format!("hello from {name} path={path} xff={xff}\n")))
+            let all = |name: &str| {
+                let values: Vec<&str> = req.headers().get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+                if values.is_empty() { "-".to_string() } else { values.join(" | ") }
+            };
+            let (xff, real, fwd) = (all("x-forwarded-for"), all("x-real-ip"), all("forwarded"));
+            Response::new(full(format!("hello from {name} path={path} xff={xff} real-ip={real} forwarded={fwd}\n")))
         }
     };
     let mut resp = resp;

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub admin_requests: IntCounterVec,
     pub rejected_inputs: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// EC gateways named by host name whose re-resolution failed (the old address stays).
+    pub ec_resolve_failures: IntCounter,
 }
 
 /// Request duration buckets, in seconds: 100 µs to 30 s.
@@ -182,6 +184,11 @@ impl Metrics {
                 "config_reloads_total",
                 "Config file reloads by result (ok, invalid: refused as written, failed: not committed)",
                 &["result"],
+            ),
+            ec_resolve_failures: plain_counter(
+                &r,
+                "ec_gateway_resolve_failures_total",
+                "GATEWAY_LIST host names that failed to resolve again (previous address kept)",
             ),
             registry: r,
         }

@@ -81,6 +81,9 @@ pub struct NodeOptions {
     pub config_poll: Duration,
     /// IP every data listener binds. `None`: a seed config's IP, else 0.0.0.0.
     pub listen_ip: Option<IpAddr>,
+    /// An IPv6 address the HTTP and HTTPS listeners also bind (IPv6-only, same ports), as
+    /// nginx's `listen [::]:80`; skipped with a log line when the host has no IPv6.
+    pub listen_ip6: Option<IpAddr>,
     /// The node's HTTP listener port (0 picks a free port).
     pub http_port: u16,
     /// Data-plane worker threads (0: one per core).
@@ -99,8 +102,9 @@ pub struct NodeOptions {
     pub backend_ca: Option<PathBuf>,
     /// The plain HTTP listener redirects every request to `https://<host>`.
     pub https_redirect: Option<String>,
-    /// Pools from EC compatibility mode (`--ec-env`), applied like a config file.
-    pub ec: Option<config::ConfigFile>,
+    /// EC compatibility mode (`--ec-env`): its pool is applied like a config file, and
+    /// gateways named by host name are resolved again while the node runs.
+    pub ec: Option<crate::ec::EcSetup>,
     /// One log line per proxied HTTP request.
     pub access_log: bool,
     /// Bearer token of the admin API.
@@ -121,6 +125,7 @@ impl NodeOptions {
             config: None,
             config_poll: Duration::from_secs(1),
             listen_ip: Some(ip),
+            listen_ip6: None,
             http_port: 0,
             threads: 1,
             zone: String::new(),
@@ -170,6 +175,15 @@ pub struct NodeShared {
 }
 
 impl NodeShared {
+    /// The bound port of the node's own HTTP or HTTPS listener.
+    fn bound_port(&self, kind: &ListenerKind) -> Option<u16> {
+        match kind {
+            ListenerKind::Http => self.http_addr().map(|a| a.port()),
+            ListenerKind::Https => self.https_addr().map(|a| a.port()),
+            ListenerKind::Tcp(_) => None,
+        }
+    }
+
     pub fn state(&self) -> Arc<State> {
         self.raft.current()
     }
@@ -378,8 +392,12 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     let fixed = Fixed {
         http: SocketAddr::new(listen_ip, opts.http_port),
         https: opts.https_port.map(|p| SocketAddr::new(listen_ip, p)),
+        v6: opts.listen_ip6.filter(|ip| *ip != listen_ip && ipv6_usable(*ip)),
     };
     let sources = config_sources(config_file, &opts)?;
+    if let Some(ec) = opts.ec.clone() {
+        tasks.push(spawn_gateway_watch(shared.clone(), ec, opts.data_dir.clone()));
+    }
     shared.sources_pending.store(sources.len(), Ordering::Relaxed);
     for source in sources {
         let mut keeper = config_watch::Keeper::new(shared.clone(), source, &opts.data_dir);
@@ -489,12 +507,47 @@ fn config_sources(file: Option<config::ConfigFile>, opts: &NodeOptions) -> anyho
             watch: Some(config_watch::Watch { path, poll: opts.config_poll, hangup }),
         });
     }
-    if let Some(file) = opts.ec.clone() {
-        let bytes = serde_json::to_vec(&file.pools)?;
-        let digest = config_watch::digest(&bytes);
-        sources.push(Source { label: "EC environment".into(), file, digest, marker: "ec.applied", watch: None });
+    if let Some(ec) = &opts.ec {
+        sources.push(ec_source(ec.config())?);
     }
     Ok(sources)
+}
+
+/// The EC environment's pool as a config source (one digest per resolved gateway set).
+fn ec_source(file: config::ConfigFile) -> anyhow::Result<Source> {
+    let digest = config_watch::digest(&serde_json::to_vec(&file.pools)?);
+    Ok(Source { label: "EC environment".into(), file, digest, marker: "ec.applied", watch: None })
+}
+
+/// Resolves EC gateways named by host name again and proposes a moved one the way the EC
+/// environment was proposed: only the difference, so slots keep following `GATEWAY_LIST` order
+/// and operator edits to the other gateways (drain flags, weights) stay.
+fn spawn_gateway_watch(node: Arc<NodeShared>, ec: crate::ec::EcSetup, data_dir: PathBuf) -> JoinHandle<()> {
+    let failures = node.metrics.ec_resolve_failures.clone();
+    let resolve: crate::ec::Resolve = Arc::new(crate::ec::resolve_entry);
+    tokio::spawn(crate::ec::watch_gateways(ec, resolve, failures, move |file| {
+        let (node, data_dir) = (node.clone(), data_dir.clone());
+        async move {
+            match ec_source(file) {
+                Ok(source) => config_watch::Keeper::new(node, source, &data_dir).apply_if_changed().await,
+                Err(e) => tracing::error!(error = %e, "cannot encode the EC gateways"),
+            }
+        }
+    }))
+}
+
+/// Whether this host can listen on `ip` (IPv6): a host without IPv6 answers EAFNOSUPPORT or
+/// EADDRNOTAVAIL, and the node then serves IPv4 only (logged). Other errors are left to the
+/// listener itself, which reports them like any bind failure.
+fn ipv6_usable(ip: IpAddr) -> bool {
+    match crate::dataplane::v6_only_listener(SocketAddr::new(ip, 0)) {
+        Ok(_) => true,
+        Err(e) if crate::dataplane::no_ipv6(&e) => {
+            tracing::warn!(%ip, error = %e, "this host has no IPv6: listening on IPv4 only");
+            false
+        }
+        Err(_) => true,
+    }
 }
 
 /// Client TLS for `backend_tls` pools: the given CA file must load; the system bundle may be absent.
@@ -529,6 +582,39 @@ async fn watch_certificates(store: Arc<TlsStore>) {
 struct Fixed {
     http: SocketAddr,
     https: Option<SocketAddr>,
+    /// The IPv6 address the HTTP and HTTPS listeners also bind, on the same ports.
+    v6: Option<IpAddr>,
+}
+
+impl Fixed {
+    /// The listeners to serve. An IPv6 companion takes its IPv4 listener's port; with port 0
+    /// that is known only once the IPv4 one is bound (`bound`), so it may be missing at first.
+    fn wanted(
+        &self,
+        tcp_ports: impl Iterator<Item = u16>,
+        bound: impl Fn(&ListenerKind) -> Option<u16>,
+    ) -> Vec<(SocketAddr, ListenerKind)> {
+        let mut wanted = vec![(self.http, ListenerKind::Http)];
+        wanted.extend(self.https.map(|a| (a, ListenerKind::Https)));
+        if let Some(ip6) = self.v6 {
+            let companions: Vec<_> = wanted
+                .iter()
+                .filter_map(|(a, kind)| {
+                    let port = if a.port() == 0 { bound(kind)? } else { a.port() };
+                    Some((SocketAddr::new(ip6, port), kind.clone()))
+                })
+                .collect();
+            wanted.extend(companions);
+        }
+        wanted.extend(tcp_ports.map(|port| (SocketAddr::new(self.http.ip(), port), ListenerKind::Tcp(port))));
+        wanted
+    }
+
+    /// How many listeners `wanted` has when every IPv6 companion is known.
+    fn complete(&self) -> usize {
+        let own = 1 + usize::from(self.https.is_some());
+        own * (1 + usize::from(self.v6.is_some()))
+    }
 }
 
 /// Rebuilds the combined health view, the routing table and the listener set whenever
@@ -624,17 +710,23 @@ fn rebuild(node: &NodeShared, dp: &DataPlane, state: &State, health: &HealthView
     publish_backend_gauges(node, &next);
     node.metrics.table_rebuilds.inc();
     node.metrics.config_version.set(state.version as i64);
-    let mut wanted = vec![(fixed.http, ListenerKind::Http)];
-    wanted.extend(fixed.https.map(|a| (a, ListenerKind::Https)));
-    wanted.extend(next.tcp.keys().map(|port| (SocketAddr::new(fixed.http.ip(), *port), ListenerKind::Tcp(*port))));
+    let tcp_ports: Vec<u16> = next.tcp.keys().copied().collect();
     node.table.store(Arc::new(next));
-    for (kind, bound) in dp.set_listeners(&wanted) {
-        let slot = match kind {
-            ListenerKind::Http => &node.http_addr,
-            ListenerKind::Https => &node.https_addr,
-            ListenerKind::Tcp(_) => continue,
-        };
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
+    // Twice at most: IPv6 companions of port-0 listeners learn their port from the first pass.
+    for _ in 0..2 {
+        let wanted = fixed.wanted(tcp_ports.iter().copied(), |kind| node.bound_port(kind));
+        for (kind, bound) in dp.set_listeners(&wanted) {
+            let slot = match kind {
+                _ if bound.ip() != fixed.http.ip() => continue,
+                ListenerKind::Http => &node.http_addr,
+                ListenerKind::Https => &node.https_addr,
+                ListenerKind::Tcp(_) => continue,
+            };
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
+        }
+        if wanted.len() >= fixed.complete() + tcp_ports.len() {
+            break;
+        }
     }
 }
 

@@ -79,6 +79,9 @@ fn build_pool(pool: &Pool, health: &HealthView, ctx: &NodeCtx, prev: Option<&Poo
         })
         .collect();
     let rotation = prev.map(|p| p.rotation.clone()).unwrap_or_default();
+    let mut slots: Vec<u32> = candidates.iter().filter_map(|c| c.slot).collect();
+    slots.sort_unstable();
+    slots.dedup();
     let spec = &pool.spec;
     PoolRt {
         name: pool.name.clone(),
@@ -92,6 +95,7 @@ fn build_pool(pool: &Pool, health: &HealthView, ctx: &NodeCtx, prev: Option<&Poo
         backend_tls: spec.backend_tls,
         backend_tls_name: spec.backend_tls_name.clone(),
         pinning: spec.pinning,
+        slots,
         rotation,
         metrics: prev.map(|p| p.metrics.clone()).unwrap_or_else(|| Arc::new(metrics.pool(&pool.name))),
     }
@@ -294,6 +298,28 @@ mod tests {
         let h = pool_health(&st.pools["web"], &view, &t, &HashMap::new());
         assert_eq!(h.status, PoolStatus::Full);
         assert_eq!(h.backends[1].status, BackendStatus::Draining);
+    }
+
+    #[test]
+    fn slots_of_unhealthy_backends_still_exist() {
+        let mut st = State::default();
+        let spec = PoolSpec { pattern: Some("/".into()), pinning: true, ..PoolSpec::default() };
+        apply(&mut st, &Command::PutPool { name: "web".into(), spec }).expect("pool");
+        for i in 0..3u8 {
+            let addr = SocketAddr::from(([10, 0, 0, i], 80));
+            let spec = BackendSpec { slot: Some(u32::from(i) + 1), ..BackendSpec::default() };
+            apply(&mut st, &Command::PutBackend { pool: "web".into(), addr, spec }).expect("backend");
+        }
+        let mut view = HealthView::default();
+        up(&mut view, 0, Verdict::Up);
+        up(&mut view, 1, Verdict::Down);
+        up(&mut view, 2, Verdict::Up);
+        let t = build(&st, &view, &ctx(), &Table::default(), &Metrics::new("t"));
+        let pool = &t.pools[0];
+        assert_eq!(pool.slots, vec![1, 2, 3]);
+        assert!(pool.has_slot(2) && pool.by_slot(2).is_none(), "gw2 exists but is down");
+        assert!(!pool.has_slot(9) && !pool.has_slot(0), "no gateway holds slot 9");
+        assert_eq!(pool.by_slot(3).map(|b| b.addr), Some(SocketAddr::from(([10, 0, 0, 2], 80))));
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct PoolRt {
     pub backend_tls_name: Option<String>,
     /// Requests may pin a backend by slot.
     pub pinning: bool,
+    /// Slots of every backend in scope, routable or not, sorted: a pin to one of them is kept
+    /// (and fails when that backend is down), a pin to any other slot names no gateway.
+    pub slots: Vec<u32>,
     /// Carried across rebuilds so the rotation continues where it was.
     pub rotation: Arc<AtomicUsize>,
     pub metrics: Arc<PoolMetrics>,
@@ -85,6 +88,11 @@ impl PoolRt {
             let skip = |i: usize| tried.contains(&t.backends[i].addr);
             t.balancer.pick(&t.backends, client, &skip).map(|i| &t.backends[i])
         })
+    }
+
+    /// Whether some backend of the pool, healthy or not, holds `slot`.
+    pub fn has_slot(&self, slot: u32) -> bool {
+        self.slots.binary_search(&slot).is_ok()
     }
 
     /// The routable backend in `slot`, for pinned requests.

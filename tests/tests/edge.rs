@@ -119,6 +119,92 @@ async fn server_agent_superconns_cover_every_gateway() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_select_takes_vm_names_and_unknown_pins_go_to_any_gateway() {
+    let node = TestNode::start("edge-vm").await;
+    let gws = gateways(&node).await;
+    let (http, url) = (node.http(), format!("ws://{}/agent", node.http()));
+    let open = |headers: Vec<(&'static str, &'static str)>| {
+        let url = url.clone();
+        async move {
+            let tcp = TcpStream::connect(http).await.expect("connect");
+            let (mut ws, resp) = ws_over(tcp, &url, &headers).await;
+            ws_echo(&mut ws, "pinned?").await;
+            resp.headers()["x-backend"].to_str().expect("name").to_string()
+        }
+    };
+    assert_eq!(open(vec![("x-server-select", "vm2")]).await, "gw2", "vmN names gateway N as gwN does");
+    assert_eq!(open(vec![("x-server-select", "VM3")]).await, "gw3");
+    // Names of no gateway (nginx's `default`): any healthy gateway, never 503 or 404.
+    gws[1].healthy.store(false, Ordering::Relaxed);
+    wait_healthy(&node, "ec", 2).await;
+    for value in ["gw9", "vm42", "garbage", "gw0"] {
+        for _ in 0..3 {
+            let landed = open(vec![("x-server-select", value)]).await;
+            assert!(landed == "gw1" || landed == "gw3", "{value}: landed on {landed}, not a healthy gateway");
+        }
+    }
+    let (status, body) = get_text(node.http(), "/vm9/status").await.expect("get");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("path=/status") && !body.contains("gw2"), "{body}");
+    // A pin to the existing but unhealthy gateway still fails at once, in every form.
+    for (name, value) in [("x-server-select", "vm2"), ("x-server-select", "gw2"), ("x-cf-app-instance", "app:1")] {
+        let tcp = TcpStream::connect(node.http()).await.expect("connect");
+        let refused = try_ws_over(tcp, &url, &[(name, value)]).await;
+        let text = format!("{:?}", refused.expect_err("pinned to a sick gateway"));
+        assert!(text.contains("503"), "{name}: {value}: {text}");
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sent_identity_headers_do_not_reach_gateways() {
+    let node = TestNode::start("edge-ids").await;
+    let _gws = gateways(&node).await;
+    let mut tcp = TcpStream::connect(node.http()).await.expect("connect");
+    let request = "GET /whoami HTTP/1.1\r\nHost: lb.example.test\r\nX-Real-IP: 6.6.6.6\r\n\
+                   Forwarded: for=6.6.6.6;proto=https\r\nForwarded: for=7.7.7.7\r\n\
+                   X-Forwarded-For: 8.8.8.8\r\nConnection: close\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes()).await.expect("send");
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(" real-ip=127.0.0.1 "), "X-Real-IP is the client's address: {answer}");
+    assert!(
+        answer.contains(" forwarded=for=127.0.0.1;proto=http;host=\"lb.example.test\"\n"),
+        "one Forwarded element, shoal's own: {answer}"
+    );
+    assert!(answer.contains(" xff=8.8.8.8, 127.0.0.1 "), "X-Forwarded-For is appended to: {answer}");
+    assert!(!answer.contains("6.6.6.6") && !answer.contains("7.7.7.7"), "{answer}");
+    node.stop().await;
+}
+
+/// EC mode's listener shape (0.0.0.0 and [::] on one port, as nginx's `listen 80; listen
+/// [::]:80;`), with an ephemeral port: the IPv6 listener must take IPv6 only, or it would clash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listener_beside_every_ipv4_address() {
+    let has_ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let node = TestNode::start_in("edge-v6", tempfile::tempdir().expect("data"), |o| {
+        o.listen_ip = Some(std::net::Ipv4Addr::UNSPECIFIED.into());
+        o.listen_ip6 = Some(std::net::Ipv6Addr::UNSPECIFIED.into());
+    })
+    .await;
+    let gw = HttpBackend::start("gw").await;
+    node.put("/v1/pools/ec", json!({"pattern": "/", "health": {"interval_ms": 200}})).await;
+    node.put(&format!("/v1/pools/ec/backends/{}", gw.addr), json!({})).await;
+    wait_healthy(&node, "ec", 1).await;
+    let port = node.http().port();
+    let (status, body) = get_text(SocketAddr::new(LOCALHOST, port), "/v4").await.expect("IPv4");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    if has_ipv6 {
+        let v6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port);
+        let (status, body) = get_text(v6, "/v6").await.expect("IPv6 on the same port");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains("real-ip=::1 "), "{body}");
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_reload_serves_new_clients_and_keeps_old_connections() {
     let dir = tempfile::tempdir().expect("dir");
     let (node, files) = tls_node(&dir).await;
@@ -160,8 +246,12 @@ async fn ec_env_file_runs_like_the_original_image() {
     let gws = [HttpBackend::start("gw1").await, HttpBackend::start("gw2").await];
     let dir = tempfile::tempdir().expect("dir");
     let env = dir.path().join("environment.env");
-    std::fs::write(&env, format!("GATEWAY_LIST={} {}\nDNS_NAME=lb.example.test\n", gws[0].addr, gws[1].addr))
-        .expect("env");
+    // gw1 by host name (resolved again while the node runs), DNS_NAME as a load balancer URL.
+    let list = format!("localhost:{} {}", gws[0].addr.port(), gws[1].addr);
+    std::fs::write(&env, format!("GATEWAY_LIST={list}\nDNS_NAME=https://lb.example.test:8443/ignored\n")).expect("env");
+    // Where this host has ::1 the node must serve it; where it has not, it must say so and go on.
+    let has_ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let log = std::fs::File::create(dir.path().join("node.log")).expect("log");
     let cert = write_cert(dir.path(), "cert", &["lb.example.test", "127.0.0.1"]);
     let (http_port, https_port, admin_port) =
         (shoal_tests::free_port(), shoal_tests::free_port(), shoal_tests::free_port());
@@ -175,6 +265,8 @@ async fn ec_env_file_runs_like_the_original_image() {
             env.to_str().expect("utf8"),
             "--listen-ip",
             "127.0.0.1",
+            "--listen-ip6",
+            "::1",
             "--admin",
             &admin,
         ])
@@ -182,7 +274,7 @@ async fn ec_env_file_runs_like_the_original_image() {
         .args(["--tls-cert", cert.cert.to_str().expect("utf8"), "--tls-key", cert.key.to_str().expect("utf8")])
         .args(["--data-dir", dir.path().join("data").to_str().expect("utf8")])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("spawn");
     let plain = SocketAddr::new(LOCALHOST, http_port);
@@ -191,21 +283,39 @@ async fn ec_env_file_runs_like_the_original_image() {
     })
     .await;
     assert_eq!(redirect.status, StatusCode::MOVED_PERMANENTLY);
-    assert_eq!(redirect.headers["location"], "https://lb.example.test/agent?x=1");
-    let secure = SocketAddr::new(LOCALHOST, https_port);
+    assert_eq!(redirect.headers["location"], "https://lb.example.test:8443/agent?x=1", "the URL's host and port");
     let name = rustls_pki_types::ServerName::try_from("lb.example.test").expect("name");
-    let resp = eventually(Duration::from_secs(20), "gw2 through wss", || async {
-        let tcp = TcpStream::connect(secure).await.ok()?;
-        let tls = tls_client(&cert.cert).connect(name.clone(), tcp).await.ok()?;
-        let opened = try_ws_over(tls, "wss://lb.example.test/agent", &[("x-server-select", "gw2")]).await;
-        let (mut ws, resp) = opened.ok()?;
-        ws_echo(&mut ws, "through the EC image").await;
-        Some(resp)
-    })
-    .await;
-    assert_eq!(resp.headers()["x-backend"], "gw2");
+    let wss = |addr: SocketAddr, pin: &'static str| {
+        let (name, ca) = (name.clone(), cert.cert.clone());
+        async move {
+            let tcp = TcpStream::connect(addr).await.ok()?;
+            let tls = tls_client(&ca).connect(name, tcp).await.ok()?;
+            let opened = try_ws_over(tls, "wss://lb.example.test/agent", &[("x-server-select", pin)]).await;
+            let (mut ws, resp) = opened.ok()?;
+            ws_echo(&mut ws, "through the EC image").await;
+            Some(resp.headers()["x-backend"].to_str().ok()?.to_string())
+        }
+    };
+    let secure = SocketAddr::new(LOCALHOST, https_port);
+    let landed = eventually(Duration::from_secs(20), "vm2 through wss", || wss(secure, "vm2")).await;
+    assert_eq!(landed, "gw2");
+    let landed = eventually(Duration::from_secs(20), "gw1 by host name", || wss(secure, "gw1")).await;
+    assert_eq!(landed, "gw1");
+    if has_ipv6 {
+        let secure6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), https_port);
+        let landed = eventually(Duration::from_secs(20), "wss over [::1]", || wss(secure6, "vm2")).await;
+        assert_eq!(landed, "gw2", "the IPv6 listener serves the same pool");
+        let plain6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), http_port);
+        let redirect = shoal_tests::raw_http(plain6, http::Method::GET, "/", None).await.expect("[::1]:80");
+        assert_eq!(redirect.status, StatusCode::MOVED_PERMANENTLY);
+    }
     let _ = child.kill();
     let _ = child.wait();
+    let logged = std::fs::read_to_string(dir.path().join("node.log")).expect("log");
+    if !has_ipv6 {
+        assert!(logged.contains("no IPv6"), "a host without ::1 is reported: {logged}");
+    }
+    assert!(logged.contains("resolved again"), "the host-name gateway is watched: {logged}");
 
     // A broken env file names the variable and exits non-zero.
     std::fs::write(&env, "DNS_NAME=lb.example.test\n").expect("env");

@@ -128,14 +128,20 @@ pub struct NodeArgs {
     /// Answer every plain-HTTP request with a redirect to https://HOST.
     #[arg(long)]
     pub https_redirect: Option<String>,
-    /// Enterprise Connect mode: GATEWAY_LIST and DNS_NAME from this env file ("-": from the
-    /// environment); serves every path from the gateways on port 80, and 443 when a certificate
-    /// is found at /etc/nginx/certs/cert.crt + certkey.key or ~/cert.pem + ~/key.pem.
+    /// Enterprise Connect mode: GATEWAY_LIST, DNS_NAME (a host name or a URL) and
+    /// GATEWAY_RESOLVE_SECONDS (default 30) from this env file ("-": from the environment);
+    /// serves every path from the gateways on port 80, and 443 when a certificate is found at
+    /// /etc/nginx/certs/cert.crt + certkey.key or ~/cert.pem + ~/key.pem.
     #[arg(long)]
     pub ec_env: Option<PathBuf>,
     /// IP every data listener binds (default: the seed config's IP, else 0.0.0.0).
     #[arg(long)]
     pub listen_ip: Option<IpAddr>,
+    /// IPv6 address the HTTP and HTTPS listeners also bind, on the same ports (IPv6 only; skipped
+    /// when the host has no IPv6) [default: none; :: with --ec-env when --listen-ip is 0.0.0.0
+    /// or not given].
+    #[arg(long)]
+    pub listen_ip6: Option<std::net::Ipv6Addr>,
     /// Data-plane worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -245,12 +251,13 @@ impl NodeArgs {
             config: self.config.clone(),
             config_poll: Duration::from_millis(self.config_poll_ms),
             listen_ip: self.listen_ip,
+            listen_ip6: self.listen_ip6.map(IpAddr::V6).or_else(|| ec_ipv6(ec.is_some(), self.listen_ip)),
             http_port: self.http_port.unwrap_or(if ec.is_some() { 80 } else { 8080 }),
             https_port,
             tls,
             backend_ca: self.backend_ca.clone(),
             https_redirect: self.https_redirect.clone().or(redirect),
-            ec: ec.map(|e| e.config()),
+            ec,
             access_log: self.access_log,
             threads: self.threads,
             zone: self.zone.clone(),
@@ -294,6 +301,13 @@ impl NodeArgs {
         let path = self.token_file.clone().unwrap_or_else(|| self.data_dir.join("admin.token"));
         crate::admin::auth::load_or_create_token(&path).map_err(|e| format!("--token-file {}: {e}", path.display()))
     }
+}
+
+/// The EC image listened on `[::]:80` and `[::]:443` beside IPv4: so does EC mode when the
+/// node listens on every IPv4 address.
+fn ec_ipv6(ec: bool, listen_ip: Option<IpAddr>) -> Option<IpAddr> {
+    let everywhere = listen_ip.is_none_or(|ip| ip == IpAddr::from([0, 0, 0, 0]));
+    (ec && everywhere).then_some(IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED))
 }
 
 /// Reads an EC env file, or the process environment for "-".
@@ -727,4 +741,18 @@ async fn backend_add(a: BackendAddArgs) -> anyhow::Result<()> {
     let path = format!("/v1/pools/{}/backends/{}", seg(&a.pool), seg(&a.addr));
     let r: WriteResult = connect(&a.client)?.call(Method::PUT, &path, Some(Value::Object(body))).await?;
     output::written(&a.client, &r, &format!("backend {} added to {}", a.addr, a.pool))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ec_mode_listens_on_ipv6_beside_every_ipv4_address() {
+        let any6 = Some(IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED));
+        assert_eq!(ec_ipv6(true, None), any6);
+        assert_eq!(ec_ipv6(true, Some(IpAddr::from([0, 0, 0, 0]))), any6);
+        assert_eq!(ec_ipv6(true, Some(IpAddr::from([127, 0, 0, 1]))), None, "one chosen address stays one");
+        assert_eq!(ec_ipv6(false, None), None, "only EC mode (the nginx image) adds [::]");
+    }
 }

@@ -1,6 +1,7 @@
 //! L7 HTTP/1.1 reverse proxy (seed 003): pools matched by URL pattern, keep-alive connection
-//! reuse to backends, `X-Forwarded-*` headers, hop-by-hop headers removed, bodies streamed in
-//! both directions, `Upgrade` (WebSocket) relayed byte for byte once both sides agree.
+//! reuse to backends, `X-Forwarded-*`, `X-Real-IP` and `Forwarded` headers, hop-by-hop headers
+//! removed, bodies streamed in both directions, `Upgrade` (WebSocket) relayed byte for byte once
+//! both sides agree.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -106,7 +107,7 @@ async fn handle(req: Request<Incoming>, conn: ConnInfo, ctx: &Arc<DpCtx>, state:
         Route::Pool(idx) => {
             let pool = &table.pools[idx];
             let access = ctx.access_log.then(|| (req.method().clone(), req.uri().clone(), Instant::now()));
-            let mut resp = forward(req, conn, ctx, pool, &state.client_ip).await;
+            let mut resp = forward(req, conn, ctx, pool, &state.client).await;
             if let (Some(v), true) = (scan.get(), resp.status().is_server_error()) {
                 // The backend exchange failed because the client's body was malformed.
                 resp = refuse(ctx, v);
@@ -165,7 +166,7 @@ async fn forward(
     conn: ConnInfo,
     ctx: &Arc<DpCtx>,
     pool: &PoolRt,
-    client_ip: &HeaderValue,
+    client: &ClientHeaders,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     if pool.routable().is_empty() {
@@ -173,13 +174,18 @@ async fn forward(
         // As HAProxy and Envoy (and shoal's TCP pools) answer: nothing to try, not a bad answer.
         return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend", false);
     }
-    let pin = if pool.pinning { ws::pinned(req.headers(), req.uri().path()) } else { None };
+    let asked = if pool.pinning { ws::pinned(req.headers(), req.uri().path()) } else { None };
+    let (pin, vm_path) = match asked {
+        Some(ws::Pin { slot, path }) => (pool.has_slot(slot).then_some(slot), path),
+        None => (None, None),
+    };
     let upgrade = wants_upgrade(req.headers());
     let websocket = upgrade && ws::is_websocket(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    prepare_headers(&mut parts.headers, conn.tls, client_ip, upgrade);
-    if let Some(ws::Pin { path: Some(path), .. }) = &pin {
+    let host = request_host(&parts);
+    prepare_headers(&mut parts.headers, client, host.as_ref().and_then(|h| h.to_str().ok()), upgrade);
+    if let Some(path) = &vm_path {
         parts.uri = with_path(&parts.uri, path);
     }
     let original = parts.uri.clone();
@@ -188,8 +194,8 @@ async fn forward(
     let mut tried = Tried::<MAX_ATTEMPTS>::default();
     let attempts = if pin.is_some() { 1 } else { MAX_ATTEMPTS.min(pool.routable().len()) };
     for attempt in 0..attempts {
-        let chosen = match &pin {
-            Some(p) => pool.by_slot(p.slot),
+        let chosen = match pin {
+            Some(slot) => pool.by_slot(slot),
             None => pool.pick(conn.peer.ip(), tried.as_slice()),
         };
         let Some(backend) = chosen else { break };
@@ -209,8 +215,8 @@ async fn forward(
     }
     pool.metrics.no_backend.inc();
     match pin {
-        Some(p) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, &format!("pinned backend gw{} is not available", p.slot), false)
+        Some(slot) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, &format!("pinned backend gw{slot} is not available"), false)
         }
         None => error(StatusCode::BAD_GATEWAY, "no backend could be reached", false),
     }
@@ -456,35 +462,76 @@ fn remove_listed(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn prepare_headers(headers: &mut HeaderMap, tls: bool, client_ip: &HeaderValue, upgrade: bool) {
+/// The request's host (Host header, else the URI's authority), for `Forwarded: host=`; a
+/// header value clone shares its bytes.
+fn request_host(parts: &http::request::Parts) -> Option<HeaderValue> {
+    let authority = || parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    parts.headers.get(header::HOST).cloned().or_else(authority)
+}
+
+/// Client identity headers: `X-Forwarded-For` gets the client appended (nginx's
+/// `$proxy_add_x_forwarded_for`: the last entry is the one a proxy vouches for), while
+/// `X-Real-IP` and `Forwarded` are replaced outright, so what a client sent in them never
+/// reaches a backend: shoal sends one `Forwarded` element (for, proto, host) of its own.
+fn prepare_headers(headers: &mut HeaderMap, client: &ClientHeaders, host: Option<&str>, upgrade: bool) {
     strip_hop_by_hop(headers, upgrade);
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) => {
-            let joined = format!("{prior}, {}", client_ip.to_str().unwrap_or(""));
-            HeaderValue::from_str(&joined).unwrap_or_else(|_| client_ip.clone())
+            let joined = format!("{prior}, {}", client.ip.to_str().unwrap_or(""));
+            HeaderValue::from_str(&joined).unwrap_or_else(|_| client.ip.clone())
         }
-        None => client_ip.clone(),
+        None => client.ip.clone(),
     };
     headers.insert("x-forwarded-for", xff);
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(if tls { "https" } else { "http" }));
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(if client.tls { "https" } else { "http" }));
+    headers.insert("x-real-ip", client.ip.clone());
+    headers.insert(header::FORWARDED, client.forwarded(host));
+}
+
+/// What the identity headers say about one client connection, computed once per connection.
+pub struct ClientHeaders {
+    /// The client's IP as a header value.
+    ip: HeaderValue,
+    tls: bool,
+    /// `for=…;proto=…`: the `Forwarded` element without its host.
+    forwarded: String,
+}
+
+impl ClientHeaders {
+    fn new(conn: ConnInfo) -> ClientHeaders {
+        let ip = conn.peer.ip();
+        let value = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        // RFC 7239 §6: an IPv6 node is bracketed and, having colons, quoted.
+        let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
+        let proto = if conn.tls { "https" } else { "http" };
+        ClientHeaders { ip: value, tls: conn.tls, forwarded: format!("for={node};proto={proto}") }
+    }
+
+    /// The `Forwarded` element for a request to `host` (left out when it cannot be quoted).
+    fn forwarded(&self, host: Option<&str>) -> HeaderValue {
+        let quotable = |h: &&str| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+        let value = match host.filter(quotable) {
+            Some(h) => format!("{};host=\"{h}\"", self.forwarded),
+            None => self.forwarded.clone(),
+        };
+        HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("for=unknown"))
+    }
 }
 
 /// Per-connection state the request handler shares with the connection's IO wrappers.
 pub struct ConnState {
     /// Violations the request scanner saw on this connection.
     pub scan: ScanFlag,
-    /// The client's IP as a header value, computed once per connection.
-    client_ip: HeaderValue,
+    /// The client's identity headers, computed once per connection.
+    client: ClientHeaders,
 }
 
 impl ConnState {
     fn new(conn: ConnInfo) -> ConnState {
-        let client_ip =
-            HeaderValue::from_str(&conn.peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnState { scan: ScanFlag::default(), client_ip }
+        ConnState { scan: ScanFlag::default(), client: ClientHeaders::new(conn) }
     }
 }
 
@@ -661,13 +708,38 @@ mod tests {
         assert!(h.contains_key("x-kept"));
     }
 
+    fn client(peer: &str, tls: bool) -> ClientHeaders {
+        ClientHeaders::new(ConnInfo { peer: peer.parse().expect("peer"), tls })
+    }
+
     #[test]
     fn forwarded_headers_append() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        prepare_headers(&mut h, true, &HeaderValue::from_static("10.0.0.9"), false);
+        prepare_headers(&mut h, &client("10.0.0.9:5000", true), Some("lb.test"), false);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-real-ip"], "10.0.0.9");
+        assert_eq!(h["forwarded"], "for=10.0.0.9;proto=https;host=\"lb.test\"");
+    }
+
+    #[test]
+    fn client_sent_real_ip_and_forwarded_are_replaced() {
+        let mut h = HeaderMap::new();
+        h.append("x-real-ip", HeaderValue::from_static("6.6.6.6"));
+        h.append("x-real-ip", HeaderValue::from_static("7.7.7.7"));
+        h.append("forwarded", HeaderValue::from_static("for=6.6.6.6;proto=https"));
+        h.append("forwarded", HeaderValue::from_static("for=7.7.7.7"));
+        prepare_headers(&mut h, &client("[2001:db8::5]:443", false), Some("lb.test:8443"), false);
+        let all =
+            |name: &str| h.get_all(name).iter().map(|v| v.to_str().expect("ascii").to_string()).collect::<Vec<_>>();
+        assert_eq!(all("x-real-ip"), ["2001:db8::5"]);
+        assert_eq!(all("forwarded"), ["for=\"[2001:db8::5]\";proto=http;host=\"lb.test:8443\""]);
+        assert_eq!(all("x-forwarded-for"), ["2001:db8::5"]);
+        // A host that cannot be quoted is left out rather than passed on broken.
+        let mut h = HeaderMap::new();
+        prepare_headers(&mut h, &client("10.0.0.9:5000", false), Some("a\"b"), false);
+        assert_eq!(h["forwarded"], "for=10.0.0.9;proto=http");
     }
 
     #[test]

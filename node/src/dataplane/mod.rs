@@ -148,7 +148,15 @@ impl DataPlane {
             if open.contains_key(&(*addr, kind.clone())) {
                 continue;
             }
-            match self.bind_all(*addr, kind) {
+            // An IPv6 listener beside an IPv4 one on the same port takes IPv6 only (as nginx's
+            // `listen [::]:80` does); alone, it keeps the host's default (usually dual-stack).
+            let v6_only = addr.is_ipv6()
+                && wanted.iter().any(|(a, k)| {
+                    let port =
+                        if a.port() == 0 { open.get(&(*a, k.clone())).map(|b| b.port()) } else { Some(a.port()) };
+                    a.is_ipv4() && k == kind && port == Some(addr.port())
+                });
+            match self.bind_all(*addr, kind, v6_only) {
                 Ok(bound) => {
                     open.insert((*addr, kind.clone()), bound);
                     self.errors.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr.to_string());
@@ -165,14 +173,14 @@ impl DataPlane {
 
     /// Binds one `SO_REUSEPORT` socket per worker. A plain bind first makes sure nobody else
     /// (another process, or another node on this IP) already holds the address.
-    fn bind_all(&self, addr: SocketAddr, kind: &ListenerKind) -> io::Result<SocketAddr> {
-        let probe = std::net::TcpListener::bind(addr)?;
+    fn bind_all(&self, addr: SocketAddr, kind: &ListenerKind, v6_only: bool) -> io::Result<SocketAddr> {
+        let probe = listener(addr, false, v6_only)?;
         let bound = probe.local_addr()?;
         drop(probe);
         let name = listener_name(kind, bound);
         let metrics = self.ctx.metrics.listener(&name);
         let sockets: Vec<std::net::TcpListener> =
-            (0..self.workers.len()).map(|_| reuseport_listener(bound)).collect::<io::Result<_>>()?;
+            (0..self.workers.len()).map(|_| listener(bound, true, v6_only)).collect::<io::Result<_>>()?;
         for ((tx, _), socket) in self.workers.iter().zip(sockets) {
             let _ = tx.send(WorkerCmd::Listen { key: (addr, kind.clone()), socket, metrics: metrics.clone() });
         }
@@ -205,15 +213,32 @@ pub fn listener_name(kind: &ListenerKind, addr: SocketAddr) -> String {
     }
 }
 
-fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A listening socket; `reuse_port` for the per-worker sockets, `v6_only` for an IPv6
+/// listener that leaves IPv4 to its sibling.
+fn listener(addr: SocketAddr, reuse_port: bool, v6_only: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProto::TCP))?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
-    socket.set_reuse_port(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if v6_only {
+        socket.set_only_v6(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+/// An IPv6-only listening socket on `addr` (for checking that the host has IPv6).
+pub fn v6_only_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    listener(addr, false, true)
+}
+
+/// Whether a bind failed because the host has no IPv6 (no stack, or no such address).
+pub fn no_ipv6(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL))
 }
 
 /// Connects to a backend with a timeout, Nagle off.
@@ -359,6 +384,31 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, ctx: Arc<DpCtx>, lm: &Li
         Err(_) => {
             lm.failed.inc();
             tracing::debug!(client = %peer, "TLS handshake timed out");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_ipv6_is_told_apart_from_other_bind_errors() {
+        assert!(no_ipv6(&io::Error::from_raw_os_error(libc::EAFNOSUPPORT)));
+        assert!(no_ipv6(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
+        assert!(!no_ipv6(&io::Error::from_raw_os_error(libc::EADDRINUSE)));
+        assert!(!no_ipv6(&io::Error::from_raw_os_error(libc::EACCES)));
+    }
+
+    #[test]
+    fn an_ipv6_sibling_shares_the_port_of_an_ipv4_listener() {
+        let v4 = listener(SocketAddr::from(([0, 0, 0, 0], 0)), true, false).expect("IPv4 listener");
+        let port = v4.local_addr().expect("addr").port();
+        let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        // The probe `bind_all` makes first: no reuse-port, so a dual-stack socket would clash.
+        match listener(any6, false, true) {
+            Ok(v6) => assert_eq!(v6.local_addr().expect("addr").port(), port),
+            Err(e) => assert!(no_ipv6(&e), "only a host without IPv6 may refuse: {e}"),
         }
     }
 }

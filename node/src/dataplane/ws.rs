@@ -20,13 +20,14 @@ pub struct Pin {
     pub path: Option<String>,
 }
 
-/// The EC forms, in order: `X-Server-Select: gwN`, `X-CF-APP-INSTANCE: <guid>:<index>`
-/// (index counts from 0, so index 0 is gw1), a path `/vmN/...`.
+/// The EC forms, in order: `X-Server-Select: gwN` (or `vmN`, the later gateways' name, or a
+/// bare `N`), `X-CF-APP-INSTANCE: <guid>:<index>` (index counts from 0, so index 0 is gw1), a
+/// path `/vmN/...`. An `X-Server-Select` value that is none of these is ignored (nginx's
+/// `default`). Whether the slot exists is the pool's business: see `PoolRt::has_slot`.
 pub fn pinned(headers: &HeaderMap, path: &str) -> Option<Pin> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    if let Some(v) = header("x-server-select") {
-        let n = v.strip_prefix("gw").or_else(|| v.strip_prefix("GW")).unwrap_or(v);
-        return n.parse().ok().filter(|n| *n > 0).map(|slot| Pin { slot, path: None });
+    if let Some(slot) = header("x-server-select").and_then(server_select) {
+        return Some(Pin { slot, path: None });
     }
     if let Some(v) = header("x-cf-app-instance") {
         let index: u32 = v.rsplit_once(':')?.1.parse().ok()?;
@@ -41,6 +42,16 @@ pub fn pinned(headers: &HeaderMap, path: &str) -> Option<Pin> {
     }
     let path = if tail.is_empty() { "/".to_string() } else { tail.to_string() };
     Some(Pin { slot, path: Some(path) })
+}
+
+/// The slot of an `X-Server-Select` value: `gwN`, `vmN` (any case) or `N`, with N > 0.
+fn server_select(v: &str) -> Option<u32> {
+    let prefixed = v.get(..2).filter(|p| p.eq_ignore_ascii_case("gw") || p.eq_ignore_ascii_case("vm"));
+    let digits = if prefixed.is_some() { &v[2..] } else { v };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|n| *n > 0)
 }
 
 /// Whether the request asks for a WebSocket (as opposed to another upgrade).
@@ -138,6 +149,21 @@ mod tests {
         assert_eq!(pinned(&HeaderMap::new(), "/vmware/agent"), None);
         assert_eq!(pinned(&headers("x-server-select", "gw0"), "/agent"), None);
         assert_eq!(pinned(&headers("x-cf-app-instance", "garbage"), "/agent"), None);
+    }
+
+    #[test]
+    fn server_select_takes_gw_and_vm_names() {
+        let slot = |v: &'static str| pinned(&headers("x-server-select", v), "/agent").map(|p| p.slot);
+        assert_eq!(slot("vm2"), Some(2));
+        assert_eq!(slot("VM7"), Some(7));
+        assert_eq!(slot("Gw3"), Some(3));
+        assert_eq!(slot(" gw4 "), Some(4));
+        assert_eq!(slot("5"), Some(5));
+        for garbage in ["", "gw", "vm", "gw-1", "gw+1", "gw1x", "x2", "gw99999999999", "vm0", "g2"] {
+            assert_eq!(slot(garbage), None, "{garbage:?} pins nothing");
+        }
+        // A value that is no gateway name leaves the other forms to decide.
+        assert_eq!(pinned(&headers("x-server-select", "nonsense"), "/vm2/agent").map(|p| p.slot), Some(2));
     }
 
     #[test]
