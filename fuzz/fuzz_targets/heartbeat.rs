@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use shoal_node::health::heartbeat::{HbEvent, Tracker, TrackerConfig, verify_identification};
+use shoal_node::health::heartbeat::{HbEvent, Tracker, TrackerConfig};
 use shoal_proto::heartbeat::{AUTH, Datagram, MAX_DATAGRAM, Malformed, OK, decode, encode_id};
 
 fn addr(s: &str) -> SocketAddr {
@@ -63,15 +63,11 @@ fn run_tracker(datagrams: &[&[u8]], self_register: bool, secret: Option<&str>) {
     let mut tracker = Tracker::new(TrackerConfig {
         servers: servers.clone(),
         self_register,
+        max_self_registered: 8,
         timeout: Duration::from_secs(2),
         secret: secret.map(str::to_string),
     });
     let sources = [addr("127.0.0.1:7001"), addr("10.0.0.1:8001"), addr("[::1]:9001"), addr("192.0.2.7:40000")];
-    // The real verifier, plus a fake one that accepts the token "good" (real MACs are
-    // unguessable, so this is the only way to reach the accepted-signature path).
-    let verify = |secret: &str, pair: &str, auth: Option<&str>| {
-        auth == Some("good") || verify_identification(secret, pair, auth)
-    };
     let start = tokio::time::Instant::now();
     let mut up: HashSet<SocketAddr> = HashSet::new();
     let mut registered: HashSet<SocketAddr> = HashSet::new();
@@ -99,23 +95,32 @@ fn run_tracker(datagrams: &[&[u8]], self_register: bool, secret: Option<&str>) {
     for (i, bytes) in datagrams.iter().enumerate() {
         let src = sources[(i + bytes.len()) % sources.len()];
         let now = start + Duration::from_millis(700 * i as u64);
-        let out = tracker.on_datagram(src, bytes, now, &verify);
+        let out = tracker.on_datagram(src, bytes, now);
         let decoded = decode(bytes);
         assert_eq!(out.malformed, decoded.is_err(), "malformed flag disagrees with decode");
-        if out.malformed || out.rejected {
+        if out.malformed {
             assert!(out.reply.is_none() && out.events.is_empty(), "dropped datagram had effects: {out:?}");
         }
+        if out.refused.is_some() {
+            assert!(out.events.is_empty(), "refused datagram had effects: {out:?}");
+            assert!(out.reply.is_none() || out.reply.as_deref() == Some(AUTH), "refused but answered: {out:?}");
+        }
         match decoded {
-            Ok(Datagram::Ok) => {
-                assert!(out.reply.is_none() || out.reply == Some(AUTH));
-                assert!(!out.rejected);
+            Ok(Datagram::Ok | Datagram::OkMac { .. }) => {
+                assert!(out.reply.is_none() || out.reply.as_deref() == Some(AUTH));
+                if secret.is_some() {
+                    assert!(out.refused.is_some(), "a keepalive was accepted without a nonce ever answered");
+                }
             }
-            Ok(Datagram::Auth) => assert!(out.rejected),
-            Ok(Datagram::Id { auth, .. }) => {
-                assert!(out.reply.is_none() || out.reply == Some(OK));
-                assert_eq!(out.reply.is_some(), !out.rejected);
-                if secret.is_some() && auth.is_none() {
-                    assert!(out.rejected, "unsigned identification accepted in a pool with a secret");
+            Ok(Datagram::Auth | Datagram::Nonce(_)) => assert!(out.refused.is_some()),
+            Ok(Datagram::Id { .. }) => {
+                if secret.is_some() {
+                    // Without the secret no answer to a nonce can verify: at most a challenge.
+                    assert!(out.events.is_empty(), "identification accepted without the secret: {out:?}");
+                    assert!(out.reply.as_deref().is_none_or(|r| r.starts_with(b"NONCE ")), "{out:?}");
+                } else {
+                    assert!(out.reply.is_none() || out.reply.as_deref() == Some(OK));
+                    assert_eq!(out.reply.is_some(), out.refused.is_none());
                 }
             }
             Err(_) => {}

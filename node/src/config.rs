@@ -341,6 +341,14 @@ pattern = "/api/"
             ),
             ("[pools.web]\npattern = \"/\"\nscope = { zones = [] }\n", "pools.web.scope.zones"),
             (
+                "[pools.t]\nprotocol = \"tcp\"\nlisten = 3001\nself_register = true\n[pools.t.health]\nheartbeat_port = 5000\n",
+                "pools.t.health.heartbeat_secret",
+            ),
+            (
+                "[pools.t]\nprotocol = \"tcp\"\nlisten = 3001\nself_register = true\nmax_self_registered = 0\n[pools.t.health]\nheartbeat_port = 5000\nheartbeat_secret = \"k\"\n",
+                "pools.t.max_self_registered",
+            ),
+            (
                 "[pools.web]\npattern = \"/\"\n[pools.web.backends.\"1.2.3.4:80\"]\nurl_path = \"no-slash\"\n",
                 "pools.web.backends.\"1.2.3.4:80\".url_path",
             ),

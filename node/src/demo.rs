@@ -1,7 +1,8 @@
 //! `shoal demo-backend`: stand-in backends for demos and tests. HTTP mode answers `/healthz`
 //! with `ok` (switchable to `fail`), names itself in every answer (with the client identity
 //! headers it received), echoes request bodies and serves `/bytes/N`. TCP mode echoes bytes
-//! and speaks seed 004's heartbeat protocol.
+//! and speaks seed 004's heartbeat protocol (authenticated with `--secret` for pools with a
+//! `heartbeat_secret`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -44,7 +45,7 @@ pub struct DemoArgs {
     /// Milliseconds between `OK` heartbeats.
     #[arg(long, default_value_t = 500)]
     pub interval_ms: u64,
-    /// The pool's heartbeat secret: identifications are signed with it (HMAC, timestamped).
+    /// The pool's heartbeat secret: answers the balancer's nonce and signs every keepalive.
     #[arg(long)]
     pub secret: Option<String>,
     /// TCP mode: a line sent first on every connection (tells which backend answered).
@@ -277,8 +278,18 @@ async fn echo(mut stream: TcpStream, banner: Option<Arc<str>>) {
     let _ = w.shutdown().await;
 }
 
-/// Seed 004's backend side: identify each second until acknowledged, then `OK` every
-/// interval; identify again when a balancer answers `AUTH`.
+/// One balancer as a heartbeat backend sees it.
+#[derive(Default)]
+struct Link {
+    /// The nonce our last signed identification answered (authenticated pools).
+    answered: Option<String>,
+    /// Set once the balancer said `OK`: the nonce keepalives are keyed to, and their counter.
+    registered: Option<(Option<String>, u64)>,
+}
+
+/// The backend side of the heartbeat protocol: identify each second until acknowledged, then
+/// `OK` every interval; identify again when a balancer answers `AUTH`. With a secret, answer the
+/// balancer's `NONCE` with a signed identification and sign every keepalive with a fresh counter.
 pub async fn heartbeats(
     socket: UdpSocket,
     tcp: SocketAddr,
@@ -287,24 +298,25 @@ pub async fn heartbeats(
     interval: Duration,
     secret: Option<String>,
 ) {
-    // A signed identification expires; sign a fresh one each time it is sent.
-    let id = || {
-        let auth = secret.as_deref().map(|s| crate::health::heartbeat::sign_identification(s, tcp, udp));
-        heartbeat::encode_id(tcp, udp, auth.as_deref())
-    };
-    let mut acked: HashMap<SocketAddr, bool> = targets.iter().map(|t| (*t, false)).collect();
+    let mut links: HashMap<SocketAddr, Link> = targets.iter().map(|t| (*t, Link::default())).collect();
     let mut tick = tokio::time::interval(interval.min(Duration::from_secs(1)));
     let mut last_id = tokio::time::Instant::now() - Duration::from_secs(10);
     let mut buf = [0u8; 512];
+    let plain_id = heartbeat::encode_id(tcp, udp, None);
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let identify_due = last_id.elapsed() >= Duration::from_secs(1);
-                for (target, ok) in &acked {
-                    if *ok {
-                        let _ = socket.send_to(heartbeat::OK, target).await;
+                for (target, link) in &mut links {
+                    if let Some((nonce, counter)) = &mut link.registered {
+                        *counter += 1;
+                        let beat = match (secret.as_deref(), nonce.as_deref()) {
+                            (Some(s), Some(n)) => heartbeat::encode_ok(*counter, &crate::health::heartbeat::ok_mac(s, n, *counter)),
+                            _ => heartbeat::OK.to_vec(),
+                        };
+                        let _ = socket.send_to(&beat, target).await;
                     } else if identify_due {
-                        let _ = socket.send_to(&id(), target).await;
+                        let _ = socket.send_to(&plain_id, target).await;
                     }
                 }
                 if identify_due {
@@ -313,15 +325,25 @@ pub async fn heartbeats(
             }
             got = socket.recv_from(&mut buf) => {
                 let Ok((n, from)) = got else { continue };
+                let Some(link) = links.get_mut(&from) else { continue };
                 match heartbeat::decode(&buf[..n]) {
-                    Ok(Datagram::Ok) if acked.get(&from) == Some(&false) => {
-                        acked.insert(from, true);
+                    Ok(Datagram::Ok) if link.registered.is_none() => {
+                        link.registered = Some((link.answered.take(), 0));
                         tracing::info!(balancer = %from, "balancer acknowledged our identification");
+                    }
+                    Ok(Datagram::Nonce(nonce)) if link.registered.is_none() => {
+                        let Some(s) = secret.as_deref() else {
+                            tracing::warn!(balancer = %from, "balancer wants a signed identification; give --secret");
+                            continue;
+                        };
+                        let token = crate::health::heartbeat::answer_nonce(s, nonce, tcp, udp);
+                        link.answered = Some(nonce.to_string());
+                        let _ = socket.send_to(&heartbeat::encode_id(tcp, udp, Some(&token)), from).await;
                     }
                     Ok(Datagram::Auth) => {
                         tracing::info!(balancer = %from, "balancer asked us to identify again");
-                        acked.insert(from, false);
-                        let _ = socket.send_to(&id(), from).await;
+                        *link = Link::default();
+                        let _ = socket.send_to(&plain_id, from).await;
                     }
                     _ => {}
                 }

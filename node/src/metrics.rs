@@ -36,6 +36,7 @@ pub struct Metrics {
     pub pool_fail_open: IntGaugeVec,
     pub heartbeats: IntCounterVec,
     pub heartbeats_malformed: IntCounterVec,
+    pub heartbeats_refused: IntCounterVec,
     // control plane
     pub config_version: IntGauge,
     pub table_rebuilds: IntCounter,
@@ -163,6 +164,12 @@ impl Metrics {
                 "heartbeats_malformed_total",
                 "Heartbeat datagrams dropped as malformed",
                 &["pool"],
+            ),
+            heartbeats_refused: counter(
+                &r,
+                "heartbeats_refused_total",
+                "Heartbeat datagrams refused (unknown pair or source, bad or replayed MAC, cap reached...)",
+                &["pool", "reason"],
             ),
             config_version: gauge(&r, "config_version", "Version of the applied desired state"),
             table_rebuilds: plain_counter(&r, "routing_table_rebuilds_total", "Routing snapshots built"),

@@ -340,7 +340,6 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         listen_ip,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
-        verifier: Arc::new(health::heartbeat::verify_identification),
         me: opts.id.clone(),
         members: members_rx,
         probe_replicas: opts.cluster.as_ref().map(|c| c.probe_replicas).unwrap_or(1),

@@ -294,6 +294,28 @@ mod tests {
     }
 
     #[test]
+    fn open_self_registering_pool_needs_the_explicit_opt_in() {
+        let mut st = State::default();
+        let mut spec =
+            PoolSpec { protocol: Protocol::Tcp, listen: Some(3001), self_register: true, ..PoolSpec::default() };
+        spec.health.heartbeat_port = Some(5000);
+        let put = |spec: &PoolSpec| Command::PutPool { name: "open".into(), spec: spec.clone() };
+        let err = apply(&mut st, &put(&spec)).expect_err("open pool refused");
+        assert!(matches!(err, ApplyError::Invalid { ref key, .. } if key == "health.heartbeat_secret"), "{err}");
+        assert!(err.to_string().contains("allow_unauthenticated_heartbeats"), "{err}");
+        spec.allow_unauthenticated_heartbeats = true;
+        apply(&mut st, &put(&spec)).expect("opted in");
+        spec.health.heartbeat_secret = Some("k".into());
+        let err = apply(&mut st, &put(&spec)).expect_err("opt-in with a secret is contradictory");
+        assert!(matches!(err, ApplyError::Invalid { ref key, .. } if key == "allow_unauthenticated_heartbeats"));
+        spec.allow_unauthenticated_heartbeats = false;
+        apply(&mut st, &put(&spec)).expect("secret");
+        spec.max_self_registered = 0;
+        let err = apply(&mut st, &put(&spec)).expect_err("cap 0");
+        assert!(matches!(err, ApplyError::Invalid { ref key, .. } if key == "max_self_registered"));
+    }
+
+    #[test]
     fn ports_conflict_across_pools() {
         let mut st = State::default();
         let mut spec = PoolSpec { protocol: Protocol::Tcp, listen: Some(3001), ..PoolSpec::default() };

@@ -1,9 +1,12 @@
-//! The UDP heartbeat datagrams of seed 004, byte-compatible with the original load balancer.
+//! The UDP heartbeat datagrams: seed 004's, byte-compatible with the original load balancer,
+//! plus the authenticated forms shoal adds for pools with a `heartbeat_secret`.
 //!
-//! A backend identifies itself with `"<tcp addr> <udp addr>"` (older backends put the UDP
-//! address first; both orders are accepted) until the balancer answers `OK`; afterwards it sends
-//! `OK` every interval. The balancer answers `AUTH` to an `OK` from a source it does not know.
-//! An optional third token authenticates the identification (see `node::dataplane::heartbeat`).
+//! Seed 004: a backend identifies itself with `"<tcp addr> <udp addr>"` (older backends put the
+//! UDP address first; both orders are accepted) until the balancer answers `OK`; afterwards it
+//! sends `OK` every interval. The balancer answers `AUTH` to an `OK` from a source it does not
+//! know. Authenticated pools answer a bare identification with `NONCE <hex>`; the backend repeats
+//! it with a third token `<nonce>.<mac>`, then sends `OK <counter> <mac>` keepalives. The MACs
+//! and the rules that make them single-use live in `node::health::heartbeat`.
 
 use std::net::SocketAddr;
 
@@ -11,6 +14,8 @@ use std::net::SocketAddr;
 pub const OK: &[u8] = b"OK";
 /// The balancer's reply to an `OK` from an unknown source: "identify yourself again".
 pub const AUTH: &[u8] = b"AUTH";
+/// The balancer's challenge to an identification in an authenticated pool.
+pub const NONCE: &str = "NONCE";
 /// Datagrams longer than this are malformed (an identification is well under 200 bytes).
 pub const MAX_DATAGRAM: usize = 512;
 
@@ -19,6 +24,10 @@ pub const MAX_DATAGRAM: usize = 512;
 pub enum Datagram<'a> {
     /// "I am alive" from an identified backend (or the balancer's acknowledgement).
     Ok,
+    /// An authenticated keepalive: a counter that only grows and a MAC over it.
+    OkMac { counter: u64, mac: &'a str },
+    /// The balancer's one-time challenge to an identification.
+    Nonce(&'a str),
     /// The balancer asks the backend to identify again.
     Auth,
     /// An identification: two addresses in either order, and an optional authenticator.
@@ -32,7 +41,7 @@ pub enum Malformed {
     TooLong,
     #[error("datagram is not UTF-8 text")]
     NotText,
-    #[error("expected OK, AUTH or two addresses")]
+    #[error("expected OK, AUTH, NONCE or two addresses")]
     BadShape,
     #[error("not a socket address")]
     BadAddr,
@@ -53,6 +62,14 @@ pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, Malformed> {
     let (Some(a), Some(b), auth, None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(Malformed::BadShape);
     };
+    match (a, auth) {
+        ("OK", Some(mac)) => {
+            let counter = b.parse().map_err(|_| Malformed::BadShape)?;
+            return Ok(Datagram::OkMac { counter, mac });
+        }
+        (NONCE, None) => return Ok(Datagram::Nonce(b)),
+        _ => {}
+    }
     let first = a.parse().map_err(|_| Malformed::BadAddr)?;
     let second = b.parse().map_err(|_| Malformed::BadAddr)?;
     Ok(Datagram::Id { first, second, auth })
@@ -64,6 +81,16 @@ pub fn encode_id(tcp: SocketAddr, udp: SocketAddr, auth: Option<&str>) -> Vec<u8
         Some(a) => format!("{tcp} {udp} {a}").into_bytes(),
         None => format!("{tcp} {udp}").into_bytes(),
     }
+}
+
+/// Encodes an authenticated keepalive.
+pub fn encode_ok(counter: u64, mac: &str) -> Vec<u8> {
+    format!("OK {counter} {mac}").into_bytes()
+}
+
+/// Encodes the balancer's challenge.
+pub fn encode_nonce(nonce: &str) -> Vec<u8> {
+    format!("{NONCE} {nonce}").into_bytes()
 }
 
 #[cfg(test)]
@@ -81,6 +108,10 @@ mod tests {
         assert_eq!(id, Datagram::Id { first: tcp, second: udp, auth: None });
         let v6 = decode(b"[::1]:7000 [::1]:7001 abc").expect("v6 id with auth");
         assert!(matches!(v6, Datagram::Id { auth: Some("abc"), .. }));
+        assert_eq!(decode(b"OK 7 abcd\n"), Ok(Datagram::OkMac { counter: 7, mac: "abcd" }));
+        assert_eq!(decode(b"NONCE 00ff"), Ok(Datagram::Nonce("00ff")));
+        assert_eq!(decode(&encode_ok(3, "ab")), Ok(Datagram::OkMac { counter: 3, mac: "ab" }));
+        assert_eq!(decode(&encode_nonce("cd")), Ok(Datagram::Nonce("cd")));
     }
 
     #[test]
@@ -90,6 +121,9 @@ mod tests {
         assert_eq!(decode(&[0xff, 0xfe]), Err(Malformed::NotText));
         assert_eq!(decode(b"1.2.3.4:5 nope"), Err(Malformed::BadAddr));
         assert_eq!(decode(b"a b c d"), Err(Malformed::BadShape));
+        assert_eq!(decode(b"OK -1 ab"), Err(Malformed::BadShape));
+        assert_eq!(decode(b"OK 1"), Err(Malformed::BadAddr));
+        assert_eq!(decode(b"NONCE a b"), Err(Malformed::BadAddr));
         assert_eq!(decode(&[b'x'; 600]), Err(Malformed::TooLong));
     }
 

@@ -91,7 +91,8 @@ pub struct HealthSpec {
     pub heartbeat_port: Option<u16>,
     /// A heartbeat backend without an `OK` for this long is down (seed 004: 2 s).
     pub heartbeat_timeout_ms: u64,
-    /// When set, identification datagrams must carry this secret.
+    /// When set, backends prove they know this secret: a challenge–response per registration
+    /// and a MAC on every keepalive (see `node::health::heartbeat`).
     pub heartbeat_secret: Option<String>,
 }
 
@@ -147,6 +148,11 @@ pub struct PoolSpec {
     pub health: HealthSpec,
     /// Heartbeat pools: accept backends that identify themselves without being configured.
     pub self_register: bool,
+    /// A self-registering pool without `health.heartbeat_secret` lets anyone who reaches its
+    /// heartbeat port add a backend; it is refused unless this says the operator wants that.
+    pub allow_unauthenticated_heartbeats: bool,
+    /// Most self-registered backends this pool keeps; further registrations are refused.
+    pub max_self_registered: u32,
     pub scope: Scope,
     pub connect_timeout_ms: u64,
     /// HTTP pools: time allowed for a backend's response headers (504 after it).
@@ -178,6 +184,8 @@ impl Default for PoolSpec {
             algorithm: Algorithm::RoundRobin,
             health: HealthSpec::default(),
             self_register: false,
+            allow_unauthenticated_heartbeats: false,
+            max_self_registered: DEFAULT_MAX_SELF_REGISTERED,
             scope: Scope::Global,
             connect_timeout_ms: 3000,
             response_timeout_ms: 60_000,
@@ -192,6 +200,10 @@ impl Default for PoolSpec {
 
 /// Largest weight a backend may carry; keeps round-robin schedules small.
 pub const MAX_WEIGHT: u32 = 256;
+/// Default cap on a pool's self-registered backends.
+pub const DEFAULT_MAX_SELF_REGISTERED: u32 = 64;
+/// Largest `max_self_registered` accepted.
+pub const MAX_SELF_REGISTERED: u32 = 4096;
 /// Longest pool or zone name accepted.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -282,6 +294,7 @@ impl PoolSpec {
         if self.self_register && self.check() != CheckKind::Heartbeat {
             return Err(invalid("self_register", "only heartbeat pools accept self-registered backends"));
         }
+        self.validate_heartbeat_auth()?;
         if !(100..=3_600_000).contains(&h.heartbeat_timeout_ms) {
             return Err(invalid("health.heartbeat_timeout_ms", "must be between 100 and 3600000"));
         }
@@ -289,6 +302,29 @@ impl PoolSpec {
             && (secret.is_empty() || secret.len() > 256 || secret.contains(char::is_whitespace))
         {
             return Err(invalid("health.heartbeat_secret", "must be 1 to 256 characters without white space"));
+        }
+        Ok(())
+    }
+
+    /// An open self-registering pool must be asked for by name; the opt-in means nothing elsewhere.
+    fn validate_heartbeat_auth(&self) -> Result<(), ApplyError> {
+        let secret = self.health.heartbeat_secret.is_some();
+        if self.self_register && !secret && !self.allow_unauthenticated_heartbeats {
+            return Err(invalid(
+                "health.heartbeat_secret",
+                "a self_register pool needs a heartbeat secret; without one anyone who reaches the heartbeat \
+                 port adds backends. Set health.heartbeat_secret, or allow_unauthenticated_heartbeats = true \
+                 to accept that",
+            ));
+        }
+        if self.allow_unauthenticated_heartbeats && (secret || !self.self_register) {
+            return Err(invalid(
+                "allow_unauthenticated_heartbeats",
+                "only applies to self_register pools without health.heartbeat_secret",
+            ));
+        }
+        if !(1..=MAX_SELF_REGISTERED).contains(&self.max_self_registered) {
+            return Err(invalid("max_self_registered", "must be between 1 and 4096"));
         }
         Ok(())
     }

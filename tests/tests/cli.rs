@@ -99,6 +99,22 @@ fn check_config_names_the_key_and_exits_nonzero() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pools.web.health.fall"), "{err}");
+    let open = dir.path().join("open.toml");
+    let hb = "[pools.logic]\nprotocol = \"tcp\"\nlisten = 3001\nself_register = true\n[pools.logic.health]\nheartbeat_port = 5000\n";
+    std::fs::write(&open, hb).expect("write");
+    let out = shoal(&["check-config", open.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1), "an open self-registering pool is refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pools.logic.health.heartbeat_secret") && err.contains("allow_unauthenticated_heartbeats"),
+        "{err}"
+    );
+    std::fs::write(
+        &open,
+        hb.replace("self_register = true\n", "self_register = true\nallow_unauthenticated_heartbeats = true\n"),
+    )
+    .expect("write");
+    ok(&["check-config", open.to_str().expect("utf8")]);
     let missing = shoal(&["check-config", "/nonexistent/shoal.toml"]);
     assert_eq!(missing.status.code(), Some(1));
 }

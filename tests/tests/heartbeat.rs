@@ -177,7 +177,7 @@ async fn self_registered_backends_are_routed() {
     let (listen, hb) = (free_port(), free_udp_port());
     node.put(
         "/v1/pools/open",
-        json!({"protocol": "tcp", "listen": listen, "self_register": true, "health": {"heartbeat_port": hb}}),
+        json!({"protocol": "tcp", "listen": listen, "self_register": true, "allow_unauthenticated_heartbeats": true, "health": {"heartbeat_port": hb}}),
     )
     .await;
     let b = HeartbeatBackend::start(vec![(LOCALHOST, hb).into()], None).await;

@@ -181,3 +181,96 @@ async fn connection_floods_wait_in_the_queue_and_the_admin_api_stays_up() {
     assert_eq!(status, StatusCode::OK);
     node.stop().await;
 }
+
+/// Sends one datagram and returns the node's answer, if any within 800 ms.
+async fn ask(sock: &tokio::net::UdpSocket, to: SocketAddr, bytes: &[u8]) -> Option<String> {
+    sock.send_to(bytes, to).await.expect("send");
+    let mut buf = [0u8; 128];
+    let got = tokio::time::timeout(Duration::from_millis(800), sock.recv_from(&mut buf)).await.ok()?.ok()?;
+    Some(String::from_utf8_lossy(&buf[..got.0]).into_owned())
+}
+
+fn refused(metrics: &str, reason: &str) -> u64 {
+    let label = format!("reason=\"{reason}\"");
+    metrics
+        .lines()
+        .find(|l| l.starts_with("shoal_heartbeats_refused_total{") && l.contains("pool=\"hb\"") && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 14, finding 1: a captured identification replayed from elsewhere or twice, keepalives
+/// from another source, bare, replayed or forged keepalives, and registrations past the cap are
+/// all refused, each counted by reason; the real backend alone is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_replays_spoofs_and_extra_registrations_are_refused_and_counted() {
+    use shoal_node::health::heartbeat::{answer_nonce, ok_mac};
+    use shoal_proto::heartbeat::encode_ok;
+    use tokio::net::UdpSocket;
+
+    let node = TestNode::start("hostile-hb").await;
+    let (listen, hb, secret) = (shoal_tests::free_port(), shoal_tests::free_udp_port(), "hostile-s3cret");
+    let health = json!({"heartbeat_port": hb, "heartbeat_secret": secret, "heartbeat_timeout_ms": 1000});
+    let spec =
+        json!({"protocol": "tcp", "listen": listen, "self_register": true, "max_self_registered": 1, "health": health});
+    node.put("/v1/pools/hb", spec).await;
+    let lb: SocketAddr = ([127, 0, 0, 1], hb).into();
+    let backend = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    let attacker = UdpSocket::bind("127.0.0.2:0").await.expect("udp on 127.0.0.2");
+    let (tcp, udp): (SocketAddr, SocketAddr) = ("0.0.0.0:9000".parse().unwrap(), backend.local_addr().unwrap());
+    let id = format!("{tcp} {udp}");
+
+    let challenge = eventually(Duration::from_secs(15), "a nonce for the identification", || async {
+        ask(&backend, lb, id.as_bytes()).await.filter(|r| r.starts_with("NONCE "))
+    })
+    .await;
+    let nonce = challenge.trim_start_matches("NONCE ").to_string();
+    let answer = format!("{id} {}", answer_nonce(secret, &nonce, tcp, udp));
+    assert_eq!(ask(&attacker, lb, answer.as_bytes()).await, None, "captured answer replayed from elsewhere");
+    assert_eq!(ask(&backend, lb, answer.as_bytes()).await.as_deref(), Some("OK"), "the real answer");
+    assert_eq!(ask(&backend, lb, answer.as_bytes()).await, None, "the same answer twice");
+    assert_eq!(ask(&attacker, lb, b"OK").await.as_deref(), Some("AUTH"), "keepalive from another source");
+    let signed = encode_ok(1, &ok_mac(secret, &nonce, 1));
+    assert_eq!(ask(&attacker, lb, &signed).await.as_deref(), Some("AUTH"), "signed keepalive from elsewhere");
+    let other = format!("0.0.0.0:9100 {}", attacker.local_addr().unwrap());
+    assert_eq!(ask(&attacker, lb, other.as_bytes()).await, None, "a second registration is over the cap");
+    assert_eq!(ask(&backend, lb, &signed).await, None, "a valid keepalive is silent");
+
+    // From the backend's own address (what a spoofer would forge): bare, replayed and forged
+    // keepalives do not keep it up once real ones stop.
+    const SPOOFS: u64 = 12;
+    let forged = encode_ok(99, &ok_mac("guessed", &nonce, 99));
+    for _ in 0..SPOOFS {
+        for bytes in [&b"OK"[..], &signed, &forged] {
+            backend.send_to(bytes, lb).await.expect("send");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let h = node.get("/v1/pools/hb/health").await;
+    let list: Vec<(String, String)> = h["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| (b["addr"].as_str().unwrap_or("").to_string(), b["status"].as_str().unwrap_or("").to_string()))
+        .collect();
+    assert_eq!(list, vec![("127.0.0.1:9000".to_string(), "BS_SICK".to_string())], "{h}");
+
+    let expected = [
+        ("stale_nonce", 2),
+        ("unknown_source", 2),
+        ("cap", 1),
+        ("unauthenticated", SPOOFS),
+        ("replay", SPOOFS),
+        ("bad_mac", SPOOFS),
+    ];
+    let metrics = eventually(Duration::from_secs(10), "every refusal counted", || async {
+        let m = node.admin.raw(http::Method::GET, "/metrics", None).await.ok()?;
+        let text = String::from_utf8_lossy(&m.1).into_owned();
+        expected.iter().all(|(r, n)| refused(&text, r) == *n).then_some(text)
+    })
+    .await;
+    for (reason, n) in expected {
+        assert_eq!(refused(&metrics, reason), n, "{reason}");
+    }
+    node.stop().await;
+}

@@ -121,3 +121,21 @@ async fn heartbeat_secret_keeps_impostors_out() {
     drop((impostor, anonymous));
     node.stop().await;
 }
+
+/// Issue 14, finding 1: an open self-registering pool must be asked for by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_self_registering_pool_is_refused_without_the_opt_in() {
+    let node = TestNode::start("sec-hb-open").await;
+    let (listen, hb) = (free_port(), free_udp_port());
+    let open = json!({"protocol": "tcp", "listen": listen, "self_register": true, "health": {"heartbeat_port": hb}});
+    let (status, body) = node.call(Method::PUT, "/v1/pools/open", Some(&open.to_string())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let msg = body["error"].as_str().unwrap_or_default();
+    assert!(msg.contains("health.heartbeat_secret") && msg.contains("allow_unauthenticated_heartbeats"), "{msg}");
+    let (status, _) = node.call(Method::GET, "/v1/pools/open", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nothing was created");
+    let mut opted = open.clone();
+    opted["allow_unauthenticated_heartbeats"] = json!(true);
+    node.put("/v1/pools/open", opted).await;
+    node.stop().await;
+}

@@ -43,7 +43,7 @@ pub fn run(args: DevArgs) -> ExitCode {
     let result = rt.block_on(async {
         let secrets = Secrets::create(&dir)?;
         start_all(&dir, n, &secrets, &mut procs)?;
-        configure(n, &secrets.token).await?;
+        configure(n, &secrets.token, &secrets.heartbeat).await?;
         print_tour(&dir, n, &procs, &secrets.token);
         watch(&mut procs).await;
         anyhow::Ok(())
@@ -67,7 +67,19 @@ fn start_all(dir: &Path, n: u8, secrets: &Secrets, procs: &mut Vec<Proc>) -> any
     }
     let targets: Vec<String> = (1..=n).map(|i| format!("{}:5000", ip(i))).collect();
     let targets = targets.join(",");
-    let hb = ["demo-backend", "--tcp", HB_TCP, "--udp", HB_UDP, "--heartbeat-to", &targets, "--banner", "demo-tcp"];
+    let hb = [
+        "demo-backend",
+        "--tcp",
+        HB_TCP,
+        "--udp",
+        HB_UDP,
+        "--heartbeat-to",
+        &targets,
+        "--secret",
+        &secrets.heartbeat,
+        "--banner",
+        "demo-tcp",
+    ];
     procs.push(spawn(dir, "demo-tcp", &hb)?);
     let seeds: Vec<String> = (1..=n).map(|i| format!("{}:7946", ip(i))).collect();
     let seeds = seeds.join(",");
@@ -112,6 +124,8 @@ struct Secrets {
     key_file: PathBuf,
     token_file: PathBuf,
     token: String,
+    /// The TCP pool's heartbeat secret, new each run (the demo backend gets it by flag).
+    heartbeat: String,
 }
 
 impl Secrets {
@@ -124,7 +138,8 @@ impl Secrets {
         }
         let token = crate::admin::auth::load_or_create_token(&token_file)
             .map_err(|e| anyhow::anyhow!("{}: {e}", token_file.display()))?;
-        Ok(Secrets { key_file, token_file, token })
+        let heartbeat = crate::control::secure::hex(&rand::random::<[u8; 16]>());
+        Ok(Secrets { key_file, token_file, token, heartbeat })
     }
 }
 
@@ -142,7 +157,7 @@ fn spawn(dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
 }
 
 /// Creates the demo pools through node 1 once the cluster accepts writes.
-async fn configure(n: u8, token: &str) -> anyhow::Result<()> {
+async fn configure(n: u8, token: &str, heartbeat_secret: &str) -> anyhow::Result<()> {
     let admin = AdminClient::new(&format!("http://{}:8081", ip(1)))?.with_token(Some(token.to_string()));
     let web = json!({ "pattern": "/" });
     retry(|| admin.call::<serde_json::Value>(Method::PUT, "/v1/pools/web", Some(web.clone()))).await?;
@@ -150,7 +165,8 @@ async fn configure(n: u8, token: &str) -> anyhow::Result<()> {
         let path = format!("/v1/pools/web/backends/{addr}");
         retry(|| admin.call::<serde_json::Value>(Method::PUT, &path, Some(json!({})))).await?;
     }
-    let tcp = json!({ "protocol": "tcp", "listen": 3001, "health": { "heartbeat_port": 5000 } });
+    let health = json!({ "heartbeat_port": 5000, "heartbeat_secret": heartbeat_secret });
+    let tcp = json!({ "protocol": "tcp", "listen": 3001, "health": health });
     retry(|| admin.call::<serde_json::Value>(Method::PUT, "/v1/pools/logic", Some(tcp.clone()))).await?;
     let path = format!("/v1/pools/logic/backends/{HB_TCP}");
     retry(|| admin.call::<serde_json::Value>(Method::PUT, &path, Some(json!({ "heartbeat_addr": HB_UDP })))).await?;

@@ -402,6 +402,12 @@ pub struct PoolAddArgs {
     /// Accept backends that identify themselves by heartbeat without being configured.
     #[arg(long)]
     pub self_register: bool,
+    /// Secret heartbeat backends must prove (challenge-response and signed keepalives).
+    #[arg(long)]
+    pub heartbeat_secret: Option<String>,
+    /// Let a self-registering pool without a secret accept anyone who reaches its heartbeat port.
+    #[arg(long)]
+    pub allow_unauthenticated_heartbeats: bool,
     /// Require a 2xx status from health checks too.
     #[arg(long)]
     pub require_2xx: bool,
@@ -706,11 +712,17 @@ async fn pool_add(a: PoolAddArgs) -> anyhow::Result<()> {
     insert_some(&mut health, "rise", a.rise.map(Value::from));
     insert_some(&mut health, "fall", a.fall.map(Value::from));
     insert_some(&mut health, "heartbeat_port", a.heartbeat_port.map(Value::from));
+    insert_some(&mut health, "heartbeat_secret", a.heartbeat_secret.map(Value::from));
     if a.require_2xx {
         health.insert("require_2xx".into(), Value::from(true));
     }
-    let mut body =
-        json!({ "protocol": protocol, "algorithm": algorithm, "health": health, "self_register": a.self_register });
+    let mut body = json!({
+        "protocol": protocol,
+        "algorithm": algorithm,
+        "health": health,
+        "self_register": a.self_register,
+        "allow_unauthenticated_heartbeats": a.allow_unauthenticated_heartbeats,
+    });
     if let Some(p) = &a.pattern {
         body["pattern"] = Value::from(p.clone());
     }

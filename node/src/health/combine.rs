@@ -118,6 +118,7 @@ mod tests {
         let mut hb =
             PoolSpec { protocol: Protocol::Tcp, listen: Some(3001), self_register: true, ..PoolSpec::default() };
         hb.health.heartbeat_port = Some(5000);
+        hb.health.heartbeat_secret = Some("k".into());
         apply(&mut st, &Command::PutPool { name: "hb".into(), spec: hb }).expect("hb");
         st
     }

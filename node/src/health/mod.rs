@@ -80,16 +80,12 @@ impl Reporter {
     }
 }
 
-/// Checks a heartbeat identification's authenticator against a pool's secret.
-pub type Verifier = Arc<dyn Fn(&str, &str, Option<&str>) -> bool + Send + Sync>;
-
 /// Everything the manager needs.
 pub struct HealthCtx {
     pub state: watch::Receiver<Arc<State>>,
     pub listen_ip: IpAddr,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
-    pub verifier: Verifier,
     /// This node's name, for probe sharding.
     pub me: String,
     /// Live node names (empty: a single node, which probes everything).
@@ -266,10 +262,13 @@ impl Manager {
         for (name, pool) in pools {
             let cfg = tracker_config(pool);
             if let Some(t) = self.hb_tasks.get(name) {
-                t.cfg.send_if_modified(|c| (*c != cfg).then(|| *c = cfg).is_some());
+                if t.cfg.send_if_modified(|c| (*c != cfg).then(|| *c = cfg).is_some()) {
+                    warn_if_unauthenticated(pool);
+                }
                 continue;
             }
             let Some(port) = pool.spec.health.heartbeat_port else { continue };
+            warn_if_unauthenticated(pool);
             match UdpSocket::bind((self.ctx.listen_ip, port)).await {
                 Ok(socket) => {
                     tracing::info!(pool = name, addr = %SocketAddr::new(self.ctx.listen_ip, port), "heartbeat socket listening");
@@ -280,7 +279,6 @@ impl Manager {
                         cfg_rx,
                         self.hb_tx.clone(),
                         self.ctx.metrics.clone(),
-                        self.ctx.verifier.clone(),
                         self.ctx.shutdown.clone(),
                     ));
                     self.hb_tasks.insert(name.to_string(), HbTask { port, cfg: cfg_tx, task: task.abort_handle() });
@@ -398,8 +396,31 @@ fn tracker_config(pool: &Pool) -> TrackerConfig {
     TrackerConfig {
         servers: pool.backends.values().filter_map(|b| Some((b.addr, b.spec.heartbeat_addr?))).collect(),
         self_register: pool.spec.self_register,
+        max_self_registered: pool.spec.max_self_registered as usize,
         timeout: Duration::from_millis(pool.spec.health.heartbeat_timeout_ms),
         secret: pool.spec.health.heartbeat_secret.clone(),
+    }
+}
+
+/// Names each pool whose heartbeats anyone who reaches its port can forge (at start and apply).
+fn warn_if_unauthenticated(pool: &Pool) {
+    if pool.spec.health.heartbeat_secret.is_some() {
+        return;
+    }
+    let port = pool.spec.health.heartbeat_port.unwrap_or(0);
+    if pool.spec.allow_unauthenticated_heartbeats {
+        tracing::warn!(
+            pool = %pool.name,
+            port,
+            "allow_unauthenticated_heartbeats = true: anyone who reaches this UDP port can add backends to the pool"
+        );
+    } else {
+        tracing::warn!(
+            pool = %pool.name,
+            port,
+            "heartbeats are unauthenticated (seed 004): anyone who reaches this UDP port can mark the configured \
+             backends up; set health.heartbeat_secret"
+        );
     }
 }
 
