@@ -5,22 +5,24 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_node::{config, ec};
-use shoal_proto::{State, apply};
+use shoal_node::{config, config_watch, ec};
+use shoal_proto::{Command, State, apply};
 
 fn check_config(text: &str) {
     let Ok(file) = config::parse(text) else { return };
     let _ = config::summary(&file);
     let Ok(validated) = file.validate() else { return };
-    // `validate` accepts exactly what the node then applies as one batch...
+    // `validate` accepts exactly what the node then proposes: the plan against an empty state
+    // builds the same pools...
     let mut fresh = State::default();
-    let batch = file.commands(&fresh);
-    apply(&mut fresh, &batch).expect("a validated file applies to an empty state");
-    assert_eq!(fresh.pools, validated.pools, "the batch and validate built different pools");
-    // ...and re-applying the same file (the node does on every start) changes nothing.
-    let mut again = fresh.clone();
-    apply(&mut again, &file.commands(&fresh)).expect("a validated file applies again");
-    assert_eq!(again.pools, fresh.pools, "re-applying the file changed the pools");
+    let plan = config_watch::plan(None, &fresh, &validated.pools).expect("a validated file plans on an empty state");
+    apply(&mut fresh, &Command::Batch(plan.commands)).expect("a validated file applies to an empty state");
+    assert_eq!(fresh.pools, validated.pools, "the plan and validate built different pools");
+    // ...and the same file again (every start, every poll of an unchanged file) proposes nothing.
+    for previous in [None, Some(&validated.pools)] {
+        let again = config_watch::plan(previous, &fresh, &validated.pools).expect("a validated file plans again");
+        assert!(again.commands.is_empty(), "re-applying the file would change the pools: {:?}", again.changes);
+    }
     for (name, _, backends) in &file.pools {
         let pool = &validated.pools[name];
         assert_eq!(&pool.name, name);
