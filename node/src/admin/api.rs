@@ -9,9 +9,10 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use shoal_proto::admin::{ClusterView, NodeView, PoolHealth, WriteResult};
-use shoal_proto::{BackendSpec, CheckKind, Command, Pool, PoolSpec, State};
+use shoal_proto::{Applied, BackendSpec, CheckKind, Command, Pool, PoolSpec, State};
 
 use super::json::{ApiError, Body};
+use crate::control::ProposeError;
 use crate::control::gossip::Members;
 use crate::control::raft::{RaftStatus, ShoalNode};
 use crate::health::probe;
@@ -368,14 +369,14 @@ pub async fn pick(
 }
 
 async fn write(node: &NodeShared, cmd: Command) -> Result<Json<WriteResult>, ApiError> {
+    let applied = propose(node, cmd).await?;
+    Ok(Json(WriteResult { version: applied.version }))
+}
+
+/// Proposes an admin write (JSON or gRPC), counting proposals and failures.
+pub(super) async fn propose(node: &NodeShared, cmd: Command) -> Result<Applied, ProposeError> {
     node.metrics.proposals.inc();
-    match node.raft.propose(cmd).await {
-        Ok(applied) => Ok(Json(WriteResult { version: applied.version })),
-        Err(e) => {
-            node.metrics.proposal_failures.inc();
-            Err(e.into())
-        }
-    }
+    node.raft.propose(cmd).await.inspect_err(|_| node.metrics.proposal_failures.inc())
 }
 
 fn parse_addr(raw: &str) -> Result<SocketAddr, ApiError> {

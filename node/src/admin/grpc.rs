@@ -151,8 +151,7 @@ impl Lb {
     }
 
     async fn propose(&self, cmd: Command) -> Result<(), ProposeError> {
-        self.node.metrics.proposals.inc();
-        self.node.raft.propose(cmd).await.map(|_| ()).inspect_err(|_| self.node.metrics.proposal_failures.inc())
+        super::api::propose(&self.node, cmd).await.map(|_| ())
     }
 }
 
