@@ -245,7 +245,8 @@ impl Keeper {
             return;
         }
         let Ok(wanted) = wanted_pools(&self.file) else { return };
-        for _ in 0..u32::MAX {
+        // Until a leader takes it or refuses it: the node is not ready before its sources are in.
+        loop {
             match self.bring_in(&self.digest, wanted.clone()).await {
                 Ok(_) => {
                     let summary = config::summary(&self.file);
