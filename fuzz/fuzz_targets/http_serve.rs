@@ -1,5 +1,5 @@
 //! The whole HTTP/1 request path of the proxy, end to end: `dataplane::http::serve` on an
-//! in-memory connection (the scanner, hyper's server parser, smuggling checks, the mux,
+//! in-memory connection (the engine's head parser and framing rules, the mux,
 //! redirects, pinning, header rewriting, the attempt to reach a backend and the error answers).
 //!
 //! Input: the raw bytes a client sends on one connection; they arrive in reads whose size the
@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
+use shoal_node::dataplane::h1::io::Transport;
 use shoal_node::dataplane::http::{ConnInfo, serve};
 use shoal_node::dataplane::{DpCtx, Limits};
 use shoal_node::health::{HealthView, Reporter};
@@ -110,6 +111,9 @@ impl AsyncRead for FuzzIo {
         Poll::Ready(Ok(()))
     }
 }
+
+/// No readiness to report: the engine waits inside the read.
+impl Transport for FuzzIo {}
 
 impl AsyncWrite for FuzzIo {
     fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {

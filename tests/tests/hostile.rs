@@ -55,6 +55,17 @@ async fn request_smuggling_shapes_get_400_and_a_closed_connection() {
         ("bad chunk size", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
         ("chunk without CRLF", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n"),
         ("TE not chunked", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"),
+        ("TE chunked twice", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"),
+        ("duplicate equal CL", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"),
+        ("signed CL", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello"),
+        ("no Host", b"GET / HTTP/1.1\r\n\r\n"),
+        ("two Hosts", b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
+        ("absolute-form host mismatch", b"GET http://other.example/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("space in header name", b"GET / HTTP/1.1\r\nHost: x\r\nX A: b\r\n\r\n"),
+        ("bare LF", b"GET / HTTP/1.1\nHost: x\n\n"),
+        ("chunk extension with LF", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;a\nb\r\nhello\r\n0\r\n\r\n"),
+        ("empty chunk size", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\r\n"),
+        ("WebSocket without key", b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
     ];
     for (name, bytes) in cases {
         let (answer, closed) = exchange(node.http(), bytes).await;

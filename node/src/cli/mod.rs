@@ -160,10 +160,13 @@ pub struct NodeArgs {
     /// Most header fields in a request (431 beyond).
     #[arg(long, default_value_t = 100)]
     pub max_headers: usize,
-    /// Seconds a client gets to send a whole request head (slowloris defence; also closes
-    /// keep-alive connections idle this long).
+    /// Seconds a client gets to send a whole request head, from its first byte (or from the
+    /// accept, for a connection's first request): the slowloris defence.
     #[arg(long, default_value_t = 10)]
     pub header_timeout: u64,
+    /// Seconds an idle keep-alive client connection is kept open.
+    #[arg(long, default_value_t = 60)]
+    pub keepalive_timeout: u64,
     /// Seconds a TLS client gets to finish its handshake.
     #[arg(long, default_value_t = 10)]
     pub tls_handshake_timeout: u64,
@@ -266,6 +269,7 @@ impl NodeArgs {
                 max_connections: self.max_connections,
                 max_headers: self.max_headers,
                 header_timeout: Duration::from_secs(self.header_timeout.max(1)),
+                keepalive_timeout: Duration::from_secs(self.keepalive_timeout.max(1)),
                 tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout.max(1)),
             },
             drain_timeout: Duration::from_secs(self.drain_timeout),

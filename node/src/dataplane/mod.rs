@@ -4,7 +4,7 @@
 //! a bounded channel; they never talk to Raft or gossip.
 
 pub mod balancer;
-pub mod count;
+pub mod h1;
 pub mod h1scan;
 pub mod http;
 pub mod maglev;
@@ -43,6 +43,8 @@ pub struct Limits {
     pub max_headers: usize,
     /// A client must send its whole request head within this time (slowloris defence).
     pub header_timeout: Duration,
+    /// An idle keep-alive client connection is closed after this long.
+    pub keepalive_timeout: Duration,
     /// Client connections open at once per worker; further accepts wait for a slot.
     pub max_connections: usize,
     /// A TLS client must finish its handshake within this time.
@@ -55,6 +57,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
             max_connections: 50_000,
             tls_handshake_timeout: Duration::from_secs(10),
         }

@@ -1,14 +1,15 @@
 //! Idle keep-alive connections to one backend, one LIFO list per data-plane worker so a
-//! connection is only ever used on the runtime that drives it.
+//! connection is only ever used on the runtime that registered its socket. No task watches an
+//! idle connection (that would cost a task per connection): it is checked with a non-blocking
+//! read when taken, and too old ones are dropped.
 
 use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
-use super::count::ReqBody;
+use super::h1::io::Upstream;
 
 /// Idle connections kept per backend and worker.
 const MAX_IDLE: usize = 128;
@@ -29,7 +30,7 @@ fn worker() -> usize {
 }
 
 struct Idle {
-    sender: SendRequest<ReqBody>,
+    conn: Upstream,
     since: Instant,
 }
 
@@ -55,29 +56,26 @@ impl ConnPool {
     }
 
     /// The most recently used live connection of this worker, if any.
-    pub fn take(&self) -> Option<SendRequest<ReqBody>> {
+    pub fn take(&self) -> Option<Upstream> {
         let list = self.list()?;
         let mut idle = list.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         while let Some(c) = idle.pop() {
-            if !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TTL {
-                return Some(c.sender);
+            if now.duration_since(c.since) < IDLE_TTL && c.conn.idle_alive() {
+                return Some(c.conn);
             }
         }
         None
     }
 
-    /// Returns a connection whose last exchange completed cleanly.
-    pub fn put(&self, sender: SendRequest<ReqBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Returns a connection whose last exchange completed cleanly in both directions.
+    pub fn put(&self, conn: Upstream) {
         let Some(list) = self.list() else { return };
         let mut idle = list.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() >= MAX_IDLE {
             idle.remove(0);
         }
-        idle.push(Idle { sender, since: Instant::now() });
+        idle.push(Idle { conn, since: Instant::now() });
     }
 
     /// Closes every idle connection (backend removed or drained).

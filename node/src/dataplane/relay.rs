@@ -10,9 +10,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::wsframe::{FrameTracker, GOING_AWAY, close_frame};
-use crate::shutdown::{Phase, Shutdown};
-
 /// Per-direction buffer: small for chatty or idle connections, grown for bulk transfers.
 pub(super) const BUF_START: usize = 4 * 1024;
 pub(super) const BUF_MAX: usize = 64 * 1024;
@@ -137,80 +134,6 @@ where
     }
 }
 
-/// Relays an upgraded WebSocket connection like [`relay`], and when the node reaches its
-/// `Stopped` phase ends each direction at the next frame boundary with a close frame 1001
-/// (going away) instead of a reset: unmasked towards the client, masked towards the backend.
-pub async fn relay_ws<C, B>(client: C, backend: B, idle: Option<Duration>, shutdown: Shutdown) -> (Moved, Ended)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut br, mut bw) = tokio::io::split(backend);
-    let meter = Meter::new();
-    let to_backend = Side { meter: &meter, dir: Dir::Up, masked: true };
-    let to_client = Side { meter: &meter, dir: Dir::Down, masked: false };
-    let mut stopped = shutdown.clone();
-    let both = async {
-        tokio::select! {
-            r = async {
-                tokio::try_join!(
-                    ws_pipe(&mut cr, &mut bw, to_backend, shutdown.clone()),
-                    ws_pipe(&mut br, &mut cw, to_client, shutdown.clone())
-                )
-            } => r.map(|_| ()),
-            // A peer that never finishes its frame cannot hold the node's shutdown forever.
-            _ = async { stopped.wait_for(Phase::Stopped).await; tokio::time::sleep(CLOSE_GRACE).await } => Ok(()),
-        }
-    };
-    meter.run(both, idle).await
-}
-
-/// How long, once stopping, a direction may take to reach a frame boundary.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// One direction's counters and framing.
-struct Side<'a> {
-    meter: &'a Meter,
-    dir: Dir,
-    /// Frames in this direction go client → server and must be masked.
-    masked: bool,
-}
-
-async fn ws_pipe<R, W>(r: &mut R, w: &mut W, side: Side<'_>, mut shutdown: Shutdown) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUF_START];
-    let mut frames = FrameTracker::default();
-    let mut stopping = false;
-    loop {
-        if stopping && frames.at_boundary() {
-            w.write_all(&close_frame(GOING_AWAY, side.masked)).await?;
-            let _ = w.shutdown().await;
-            return Ok(());
-        }
-        let n = tokio::select! {
-            n = r.read(&mut buf) => n?,
-            _ = shutdown.wait_for(Phase::Stopped), if !stopping => {
-                stopping = true;
-                continue;
-            }
-        };
-        if n == 0 {
-            let _ = w.shutdown().await;
-            return Ok(());
-        }
-        // Once stopping, forward only the rest of the frame in progress.
-        let n = if stopping { frames.until_boundary(&buf[..n]) } else { n };
-        frames.feed(&buf[..n]);
-        w.write_all(&buf[..n]).await?;
-        grow(&mut buf, n);
-        side.meter.moved(side.dir, n);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,29 +155,6 @@ mod tests {
         assert_eq!(rest, b"bye!!!");
         let (moved, ended) = task.await.expect("join");
         assert_eq!(moved, Moved { up: 5, down: 6 });
-        assert!(matches!(ended, Ended::Closed));
-    }
-
-    #[tokio::test]
-    async fn websocket_relay_closes_with_1001_on_shutdown() {
-        let (trigger, shutdown) = crate::shutdown::channel();
-        let (client, mut client_peer) = tokio::io::duplex(4096);
-        let (backend, mut backend_peer) = tokio::io::duplex(4096);
-        let task = tokio::spawn(relay_ws(client, backend, None, shutdown));
-        // Half of a 6-byte unmasked text frame from the backend, then shutdown.
-        backend_peer.write_all(&[0x81, 0x06, b'h', b'e', b'l']).await.expect("write");
-        let mut got = [0u8; 5];
-        client_peer.read_exact(&mut got).await.expect("read");
-        trigger.advance(Phase::Stopped);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        backend_peer.write_all(b"lo!").await.expect("rest of frame");
-        let mut rest = Vec::new();
-        client_peer.read_to_end(&mut rest).await.expect("read rest");
-        assert_eq!(rest, [b'l', b'o', b'!', 0x88, 0x02, 0x03, 0xe9], "frame finished, then close 1001");
-        let mut to_backend = Vec::new();
-        backend_peer.read_to_end(&mut to_backend).await.expect("backend side");
-        assert_eq!(&to_backend[..2], &[0x88, 0x82], "masked close towards the backend");
-        let (_, ended) = task.await.expect("join");
         assert!(matches!(ended, Ended::Closed));
     }
 

@@ -1,0 +1,67 @@
+//! The client side of a connection as the engine uses it: the stream, the bytes read but not
+//! yet consumed (held only while there are some), who the client is, and the listener's byte
+//! counters.
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+
+use super::buf::Buf;
+use super::emit::ClientId;
+use super::io::{self as hio, Transport};
+use crate::metrics::ListenerMetrics;
+
+pub struct Client<T> {
+    pub io: T,
+    /// Read and not yet consumed; `None` while idle.
+    pub buf: Option<Buf>,
+    pub peer: SocketAddr,
+    pub id: ClientId,
+    lm: ListenerMetrics,
+}
+
+impl<T: Transport> Client<T> {
+    pub fn new(io: T, peer: SocketAddr, tls: bool, lm: ListenerMetrics) -> Client<T> {
+        Client { io, buf: None, peer, id: ClientId { ip: peer.ip(), tls }, lm }
+    }
+
+    /// Reads more (taking a buffer only once readable); 0 is the end of the stream.
+    pub async fn read(&mut self) -> io::Result<usize> {
+        let n = hio::read(&mut self.io, &mut self.buf).await?;
+        self.lm.bytes_in.inc_by(n as u64);
+        Ok(n)
+    }
+
+    /// Bytes read and not yet consumed.
+    pub fn pending(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], Buf::bytes)
+    }
+
+    /// Marks `n` pending bytes consumed, and gives the buffer back once it is empty.
+    pub fn consume(&mut self, n: usize) {
+        if let Some(b) = self.buf.as_mut() {
+            b.consume(n);
+        }
+        hio::release(&mut self.buf);
+    }
+
+    pub async fn write(&mut self, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        hio::write_all(&mut self.io, parts).await?;
+        self.lm.bytes_out.inc_by(n as u64);
+        Ok(())
+    }
+
+    pub async fn send(&mut self, out: &Buf) -> io::Result<()> {
+        self.write(&mut [IoSlice::new(out.bytes())]).await
+    }
+
+    /// Counts bytes moved past the engine (by a tunnel).
+    pub fn count(&self, read: u64, written: u64) {
+        self.lm.bytes_in.inc_by(read);
+        self.lm.bytes_out.inc_by(written);
+    }
+
+    pub fn failed(&self) {
+        self.lm.failed.inc();
+    }
+}
