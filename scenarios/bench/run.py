@@ -252,7 +252,9 @@ class CpuWatch:
             busy[str(core)] = round(100.0 * (b1 - b0) / max(1, t1 - t0), 1)
         out = {"core_busy_pct": busy}
         if self.pid:
-            out["proxy_cpu_pct"] = round(100.0 * (tree_cpu_seconds(self.pid) - self.proc0) / wall, 1)
+            used = tree_cpu_seconds(self.pid) - self.proc0
+            out["proxy_cpu_s"] = round(used, 3)
+            out["proxy_cpu_pct"] = round(100.0 * used / wall, 1)
         return out
 
 
@@ -507,6 +509,12 @@ class Case:
     metrics: list[Metric]
     run: Callable[["Bench", Target], dict]
     proxies_only: bool = False
+    # Start the target anew before this case: memory an earlier case freed (10 000 idle
+    # connections) would otherwise be reused and hide what this case's connections cost.
+    fresh: bool = False
+    # The result key counting the operations completed, when proxy CPU per operation is reported
+    # (metric `cpu_us_per_op`, from the proxy's user + system time over the case).
+    count_key: str | None = None
 
 
 @dataclass
@@ -514,6 +522,7 @@ class Settings:
     rounds: int
     seconds: int
     idle_conns: int
+    ws_idle_conns: int
     reconfig_pairs: int
     reconfig_seconds: int
     proxy_cpu: int
@@ -573,26 +582,30 @@ class Bench:
 
     def case_tcp_connrate(self, t: Target) -> dict:
         r = self.tool("connrate", f"{HOST}:{t.echo}", str(self.settings.seconds), "50")
-        return {"cps": r["per_s"], "p50_us": r["p50_us"], "p99_us": r["p99_us"], "errors": r["errors"], "raw": r}
+        return {"cps": r["per_s"], "p50_us": r["p50_us"], "p99_us": r["p99_us"], "errors": r["errors"],
+                "connections": r["connections"], "raw": r}
 
     def case_ws_echo(self, t: Target) -> dict:
         r = self.tool("ws", f"{HOST}:{t.ws}", "/ws", str(self.settings.seconds), "50", "64")
-        return {"mps": r["per_s"], "p50_us": r["p50_us"], "p99_us": r["p99_us"], "errors": r["errors"], "raw": r}
+        return {"mps": r["per_s"], "p50_us": r["p50_us"], "p99_us": r["p99_us"], "errors": r["errors"],
+                "messages": r["messages"], "raw": r}
 
-    def case_idle_memory(self, t: Target) -> dict:
-        """Opens N keep-alive connections (one request each) and reads the proxy's RSS delta."""
-        assert t.pid is not None
+    def hold(self, pid: int, argv: list[str], idle_s: float) -> dict:
+        """Runs a loadtool mode that opens connections and holds them until told (`idle`,
+        `wsidle`), reading the proxy's RSS before, once they are open and after `idle_s` more."""
         time.sleep(0.3)
-        before = tree_rss_kib(t.pid)
-        n = self.settings.idle_conns
-        cmd = ["taskset", "-c", str(self.settings.load_cpu), str(self.loadtool), "idle", f"{HOST}:{t.http}", "/",
-               str(n), "60"]
+        rss = {"before": tree_rss_kib(pid)}
+        cmd = ["taskset", "-c", str(self.settings.load_cpu), str(self.loadtool), *argv]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 preexec_fn=_die_with_parent)
         try:
-            opened = json.loads(proc.stdout.readline())
+            opened = json.loads(proc.stdout.readline() or "null")
+            if opened is None:
+                raise RuntimeError(f"loadtool {argv[0]} printed nothing (exit {proc.wait(timeout=10)})")
             time.sleep(0.5)
-            after = tree_rss_kib(t.pid)
+            rss["open"] = tree_rss_kib(pid)
+            time.sleep(idle_s)
+            rss["after"] = tree_rss_kib(pid)
             proc.stdin.write("done\n")
             proc.stdin.flush()
             held = json.loads(proc.stdout.readline())
@@ -601,16 +614,50 @@ class Bench:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        return {"opened": opened, "held": held, "rss": rss}
+
+    def case_idle_memory(self, t: Target) -> dict:
+        """Opens N keep-alive connections (one request each) and reads the proxy's RSS delta."""
+        assert t.pid is not None
+        h = self.hold(t.pid, ["idle", f"{HOST}:{t.http}", "/", str(self.settings.idle_conns), "60"], 0.0)
+        opened, held, rss = h["opened"], h["held"], h["rss"]
         open_n = max(1, opened["open"])
-        delta = after - before
+        delta = rss["after"] - rss["before"]
         return {
             "mib_per_10k": delta / 1024 * 10_000 / open_n,
             "kib_per_conn": delta / open_n,
-            "rss_before_kib": before,
-            "rss_after_kib": after,
+            "rss_before_kib": rss["before"],
+            "rss_after_kib": rss["after"],
             "open": opened["open"],
             "still_open": held["still_open"],
             "errors": opened["errors"] + (opened["open"] - held["still_open"]),
+        }
+
+    def case_ws_idle(self, t: Target) -> dict:
+        """Opens N WebSockets (upgrade + one echoed message each), lets them sit idle, and reads
+        the proxy's RSS delta; then a sample of them must still echo."""
+        assert t.pid is not None
+        self.tool("ws", f"{HOST}:{t.ws}", "/ws", "1", "50", "64")  # the WebSocket path's pools, in the baseline
+        n = self.settings.ws_idle_conns
+        sample = min(n, 100)
+        h = self.hold(t.pid, ["wsidle", f"{HOST}:{t.ws}", "/ws", str(n), "120", str(sample)],
+                      float(self.settings.seconds))
+        opened, held, rss = h["opened"], h["held"], h["rss"]
+        open_n = max(1, opened["open"])
+        delta = rss["after"] - rss["before"]
+        return {
+            "kib_per_conn": delta / open_n,
+            "kib_per_conn_at_open": (rss["open"] - rss["before"]) / open_n,
+            "rss_before_kib": rss["before"],
+            "rss_open_kib": rss["open"],
+            "rss_after_kib": rss["after"],
+            "open": opened["open"],
+            "setup_seconds": opened["setup_seconds"],
+            "still_open": held["still_open"],
+            "sampled": held["sampled"],
+            "echo_ok": held["echo_ok"],
+            # a connection the proxy closed fails both checks: count it once
+            "errors": opened["errors"] + max(opened["open"] - held["still_open"], held["sampled"] - held["echo_ok"]),
         }
 
     # ----- backends -----
@@ -635,16 +682,17 @@ class Bench:
 
     # ----- proxies -----
 
-    def start_target(self, name: str, round_no: int) -> Target:
+    def start_target(self, name: str, round_no: int, tag: str = "") -> Target:
         if name == "direct":
             return Target("direct", BACKEND_HTTP[0], BACKEND_SINK, BACKEND_ECHO, BACKEND_WS)
         ports = PORTS[name]
         t = Target(name, *ports, ws=ports[0])
-        d = self.workdir / f"{name}-r{round_no}"
+        d = self.workdir / f"{name}-r{round_no}{tag}"
         d.mkdir()
         cpu = self.settings.proxy_cpu
         if name == "haproxy":
-            (d / "haproxy.cfg").write_text(haproxy_config(ports, self.settings.idle_conns + 2000))
+            held = max(self.settings.idle_conns, self.settings.ws_idle_conns)
+            (d / "haproxy.cfg").write_text(haproxy_config(ports, held + 2000))
             t.proc = self.procs.start(name, ["haproxy", "-db", "-f", str(d / "haproxy.cfg")], cpu)
         elif name == "nginx":
             (d / "nginx.conf").write_text(nginx_proxy_config(d, ports))
@@ -696,27 +744,36 @@ class Bench:
     # ----- rounds -----
 
     def run_rounds(self, cases: list[Case], targets: list[str]) -> None:
-        s = self.settings
-        for round_no in range(1, s.rounds + 1):
+        for round_no in range(1, self.settings.rounds + 1):
             for name in targets:
-                t = self.start_target(name, round_no)
-                try:
-                    self.wrk(t.http, "/", 50, 1)  # warm-up: keep-alive pools, caches
-                    for case in cases:
-                        if case.proxies_only and name == "direct":
-                            continue
-                        watch = CpuWatch(t.pid)
-                        metrics = case.run(self, t)
-                        usage = watch.result()
-                        raw = {k: v for k, v in metrics.items() if k in ("wrk", "raw")}
-                        values = {k: v for k, v in metrics.items() if k not in ("wrk", "raw")}
-                        self.results.append({"round": round_no, "target": name, "case": case.key,
-                                             "metrics": values, **usage, "raw": raw})
-                        log(f"round {round_no} {name:8s} {case.key:14s} {summarize(case, values)}  "
-                            f"{cpu_note(usage)}")
-                        time.sleep(0.2)
-                finally:
+                self.run_target(name, round_no, [c for c in cases if not (c.proxies_only and name == "direct")])
+
+    def run_target(self, name: str, round_no: int, cases: list[Case]) -> None:
+        """Runs the cases against one fresh target, restarting it before a `fresh` case."""
+        t = self.start_target(name, round_no)
+        try:
+            self.wrk(t.http, "/", 50, 1)  # warm-up: keep-alive pools, caches
+            for i, case in enumerate(cases):
+                if case.fresh and i > 0 and t.proc:
                     self.stop_target(t)
+                    t = self.start_target(name, round_no, f"-{case.key}")
+                    self.wrk(t.http, "/", 50, 1)
+                self.measure(case, t, round_no)
+                time.sleep(0.2)
+        finally:
+            self.stop_target(t)
+
+    def measure(self, case: Case, t: Target, round_no: int) -> None:
+        watch = CpuWatch(t.pid)
+        metrics = case.run(self, t)
+        usage = watch.result()
+        raw = {k: v for k, v in metrics.items() if k in ("wrk", "raw")}
+        values = {k: v for k, v in metrics.items() if k not in ("wrk", "raw")}
+        if case.count_key and "proxy_cpu_s" in usage and values.get(case.count_key):
+            values["cpu_us_per_op"] = usage["proxy_cpu_s"] * 1e6 / values[case.count_key]
+        self.results.append({"round": round_no, "target": t.name, "case": case.key,
+                             "metrics": values, **usage, "raw": raw})
+        log(f"round {round_no} {t.name:8s} {case.key:14s} {summarize(case, values)}  {cpu_note(usage)}")
 
     def run_reconfig(self) -> dict:
         """wrk c=50 against shoal, alternately without and with one pool change per second."""
@@ -787,27 +844,39 @@ LAT_P50 = Metric("p50_us", "p50 latency", "us", False)
 LAT_P99 = Metric("p99_us", "p99 latency", "us", False)
 
 
+def cpu_per(what: str) -> Metric:
+    return Metric("cpu_us_per_op", f"proxy CPU per {what}", "us", False)
+
+
 def build_cases() -> list[Case]:
+    per_req = cpu_per("request")
     return [
         Case("http_c50", "HTTP keep-alive, small body, c=50", "HTTP keep-alive c=50",
-             [Metric("rps", "requests/s", RPS, True), LAT_P50, LAT_P99],
-             lambda b, t: b.wrk(t.http, "/", 50, b.settings.seconds)),
+             [Metric("rps", "requests/s", RPS, True), LAT_P50, LAT_P99, per_req],
+             lambda b, t: b.wrk(t.http, "/", 50, b.settings.seconds), count_key="requests"),
         Case("http_c200", "HTTP keep-alive, small body, c=200", "HTTP keep-alive c=200",
-             [Metric("rps", "requests/s", RPS, True), LAT_P50, LAT_P99],
-             lambda b, t: b.wrk(t.http, "/", 200, b.settings.seconds)),
+             [Metric("rps", "requests/s", RPS, True), LAT_P50, LAT_P99, per_req],
+             lambda b, t: b.wrk(t.http, "/", 200, b.settings.seconds), count_key="requests"),
         Case("http_close", "HTTP new connection per request, c=50", "HTTP conn per request c=50",
-             [Metric("rps", "requests/s", RPS, True), LAT_P50, LAT_P99], Bench.case_http_close),
+             [Metric("rps", "requests/s", RPS, True), LAT_P50, LAT_P99, per_req], Bench.case_http_close,
+             count_key="requests"),
         Case("http_1mib", "HTTP 1 MiB responses, c=16", "HTTP 1 MiB responses c=16",
-             [Metric("gbytes_per_s", "GB/s", "GB/s", True), LAT_P99], Bench.case_http_1mib),
+             [Metric("gbytes_per_s", "GB/s", "GB/s", True), LAT_P99, per_req], Bench.case_http_1mib,
+             count_key="requests"),
         Case("tcp_bulk", "L4 TCP bulk upload, 4 connections", "L4 TCP bulk upload",
              [Metric("gbytes_per_s", "GB/s", "GB/s", True)], Bench.case_tcp_bulk),
         Case("tcp_connrate", "L4 connection rate (connect, 16 B echo, close), c=50", "L4 connection rate c=50",
-             [Metric("cps", "connections/s", RPS, True), LAT_P50, LAT_P99], Bench.case_tcp_connrate),
+             [Metric("cps", "connections/s", RPS, True), LAT_P50, LAT_P99, cpu_per("connection")],
+             Bench.case_tcp_connrate, count_key="connections"),
         Case("ws_echo", "WebSocket echo, 64 B messages, 50 connections", "WebSocket echo 64 B, 50 conns",
-             [Metric("mps", "messages/s", RPS, True), LAT_P50, LAT_P99], Bench.case_ws_echo),
+             [Metric("mps", "messages/s", RPS, True), LAT_P50, LAT_P99, cpu_per("message")], Bench.case_ws_echo,
+             count_key="messages"),
         Case("idle_memory", "Idle keep-alive connections (RSS delta)", "Idle keep-alive connections",
              [Metric("mib_per_10k", "MiB per 10k connections", "MiB", False)], Bench.case_idle_memory,
              proxies_only=True),
+        Case("ws_idle", "Idle upgraded WebSocket connections (RSS delta)", "Idle WebSocket connections",
+             [Metric("kib_per_conn", "KiB per connection", "KiB", False)], Bench.case_ws_idle,
+             proxies_only=True, fresh=True),
     ]
 
 
@@ -824,9 +893,13 @@ def fmt(value: float | None, unit: str) -> str:
     if unit == "GB/s":
         return f"{value:.2f} GB/s"
     if unit == "us":
-        return f"{value / 1000:.2f} ms" if value >= 1000 else f"{value:.0f} µs"
+        if value >= 1000:
+            return f"{value / 1000:.2f} ms"
+        return f"{value:.1f} µs" if value < 100 else f"{value:.0f} µs"
     if unit == "MiB":
         return f"{value:.1f} MiB"
+    if unit == "KiB":
+        return f"{value:.2f} KiB"
     return f"{value:.3g}"
 
 
@@ -876,6 +949,25 @@ def medians(results: list[dict], cases: list[Case]) -> dict:
     return out
 
 
+def round_ratios(results: list[dict], case: str, metric: str, a: str, b: str) -> list[float]:
+    """`a ÷ b` for each round in which both targets measured the metric (rounds alternate the
+    targets, so a round's pair ran under the same conditions)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in results:
+        if r["case"] == case and r["target"] in (a, b) and metric in r["metrics"]:
+            by_round.setdefault(r["round"], {})[r["target"]] = r["metrics"][metric]
+    return [v[a] / v[b] for v in by_round.values() if a in v and b in v and v[b]]
+
+
+def ratio_spread(results: list[dict], case: str, metric: str, a: str, b: str) -> str:
+    """Median of the per-round ratios, with their min–max when there is more than one round."""
+    vals = round_ratios(results, case, metric, a, b)
+    if not vals:
+        return "–"
+    mid = f"{statistics.median(vals):.2f}"
+    return mid if len(vals) == 1 else f"{mid} ({min(vals):.2f}–{max(vals):.2f})"
+
+
 def med(m: dict, case: str, metric: str, target: str) -> float | None:
     entry = m.get(case, {}).get(metric, {}).get(target)
     return entry["median"] if entry else None
@@ -899,11 +991,13 @@ def markdown(meta: dict, cases: list[Case], m: dict, reconfig: dict | None, resu
         f"{meta['versions']['nginx']}, {meta['versions']['wrk']}. Medians of {meta['settings']['rounds']} "
         f"alternating rounds of {meta['settings']['seconds']} s per case; each proxy on one pinned core with "
         f"one worker, load generator and backends on the other core. Ratios: for throughput higher is "
-        f"better, for latency and memory lower is better.",
+        f"better, for latency, CPU per operation and memory lower is better. shoal ÷ HAProxy and "
+        f"shoal ÷ nginx are the medians of the per-round ratios, with their min–max in brackets; the "
+        f"other ratios divide the medians.",
         "",
-        "| case | metric | direct | HAProxy | nginx | shoal | nginx ÷ HAProxy | shoal ÷ HAProxy "
-        "| HAProxy ÷ direct | nginx ÷ direct | shoal ÷ direct |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| case | metric | direct | HAProxy | nginx | shoal | shoal ÷ HAProxy | shoal ÷ nginx "
+        "| nginx ÷ HAProxy | HAProxy ÷ direct | nginx ÷ direct | shoal ÷ direct |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for case in cases:
         for metric in case.metrics:
@@ -911,7 +1005,9 @@ def markdown(meta: dict, cases: list[Case], m: dict, reconfig: dict | None, resu
             lines.append(
                 f"| {case.title} | {metric.label} | "
                 + " | ".join(fmt(v[t], metric.unit) for t in TARGETS)
-                + f" | {ratio(v['nginx'], v['haproxy'])} | {ratio(v['shoal'], v['haproxy'])}"
+                + f" | {ratio_spread(results, case.key, metric.key, 'shoal', 'haproxy')}"
+                + f" | {ratio_spread(results, case.key, metric.key, 'shoal', 'nginx')}"
+                + f" | {ratio(v['nginx'], v['haproxy'])}"
                 + f" | {ratio(v['haproxy'], v['direct'])} | {ratio(v['nginx'], v['direct'])}"
                 + f" | {ratio(v['shoal'], v['direct'])} |"
             )
@@ -1003,17 +1099,19 @@ def svg_chart(meta: dict, cases: list[Case], m: dict, reconfig: dict | None) -> 
     return "\n".join(out) + "\n"
 
 
-def print_console_table(cases: list[Case], m: dict) -> None:
+def print_console_table(cases: list[Case], m: dict, results: list[dict]) -> None:
     print()
-    header = f"{'case / metric':58s} " + " ".join(f"{LABELS[t]:>10s}" for t in TARGETS) + "   shoal÷HAProxy"
+    header = (f"{'case / metric':46s} " + " ".join(f"{LABELS[t]:>10s}" for t in TARGETS)
+              + f"  {'shoal÷HAProxy':>17s}  {'shoal÷nginx':>17s}")
     print(header)
     print("-" * len(header))
     for case in cases:
         for metric in case.metrics:
             v = {t: med(m, case.key, metric.key, t) for t in TARGETS}
             name = f"{case.key} {metric.label}"
-            print(f"{name:58s} " + " ".join(f"{fmt(v[t], metric.unit):>10s}" for t in TARGETS)
-                  + f"   {ratio(v['shoal'], v['haproxy']):>8s}")
+            print(f"{name:46s} " + " ".join(f"{fmt(v[t], metric.unit):>10s}" for t in TARGETS)
+                  + f"  {ratio_spread(results, case.key, metric.key, 'shoal', 'haproxy'):>17s}"
+                  + f"  {ratio_spread(results, case.key, metric.key, 'shoal', 'nginx'):>17s}")
     print()
 
 
@@ -1073,6 +1171,17 @@ def raise_fd_limit(need: int) -> None:
         log(f"note: the open-file limit is {hard} (could not raise it to {need})")
 
 
+def fit_ws_idle(wanted: int) -> int:
+    """A proxy holds two descriptors per WebSocket (client and backend side); nginx also counts
+    both in `worker_connections`. Lowers the count to what the open-file limit lets them hold."""
+    fits = min(open_file_limit() - 500, 30000 - 100) // 2
+    if wanted > fits:
+        log(f"note: ws_idle holds {fits} WebSockets, not {wanted}: the open-file limit is {open_file_limit()} "
+            f"and each proxied WebSocket takes two descriptors")
+        return max(1, fits)
+    return max(1, wanted)
+
+
 def command_output(cmd: list[str]) -> str:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -1117,6 +1226,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="alternating rounds (default 3, 1 with --quick)")
     p.add_argument("--seconds", type=int, help="seconds per load case (default 2, 1 with --quick)")
     p.add_argument("--idle-conns", type=int, default=10_000, help="connections held for the memory case")
+    p.add_argument("--ws-idle-conns", type=int, default=10_000,
+                   help="WebSocket connections held for the ws_idle case (lowered to what the open-file limit allows)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ",".join(TARGETS))
     p.add_argument("--cases", help="comma-separated subset of case keys (default: all)")
     p.add_argument("--no-reconfig", action="store_true", help="skip the reconfiguration-under-load case")
@@ -1132,6 +1243,7 @@ def main() -> int:
         rounds=args.rounds or (1 if args.quick else 3),
         seconds=args.seconds or (1 if args.quick else 2),
         idle_conns=args.idle_conns,
+        ws_idle_conns=args.ws_idle_conns,
         reconfig_pairs=1 if args.quick else 3,
         reconfig_seconds=2 if args.quick else 3,
         proxy_cpu=0,
@@ -1153,6 +1265,7 @@ def main() -> int:
     shoal_bin = build_shoal(args.shoal_bin)
     loadtool = build_loadtool()
     raise_fd_limit(65536)
+    settings.ws_idle_conns = fit_ws_idle(settings.ws_idle_conns)
     os.sched_setaffinity(0, {settings.load_cpu})  # the harness itself stays off the proxy core
     reap_stale()
     busy = [p for p in (*BACKEND_HTTP, BACKEND_SINK, BACKEND_ECHO, BACKEND_WS, SHOAL_ADMIN,
@@ -1201,7 +1314,7 @@ def main() -> int:
     paths["svg"].write_text(svg_chart(meta, cases, m, reconfig))
     md = markdown(meta, cases, m, reconfig, bench.results)
     paths["md"].write_text(md)
-    print_console_table(cases, m)
+    print_console_table(cases, m, bench.results)
     print(md)
     log(f"measured in {elapsed:.0f} s; wrote {', '.join(str(p.relative_to(REPO)) for p in paths.values())}")
     return 0
