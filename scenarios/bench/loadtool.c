@@ -19,6 +19,11 @@
  *       Opens N keep-alive HTTP connections (one GET each, response read), prints a JSON line,
  *       keeps them open until a line (or EOF) arrives on stdin or MAX_HOLD_SECONDS pass, then
  *       prints a second JSON line saying how many were still open and closes them.
+ *   loadtool wsidle ADDR PATH N MAX_HOLD_SECONDS SAMPLE
+ *       Opens N WebSockets (upgrade, then one 16-byte message echoed on each), prints a JSON
+ *       line, holds them idle like `idle`, then counts those still open, sends the message again
+ *       on SAMPLE of them spread over all N, and prints a second JSON line with the echoes that
+ *       came back within 10 s.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -613,6 +618,31 @@ static int read_http_head(int fd, char *buf, size_t cap) {
     return -1;
 }
 
+/* A client frame of `size` (1..125) bytes: FIN + binary, masked with the all-zero key (so the
+ * payload is as is). Returns its length; the echo the server sends back is 2 + size bytes. */
+static int ws_client_frame(char *frame, int size) {
+    frame[0] = (char)0x82;
+    frame[1] = (char)(0x80 | size);
+    memset(frame + 2, 0, 4);
+    memset(frame + 6, 'm', (size_t)size);
+    return 6 + size;
+}
+
+static int ws_upgrade_request(char *req, size_t cap, const char *path, const char *host) {
+    return snprintf(req, cap,
+                    "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    "Sec-WebSocket-Key: c2hvYWwtYmVuY2gta2V5IQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                    path, host);
+}
+
+/* 1 when buf holds the unmasked binary echo of a `size`-byte message, -1 when it cannot be one. */
+static int ws_echo_complete(const char *buf, int len, int size) {
+    if (len >= 1 && (unsigned char)buf[0] != 0x82) return -1;
+    if (len >= 2 && (unsigned char)buf[1] != size) return -1;
+    if (len > 2 + size) return -1;
+    return len == 2 + size;
+}
+
 typedef struct {
     int fd, got;
     uint64_t sent_at;
@@ -630,18 +660,10 @@ static int cmd_ws(int argc, char **argv) {
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
-    /* A client frame: FIN + binary, masked with the all-zero key (so the payload is as is). */
     char frame[6 + 125];
-    frame[0] = (char)0x82;
-    frame[1] = (char)(0x80 | size);
-    memset(frame + 2, 0, 4);
-    memset(frame + 6, 'm', (size_t)size);
-    int frame_len = 6 + size, reply_len = 2 + size;
+    int frame_len = ws_client_frame(frame, size), reply_len = 2 + size;
     char req[512];
-    snprintf(req, sizeof req,
-             "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             "Sec-WebSocket-Key: c2hvYWwtYmVuY2gta2V5IQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-             path, argv[0]);
+    ws_upgrade_request(req, sizeof req, path, argv[0]);
     int ep = epoll_create1(0);
     wconn_t *cs = calloc((size_t)conns, sizeof *cs);
     char head[4096];
@@ -815,6 +837,159 @@ static int cmd_idle(int argc, char **argv) {
     return 0;
 }
 
+/* ---------- wsidle: hold N upgraded WebSocket connections ---------- */
+
+enum { W_CONNECTING, W_HEAD, W_ECHO };
+
+typedef struct {
+    int fd, state, len, open;
+    char buf[1024];
+} wiconn_t;
+
+typedef struct {
+    int ep, req_len, frame_len, size;
+    const char *req, *frame;
+} wsidle_t;
+
+/* Sends the message on an open connection and waits for its echo (EPOLLIN). */
+static int wsidle_send(const wsidle_t *w, wiconn_t *c, uint32_t id, int op) {
+    c->state = W_ECHO;
+    c->len = 0;
+    if (write(c->fd, w->frame, (size_t)w->frame_len) != w->frame_len) return -1;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = id};
+    return epoll_ctl(w->ep, op, c->fd, &ev) == 0 ? 0 : -1;
+}
+
+/* Advances one connection on readiness: connect done -> upgrade request sent -> 101 read ->
+ * message sent -> echo read. Returns 1 when the echo arrived, -1 on failure, 0 in between. */
+static int wsidle_step(const wsidle_t *w, wiconn_t *c, uint32_t id) {
+    if (c->state == W_CONNECTING) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err || write(c->fd, w->req, (size_t)w->req_len) != w->req_len) return -1;
+        c->state = W_HEAD;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = id};
+        return epoll_ctl(w->ep, EPOLL_CTL_MOD, c->fd, &ev) == 0 ? 0 : -1;
+    }
+    ssize_t r = read(c->fd, c->buf + c->len, sizeof c->buf - 1 - (size_t)c->len);
+    if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+    if (r <= 0) return -1;
+    c->len += (int)r;
+    if (c->state == W_ECHO) return ws_echo_complete(c->buf, c->len, w->size);
+    c->buf[c->len] = 0;
+    char *end = strstr(c->buf, "\r\n\r\n");
+    if (!end) return c->len >= (int)sizeof c->buf - 1 ? -1 : 0;
+    /* nothing may follow the 101: the backend speaks only once it is spoken to */
+    if (strncmp(c->buf, "HTTP/1.1 101", 12) != 0 || end + 4 != c->buf + c->len) return -1;
+    return wsidle_send(w, c, id, EPOLL_CTL_MOD);
+}
+
+/* Handles one batch of readiness events; a connection that is done leaves the epoll set and
+ * counts in `ok` (its echo arrived, it stays open) or `failed` (it is closed). */
+static void wsidle_drive(const wsidle_t *w, wiconn_t *cs, int *in_flight, int *ok, int *failed) {
+    struct epoll_event evs[MAX_EVENTS];
+    int n = epoll_wait(w->ep, evs, MAX_EVENTS, 100);
+    for (int k = 0; k < n; k++) {
+        wiconn_t *c = &cs[evs[k].data.u32];
+        int res = wsidle_step(w, c, evs[k].data.u32);
+        if (res == 0) continue;
+        epoll_ctl(w->ep, EPOLL_CTL_DEL, c->fd, NULL);
+        (*in_flight)--;
+        c->open = res > 0;
+        if (res > 0) {
+            (*ok)++;
+        } else {
+            (*failed)++;
+            close(c->fd);
+            c->fd = -1;
+        }
+    }
+}
+
+/* Opens `total` WebSockets, at most `batch` in progress at once, each upgraded and echoed once. */
+static void wsidle_open(const wsidle_t *w, const struct sockaddr_in *to, wiconn_t *cs, int total, int *ok,
+                        int *failed) {
+    const int batch = 200;
+    int started = 0, in_flight = 0;
+    uint64_t deadline = now_ns() + 120ull * 1000000000ull;
+    while (*ok + *failed < total && now_ns() < deadline) {
+        for (; in_flight < batch && started < total; started++) {
+            wiconn_t *c = &cs[started];
+            c->fd = start_connect(to);
+            struct epoll_event ev = {.events = EPOLLOUT, .data.u32 = (uint32_t)started};
+            if (c->fd >= 0 && epoll_ctl(w->ep, EPOLL_CTL_ADD, c->fd, &ev) == 0) {
+                in_flight++;
+                continue;
+            }
+            if (c->fd >= 0) close(c->fd);
+            c->fd = -1;
+            (*failed)++;
+        }
+        wsidle_drive(w, cs, &in_flight, ok, failed);
+    }
+}
+
+/* Sends the message again on `sample` open connections spread over all of them and counts the
+ * echoes that come back within 10 s. */
+static int wsidle_check(const wsidle_t *w, wiconn_t *cs, int total, int sample, int *sampled) {
+    int in_flight = 0, ok = 0, failed = 0;
+    int step = sample > 0 && total / sample > 1 ? total / sample : 1;
+    *sampled = 0;
+    for (int i = 0; i < total && *sampled < sample; i += step) {
+        if (!cs[i].open) continue;
+        (*sampled)++;
+        cs[i].open = 0;
+        if (wsidle_send(w, &cs[i], (uint32_t)i, EPOLL_CTL_ADD) == 0) {
+            in_flight++;
+        } else {
+            failed++;
+        }
+    }
+    uint64_t deadline = now_ns() + 10ull * 1000000000ull;
+    while (in_flight > 0 && now_ns() < deadline) wsidle_drive(w, cs, &in_flight, &ok, &failed);
+    return ok;
+}
+
+static int cmd_wsidle(int argc, char **argv) {
+    if (argc != 5) return -1;
+    struct sockaddr_in to = parse_addr(argv[0]);
+    int total = atoi(argv[2]), max_hold = atoi(argv[3]), sample = atoi(argv[4]);
+    if (total < 1) {
+        fprintf(stderr, "loadtool: wsidle needs N >= 1\n");
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    char req[512], frame[6 + 125];
+    wsidle_t w = {.ep = epoll_create1(0), .size = 16, .req = req, .frame = frame};
+    if (w.ep < 0) die("epoll_create1");
+    w.req_len = ws_upgrade_request(req, sizeof req, argv[1], argv[0]);
+    w.frame_len = ws_client_frame(frame, w.size);
+    wiconn_t *cs = calloc((size_t)total, sizeof *cs);
+    if (!cs) die("calloc");
+    int open_ok = 0, errors = 0;
+    uint64_t start = now_ns();
+    wsidle_open(&w, &to, cs, total, &open_ok, &errors);
+    printf("{\"open\": %d, \"errors\": %d, \"setup_seconds\": %.3f}\n", open_ok, errors,
+           (double)(now_ns() - start) / 1e9);
+    fflush(stdout);
+    struct pollfd in = {.fd = 0, .events = POLLIN};
+    poll(&in, 1, max_hold * 1000);
+    /* still open: nothing (no EOF, reset, close frame or ping) pending on the socket */
+    int still_open = 0;
+    for (int i = 0; i < total; i++) {
+        if (!cs[i].open) continue;
+        struct pollfd p = {.fd = cs[i].fd, .events = POLLIN | POLLRDHUP};
+        if (poll(&p, 1, 0) == 0) still_open++;
+    }
+    int sampled = 0;
+    int echo_ok = wsidle_check(&w, cs, total, sample, &sampled);
+    for (int i = 0; i < total; i++)
+        if (cs[i].fd >= 0) close(cs[i].fd);
+    printf("{\"still_open\": %d, \"sampled\": %d, \"echo_ok\": %d}\n", still_open, sampled, echo_ok);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     int rc = -1;
     if (argc >= 2) {
@@ -824,6 +999,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(cmd, "connrate")) rc = cmd_connrate(argc - 2, argv + 2);
         else if (!strcmp(cmd, "ws")) rc = cmd_ws(argc - 2, argv + 2);
         else if (!strcmp(cmd, "idle")) rc = cmd_idle(argc - 2, argv + 2);
+        else if (!strcmp(cmd, "wsidle")) rc = cmd_wsidle(argc - 2, argv + 2);
     }
     if (rc == -1) {
         fprintf(stderr,
@@ -831,7 +1007,8 @@ int main(int argc, char **argv) {
                 "       loadtool bulk ADDR SECONDS CONNS\n"
                 "       loadtool connrate ADDR SECONDS CONC\n"
                 "       loadtool ws ADDR PATH SECONDS CONNS MSG_BYTES\n"
-                "       loadtool idle ADDR PATH N MAX_HOLD_SECONDS\n");
+                "       loadtool idle ADDR PATH N MAX_HOLD_SECONDS\n"
+                "       loadtool wsidle ADDR PATH N MAX_HOLD_SECONDS SAMPLE\n");
         return 2;
     }
     return rc;
