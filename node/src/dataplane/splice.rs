@@ -1,5 +1,6 @@
-//! The L4 relay for TCP-to-TCP connections. Each direction starts by copying through a small
-//! user-space buffer, like [`super::relay`]; once a read fills the largest buffer (a bulk
+//! The L4 relay for TCP-to-TCP connections. Each direction waits for readiness without a
+//! buffer and copies through one borrowed from the worker's pool (`h1::buf`) only while bytes
+//! are in flight, so an idle L4 connection holds none; once a read fills a whole buffer (a bulk
 //! transfer) it switches to splice(2) through a pipe, so bytes go from socket to socket inside
 //! the kernel without a copy into user space. Short and chatty connections never pay for the
 //! pipe, and a pipe that cannot be made (descriptor limit) just means copying on.
@@ -13,7 +14,8 @@ use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::relay::{BUF_MAX, BUF_START, Dir, Ended, Meter, Moved, grow};
+use super::h1::buf::{BUF_SIZE, Buf};
+use super::relay::{Dir, Ended, Meter, Moved};
 
 /// Pipe capacity asked for: a few large segments in flight per splice call.
 const PIPE_SIZE: usize = 256 * 1024;
@@ -42,30 +44,34 @@ async fn direction(r: &TcpStream, w: &TcpStream, meter: &Meter, dir: Dir) -> io:
 }
 
 /// Copies until EOF (then half-closes `w` and returns false) or, with `until_bulk`, until a
-/// read fills the largest buffer (returns true).
+/// read fills a whole buffer (returns true).
 async fn copy(r: &TcpStream, w: &TcpStream, meter: &Meter, dir: Dir, until_bulk: bool) -> io::Result<bool> {
-    let mut buf = vec![0u8; if until_bulk { BUF_START } else { BUF_MAX }];
     loop {
-        let n = read(r, &mut buf).await?;
-        if n == 0 {
+        let Some(buf) = read(r).await? else {
             half_close(w);
             return Ok(false);
-        }
-        write_all(w, &buf[..n]).await?;
-        meter.moved(dir, n);
-        if until_bulk && n == BUF_MAX {
+        };
+        write_all(w, buf.bytes()).await?;
+        meter.moved(dir, buf.len());
+        if until_bulk && buf.len() == BUF_SIZE {
             return Ok(true);
         }
-        grow(&mut buf, n);
     }
 }
 
-async fn read(r: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+/// The next bytes from `r` in a pooled buffer, taken only once `r` is readable; `None` at EOF.
+async fn read(r: &TcpStream) -> io::Result<Option<Buf>> {
     loop {
         r.readable().await?;
-        match r.try_read(buf) {
+        let mut buf = Buf::take();
+        match r.try_read(buf.spare()) {
+            Ok(0) => return Ok(None),
+            Ok(n) => {
+                buf.filled(n);
+                return Ok(Some(buf));
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            other => return other,
+            Err(e) => return Err(e),
         }
     }
 }

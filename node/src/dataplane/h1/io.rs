@@ -142,11 +142,13 @@ impl Upstream {
         }
     }
 
-    /// A pooled connection is alive when a non-blocking read finds nothing: a backend never
-    /// speaks first, so data or EOF means it is closing (or broken).
+    /// A pooled connection is alive when a non-blocking peek finds nothing: a backend never
+    /// speaks first, so data or EOF means it is closing (or broken). Peeking leaves a TLS
+    /// stream's bytes where they are.
     pub fn idle_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.tcp().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        let peeked = socket2::SockRef::from(self.tcp()).peek(&mut probe);
+        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
