@@ -357,20 +357,31 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         lm.accepted.inc();
         lm.active.inc();
-        let (ctx, lm, kind) = (ctx.clone(), lm.clone(), kind.clone());
-        tokio::spawn(async move {
-            match kind {
-                ListenerKind::Http => {
-                    let conn = http::ConnInfo { peer, tls: false };
-                    http::serve(stream, conn, ctx, lm.clone()).await;
-                }
-                ListenerKind::Https => serve_tls(stream, peer, ctx, &lm).await,
-                ListenerKind::Tcp(port) => tcp::serve(stream, peer, port, ctx, lm.clone()).await,
+        let (ctx, lm2) = (ctx.clone(), lm.clone());
+        // One spawn per kind: a task is sized for its largest state, so a plain HTTP
+        // connection must not carry room for a TLS handshake or an L4 relay.
+        match kind {
+            ListenerKind::Http => {
+                let conn = http::ConnInfo { peer, tls: false };
+                spawn_conn(http::serve(stream, conn, ctx, lm2), lm.clone(), permit);
             }
-            lm.active.dec();
-            drop(permit);
-        });
+            ListenerKind::Https => spawn_conn(async move { serve_tls(stream, peer, ctx, &lm2).await }, lm.clone(), permit),
+            ListenerKind::Tcp(port) => spawn_conn(tcp::serve(stream, peer, port, ctx, lm2), lm.clone(), permit),
+        }
     }
+}
+
+/// Runs one client connection; its slot is freed when it ends.
+fn spawn_conn(
+    conn: impl std::future::Future<Output = ()> + Send + 'static,
+    lm: ListenerMetrics,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    tokio::spawn(async move {
+        conn.await;
+        lm.active.dec();
+        drop(permit);
+    });
 }
 
 /// Completes the TLS handshake (bounded) and serves HTTP over it.
@@ -394,6 +405,22 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, ctx: Arc<DpCtx>, lm: &Li
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn future_size<A, Fut, F: FnOnce(A) -> Fut>(_: &F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// A task is as large as its largest state for its whole life: an idle plain HTTP
+    /// connection must not carry room for a request exchange (boxed) or a TLS handshake.
+    #[test]
+    fn an_idle_connection_task_stays_small() {
+        type Args = (TcpStream, Arc<DpCtx>, ListenerMetrics);
+        let peer: SocketAddr = "192.0.2.1:1".parse().expect("addr");
+        let plain = |(s, ctx, lm): Args| http::serve(s, http::ConnInfo { peer, tls: false }, ctx, lm);
+        let l4 = |(s, ctx, lm): Args| tcp::serve(s, peer, 1, ctx, lm);
+        assert!(future_size(&plain) <= 2048, "HTTP connection future: {} bytes", future_size(&plain));
+        assert!(future_size(&l4) <= 4096, "L4 connection future: {} bytes", future_size(&l4));
+    }
 
     #[test]
     fn missing_ipv6_is_told_apart_from_other_bind_errors() {

@@ -8,8 +8,8 @@ use std::cell::RefCell;
 
 /// Size of a pooled buffer: a whole TLS record, and most request heads.
 pub const BUF_SIZE: usize = 16 * 1024;
-/// Free buffers kept per worker (4 MiB); more are returned to the allocator.
-const MAX_FREE: usize = 256;
+/// Free buffers kept per worker (1 MiB); more are returned to the allocator.
+const MAX_FREE: usize = 64;
 
 thread_local! {
     static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
