@@ -65,7 +65,11 @@ async fn a_node_without_the_cluster_key_cannot_join_and_garbage_is_counted() {
     c.add_node("intruder", 9, vec!["--cluster-key-file".into(), wrong_key.to_str().expect("utf8").into()]);
     // Garbage on the Raft (TCP) and gossip (UDP) ports of node 1.
     let target = SocketAddr::new(c.nodes[0].ip, CLUSTER_PORT);
-    for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0x53, 0x48, 1, 10, 0xff, 0xff, 0xff, 0xff], &[0u8; 64]] {
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0x53, 0x48, shoal_proto::codec::VERSION, 10, 0xff, 0xff, 0xff, 0xff],
+        &[0u8; 64],
+    ] {
         if let Ok(mut s) = tokio::net::TcpStream::connect(target).await {
             let _ = s.write_all(junk).await;
         }
