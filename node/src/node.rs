@@ -354,7 +354,13 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     let (combined_tx, combined_rx) = watch::channel(Arc::new(HealthView::default()));
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(Table::default()));
     let tls = match opts.https_port {
-        Some(_) => Some(Arc::new(TlsStore::load(opts.tls.clone()).map_err(|e| anyhow::anyhow!("TLS: {e}"))?)),
+        Some(_) => {
+            for files in &opts.tls {
+                crate::files::ensure_private(&files.key)
+                    .map_err(|e| anyhow::anyhow!("TLS key {}: {e}", files.key.display()))?;
+            }
+            Some(Arc::new(TlsStore::load(opts.tls.clone()).map_err(|e| anyhow::anyhow!("TLS: {e}"))?))
+        }
         None => None,
     };
     let dp_ctx = DpCtx {

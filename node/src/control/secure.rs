@@ -66,9 +66,9 @@ impl ClusterKey {
         Ok(ClusterKey::from_raw(raw))
     }
 
-    /// Reads a key file; errors name the file.
+    /// Reads a key file (refused unless private); errors name the file.
     pub fn load(path: &Path) -> Result<ClusterKey, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::files::read_secret(path).map_err(|e| format!("{}: {e}", path.display()))?;
         ClusterKey::from_hex(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 

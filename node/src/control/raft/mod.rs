@@ -116,7 +116,8 @@ pub fn load_or_create_id(dir: &Path) -> anyhow::Result<NodeId> {
     }
     // Never 0: openraft treats 0 as "no node" in some displays, and metrics use 0 for "none".
     let id = rand::random::<u64>() >> 1 | 1;
-    std::fs::write(&path, id.to_string())?;
+    // Atomic: a crash mid-write must not leave an empty or torn id (a corrupt data dir).
+    crate::files::write_atomic(&path, id.to_string().as_bytes(), 0o644)?;
     Ok(id)
 }
 
