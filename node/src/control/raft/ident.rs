@@ -126,6 +126,10 @@ impl Identity {
     /// Decides about a peer claiming `theirs`, adopting it when allowed; a refusal is counted
     /// under `at` and logged (rate-limited).
     pub fn check(&self, theirs: Option<ClusterId>, may_adopt: bool, at: &'static str) -> Result<(), String> {
+        // Every Raft request passes here: the common answer needs no lock.
+        if admit(self.get(), theirs, may_adopt) == Admit::Accept {
+            return Ok(());
+        }
         let _guard = self.0.write.lock().unwrap_or_else(|e| e.into_inner());
         match admit(self.get(), theirs, may_adopt) {
             Admit::Accept => Ok(()),
