@@ -61,11 +61,10 @@ fn read_record(path: &Path) -> Option<Record> {
     }
 }
 
-/// Written to a temporary file and renamed, so a crash leaves the old record or the new one.
+/// Written atomically, so a crash leaves the old record or the new one; owner-only, since
+/// the pools it records may carry heartbeat secrets.
 fn write_record(path: &Path, record: &Record) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(record).map_err(std::io::Error::other)?)?;
-    std::fs::rename(&tmp, path)
+    crate::files::write_atomic(path, &serde_json::to_vec(record).map_err(std::io::Error::other)?, 0o600)
 }
 
 // ---------------------------------------------------------------- the difference

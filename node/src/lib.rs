@@ -6,7 +6,7 @@
 //! - [`control`]: desired state and how it changes;
 //! - [`admin`]: the JSON admin API; [`cli`]: the `shoal` command line;
 //! - [`node`]: start and shutdown order; [`config`]: config files, kept in force by
-//!   [`config_watch`]; [`metrics`]: Prometheus.
+//!   [`config_watch`]; [`metrics`]: Prometheus; [`files`]: private secrets, atomic writes.
 
 pub mod admin;
 pub mod cli;
@@ -16,6 +16,7 @@ pub mod control;
 pub mod dataplane;
 pub mod demo;
 pub mod ec;
+pub mod files;
 pub mod health;
 pub mod metrics;
 pub mod node;

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub proposal_failures: IntCounter,
     pub admin_requests: IntCounterVec,
     pub rejected_inputs: IntCounterVec,
+    /// Peers refused because they belong to another cluster identity, by where it was caught.
+    pub cluster_id_mismatch: IntCounterVec,
     pub config_reloads: IntCounterVec,
     /// EC gateways named by host name whose re-resolution failed (the old address stays).
     pub ec_resolve_failures: IntCounter,
@@ -186,6 +188,12 @@ impl Metrics {
             proposal_failures: plain_counter(&r, "raft_proposal_failures_total", "Proposals that failed to commit"),
             admin_requests: counter(&r, "admin_requests_total", "Admin API requests by status class", &["class"]),
             rejected_inputs: counter(&r, "rejected_inputs_total", "Hostile or malformed inputs dropped", &["kind"]),
+            cluster_id_mismatch: counter(
+                &r,
+                "cluster_id_mismatch_total",
+                "Nodes of another cluster identity refused (handshake, rpc, ping, gossip)",
+                &["where"],
+            ),
             config_reloads: counter(
                 &r,
                 "config_reloads_total",

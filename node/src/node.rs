@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::config;
 use crate::config_watch::{self, Source};
 use crate::control::gossip::{Gossip, GossipOptions, Members};
+use crate::control::gossip_auth::GossipFilter;
 use crate::control::membership::{self, Policy};
 use crate::control::raft::network::LinkFilter;
 use crate::control::raft::{RaftNet, RaftNode, RaftTiming, ShoalNode, server};
@@ -48,6 +49,8 @@ pub struct ClusterOptions {
     pub raft: RaftTiming,
     /// Test seam: which Raft links work.
     pub link_filter: Option<LinkFilter>,
+    /// Test seam: which peers' gossip gets through (partitions at first boot).
+    pub gossip_filter: Option<GossipFilter>,
     /// The shared secret Raft RPC and gossip are authenticated with.
     pub key: ClusterKey,
 }
@@ -64,6 +67,7 @@ impl ClusterOptions {
             policy: Policy::default(),
             raft: RaftTiming::default(),
             link_filter: None,
+            gossip_filter: None,
             key,
         }
     }
@@ -322,6 +326,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         cluster: opts.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| "shoal".into()),
         key: opts.cluster.as_ref().map(|c| c.key.clone()),
         filter: opts.cluster.as_ref().and_then(|c| c.link_filter.clone()),
+        mismatches: Some(metrics.cluster_id_mismatch.clone()),
     };
     let timing = opts.cluster.as_ref().map(|c| c.raft.clone()).unwrap_or_default();
     let raft = Arc::new(RaftNode::start(&opts.data_dir.join("raft"), me, net, &timing).await?);
@@ -349,7 +354,13 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     let (combined_tx, combined_rx) = watch::channel(Arc::new(HealthView::default()));
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(Table::default()));
     let tls = match opts.https_port {
-        Some(_) => Some(Arc::new(TlsStore::load(opts.tls.clone()).map_err(|e| anyhow::anyhow!("TLS: {e}"))?)),
+        Some(_) => {
+            for files in &opts.tls {
+                crate::files::ensure_private(&files.key)
+                    .map_err(|e| anyhow::anyhow!("TLS key {}: {e}", files.key.display()))?;
+            }
+            Some(Arc::new(TlsStore::load(opts.tls.clone()).map_err(|e| anyhow::anyhow!("TLS: {e}"))?))
+        }
         None => None,
     };
     let dp_ctx = DpCtx {
@@ -448,6 +459,7 @@ async fn start_cluster(
         ("ready".to_string(), "0".to_string()),
         ("raft_init".to_string(), if raft.is_initialized().await { "1" } else { "0" }.to_string()),
     ];
+    let keys = keys.into_iter().chain(raft.ident.get().map(|id| ("cluster_id".to_string(), id.to_string()))).collect();
     let gopts = GossipOptions {
         name: opts.id.clone(),
         cluster_id: c.name.clone(),
@@ -455,10 +467,12 @@ async fn start_cluster(
         seeds: c.join.clone(),
         interval: c.gossip_interval,
         key: c.key.clone(),
+        filter: c.gossip_filter.clone(),
     };
     let gossip = Arc::new(Gossip::start(&gopts, keys, metrics.clone()).await?);
     let expect = if c.expect == 0 && c.join.is_empty() { 1 } else { c.expect };
     tasks.push(tokio::spawn(membership::bootstrap(raft.clone(), gossip.clone(), expect, shutdown.clone())));
+    tasks.push(tokio::spawn(membership::publish_identity(raft.clone(), gossip.clone(), shutdown.clone())));
     tasks.push(tokio::spawn(membership::reconcile(
         raft.clone(),
         gossip.members.clone(),

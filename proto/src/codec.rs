@@ -6,8 +6,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 /// "SH".
 pub const MAGIC: [u8; 2] = [0x53, 0x48];
-/// Bumped on any incompatible change of a frame body.
-pub const VERSION: u8 = 1;
+/// Bumped on any incompatible change of a frame body (2: Raft frames carry the cluster identity).
+pub const VERSION: u8 = 2;
 /// Bytes before the body.
 pub const HEADER_LEN: usize = 8;
 /// Largest body accepted; snapshots are chunked below this.
@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn golden_bytes_of_a_noop_frame() {
         let frame = encode(7, &Command::Noop).expect("encode");
-        assert_eq!(&frame[..HEADER_LEN], &[0x53, 0x48, 1, 7, 0, 0, 0, 1]);
+        assert_eq!(&frame[..HEADER_LEN], &[0x53, 0x48, VERSION, 7, 0, 0, 0, 1]);
         assert_eq!(decode::<Command>(&frame).expect("decode"), (7, Command::Noop));
     }
 
@@ -124,7 +124,7 @@ mod tests {
         let mut frame = encode(1, &Command::Noop).expect("encode");
         frame[2] = 9;
         assert!(matches!(decode::<Command>(&frame), Err(CodecError::BadVersion(9))));
-        let huge = [0x53, 0x48, 1, 1, 0xff, 0xff, 0xff, 0xff];
+        let huge = [0x53, 0x48, VERSION, 1, 0xff, 0xff, 0xff, 0xff];
         assert!(matches!(decode_header(&huge), Err(CodecError::TooLarge(_))));
     }
 

@@ -722,6 +722,7 @@ class Bench:
     def token_file(d: Path) -> Path:
         path = d / "admin.token"
         path.write_text(SHOAL_TOKEN + "\n")
+        path.chmod(0o600)  # shoal refuses a token file others may read
         return path
 
     def configure_shoal(self, ports: tuple[int, int, int]) -> None:

@@ -80,9 +80,9 @@ impl ProcCluster {
         let prefix = (10 + (pid % 200) as u8, (k % 250) as u8 + 1);
         let dir = tempfile::tempdir().expect("temp dir");
         let key = dir.path().join("cluster.key");
-        std::fs::write(&key, shoal_node::control::secure::ClusterKey::generate().to_hex()).expect("key file");
+        crate::write_private(&key, &shoal_node::control::secure::ClusterKey::generate().to_hex());
         let token = dir.path().join("admin.token");
-        std::fs::write(&token, "test-token-0123456789abcdef").expect("token file");
+        crate::write_private(&token, "test-token-0123456789abcdef");
         let secrets =
             ["--cluster-key-file", key.to_str().expect("utf8"), "--token-file", token.to_str().expect("utf8")];
         let mut c = ProcCluster {

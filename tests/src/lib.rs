@@ -256,6 +256,12 @@ impl Drop for HeartbeatBackend {
     }
 }
 
+/// Writes a secret file owner-only (mode 0600), as nodes require of keys and tokens.
+pub fn write_private(path: &std::path::Path, text: &str) {
+    shoal_node::files::write_atomic(path, text.as_bytes(), 0o600)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
 /// A self-signed certificate for `names`, written to `dir` as `<stem>.pem` / `<stem>.key`.
 pub fn write_cert(dir: &std::path::Path, stem: &str, names: &[&str]) -> shoal_node::dataplane::tls::CertFiles {
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
@@ -265,7 +271,7 @@ pub fn write_cert(dir: &std::path::Path, stem: &str, names: &[&str]) -> shoal_no
         key: dir.join(format!("{stem}.key")),
     };
     std::fs::write(&files.cert, cert).expect("write cert");
-    std::fs::write(&files.key, key).expect("write key");
+    write_private(&files.key, &key);
     files
 }
 

@@ -27,7 +27,7 @@ impl Proc {
     async fn start(text: &str, poll_ms: u64) -> Proc {
         let dir = tempfile::tempdir().expect("dir");
         std::fs::write(dir.path().join("pools.toml"), text).expect("config");
-        std::fs::write(dir.path().join("token"), "reload-test-token-0123456789").expect("token");
+        shoal_tests::write_private(&dir.path().join("token"), "reload-test-token-0123456789");
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = std::fs::File::create(dir.path().join("node.log")).expect("log");
         let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();

@@ -236,6 +236,36 @@ async fn status_page_renders_nodes_and_pools_in_headless_chromium() {
     node.stop().await;
 }
 
+/// Issue 14, finding 7: values the page shows come from operators and peers (a node's id and
+/// zone here); markup in them, or a quote that would close an attribute, is shown as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_hostile_names_as_text_in_headless_chromium() {
+    let chromium = tool(&["chromium", "chromium-browser"]);
+    let id = r#"evil" data-x="<img src=x onerror=alert(1)>"#;
+    let zone = "<img src=x onerror=alert(2)>";
+    let node = TestNode::start_in(id, tempfile::tempdir().expect("dir"), |o| o.zone = zone.into()).await;
+    node.put("/v1/pools/web", json!({"pattern": "/"})).await;
+    let url = format!("http://{}/#token={}", node.handle.admin_addr(), node.token());
+    let dom = tokio::task::spawn_blocking(move || {
+        Command::new(chromium)
+            .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            .args(["--virtual-time-budget=6000", "--dump-dom", &url])
+            .stderr(Stdio::null())
+            .output()
+            .expect("run chromium")
+    })
+    .await
+    .expect("join");
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    assert!(dom.contains("data-pool=\"web\""), "the page rendered: {dom:.2000}");
+    assert!(!dom.contains("<img"), "markup from a node's id or zone became an element: {dom:.4000}");
+    assert!(!dom.contains("data-node=\"evil\""), "a quote in a value closed the attribute: {dom:.4000}");
+    assert!(dom.contains("data-node=\"evil&quot; data-x=&quot;&lt;img"), "the attribute holds it all: {dom:.4000}");
+    assert!(dom.contains("&lt;img src=x onerror=alert(2)&gt;"), "the zone is shown as text: {dom:.4000}");
+    assert!(dom.contains("evil\" data-x=\"&lt;img"), "the id is shown as text: {dom:.4000}");
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_connection_span_and_seed_events() {
     let echo = EchoBackend::start().await;

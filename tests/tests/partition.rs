@@ -1,12 +1,15 @@
 //! A minority partition cannot commit: three in-process nodes whose Raft links pass through a
-//! shared filter (the transport seam), the leader cut off from both followers.
+//! shared filter (the transport seam), the leader cut off from both followers. Two clusters
+//! formed apart (gossip cut at first boot through the gossip seam) never merge once they meet.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
+use shoal_node::control::gossip_auth::GossipFilter;
 use shoal_node::control::raft::RaftTiming;
 use shoal_node::control::raft::network::LinkFilter;
 use shoal_node::node::ClusterOptions;
@@ -104,6 +107,129 @@ async fn minority_cannot_commit_and_majority_goes_on() {
         assert!(st.pools.contains_key("majority") && st.pools.contains_key("before"));
         assert!(!st.pools.contains_key("minority"), "uncommitted minority write leaked");
     }
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// Four nodes, `--expect 2`, gossip cut {1,2} | {3,4} while `cut` holds.
+async fn start_four_apart(cut: &Arc<AtomicBool>) -> Vec<TestNode> {
+    let net = 200 + (std::process::id() % 50) as u8;
+    let ip = |i: u8| IpAddr::V4(Ipv4Addr::new(127, net, 78, i));
+    let port = 19948;
+    let seeds: Vec<String> = (1..=4).map(|i| SocketAddr::new(ip(i), port).to_string()).collect();
+    let key = shoal_node::control::secure::ClusterKey::generate();
+    let side = |addr: SocketAddr| match addr.ip() {
+        IpAddr::V4(v4) => v4.octets()[3] <= 2,
+        IpAddr::V6(_) => false,
+    };
+    let mut nodes = Vec::new();
+    for i in 1..=4u8 {
+        let cut = cut.clone();
+        let mine = i <= 2;
+        let filter: GossipFilter = Arc::new(move |peer| !cut.load(Ordering::Relaxed) || side(peer) == mine);
+        let mut c = ClusterOptions::new(SocketAddr::new(ip(i), port), seeds.clone(), 2, key.clone());
+        c.gossip_interval = Duration::from_millis(200);
+        c.raft = RaftTiming {
+            heartbeat: Duration::from_millis(150),
+            election_min: Duration::from_millis(800),
+            election_max: Duration::from_millis(1600),
+        };
+        c.gossip_filter = Some(filter);
+        let dir = tempfile::tempdir().expect("dir");
+        nodes.push(
+            TestNode::start_in(&format!("m{i}"), dir, |o| {
+                o.cluster = Some(c);
+                o.listen_ip = Some(ip(i));
+                o.admin = SocketAddr::new(ip(i), 0);
+            })
+            .await,
+        );
+    }
+    nodes
+}
+
+/// The Raft ids node `i` has in its membership (voters and learners).
+async fn membership(nodes: &[TestNode], i: usize) -> HashSet<u64> {
+    nodes[i].handle.shared.raft.status().await.nodes.keys().copied().collect()
+}
+
+/// Issue 14, finding 2: with `--expect` below a majority of the eventual size, two clusters
+/// form while gossip is cut. Once they meet, neither adds the other's nodes, and each keeps
+/// every write it acknowledged, before and after the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_formed_apart_never_merge() {
+    let cut = Arc::new(AtomicBool::new(true));
+    let nodes = start_four_apart(&cut).await;
+    let ids: Vec<u64> = nodes.iter().map(|n| n.handle.shared.raft.id).collect();
+    let sides = [[0usize, 1], [2, 3]];
+    let mut writes: Vec<Vec<&str>> = vec![vec![], vec![]];
+    for (s, side) in sides.iter().enumerate() {
+        eventually(Duration::from_secs(40), "a leader on each side", || leader_of(&nodes, side)).await;
+        let want: HashSet<u64> = side.iter().map(|i| ids[*i]).collect();
+        for &i in side {
+            eventually(Duration::from_secs(20), "both nodes are members", || async {
+                (membership(&nodes, i).await == want).then_some(())
+            })
+            .await;
+        }
+        for (k, name) in [["a1", "a2"], ["b1", "b2"]][s].iter().enumerate() {
+            nodes[side[k]].put(&format!("/v1/pools/{name}"), json!({"pattern": format!("/{name}/")})).await;
+            writes[s].push(name);
+        }
+    }
+
+    // Heal gossip: everyone sees everyone, and the leaders get many reconcile rounds.
+    cut.store(false, Ordering::Relaxed);
+    for n in &nodes {
+        eventually(Duration::from_secs(30), "all four live in gossip", || async {
+            (n.handle.shared.members().live().count() == 4).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for (s, side) in sides.iter().enumerate() {
+        let name = ["a3", "b3"][s];
+        let node = &nodes[side[1]];
+        let v = eventually(Duration::from_secs(30), "a write after the heal", || async {
+            node.admin
+                .call::<serde_json::Value>(
+                    http::Method::PUT,
+                    &format!("/v1/pools/{name}"),
+                    Some(json!({"pattern": format!("/{name}/")})),
+                )
+                .await
+                .ok()
+        })
+        .await;
+        assert!(v["version"].as_u64().is_some(), "{v}");
+        writes[s].push(name);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    for (s, side) in sides.iter().enumerate() {
+        let want: HashSet<u64> = side.iter().map(|i| ids[*i]).collect();
+        let last = writes[s].last().copied().unwrap_or_default();
+        for &i in side {
+            assert_eq!(membership(&nodes, i).await, want, "node {i} merged with the other cluster");
+            eventually(Duration::from_secs(20), "the last write applied", || async {
+                nodes[i].handle.shared.state().pools.contains_key(last).then_some(())
+            })
+            .await;
+            let st = nodes[i].handle.shared.state();
+            for name in &writes[s] {
+                assert!(st.pools.contains_key(*name), "node {i} lost acknowledged write {name}");
+            }
+            for name in &writes[1 - s] {
+                assert!(!st.pools.contains_key(*name), "node {i} holds the other cluster's {name}");
+            }
+        }
+        let ids: HashSet<_> = side.iter().map(|i| nodes[*i].handle.shared.raft.ident.get()).collect();
+        assert_eq!(ids.len(), 1, "one identity per cluster: {ids:?}");
+    }
+    let refused: u64 =
+        nodes.iter().map(|n| n.handle.shared.metrics.cluster_id_mismatch.with_label_values(&["gossip"]).get()).sum();
+    assert!(refused >= 2, "each leader counted the other cluster's nodes: {refused}");
     for n in nodes {
         n.stop().await;
     }

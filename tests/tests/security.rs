@@ -61,11 +61,15 @@ async fn a_node_without_the_cluster_key_cannot_join_and_garbage_is_counted() {
     let mut c = ProcCluster::start(BIN, 3, &[]).await;
     // An intruder with its own key, pointed at the cluster's seeds.
     let wrong_key = c.dir.path().join("wrong.key");
-    std::fs::write(&wrong_key, shoal_node::control::secure::ClusterKey::generate().to_hex()).expect("key");
+    shoal_tests::write_private(&wrong_key, &shoal_node::control::secure::ClusterKey::generate().to_hex());
     c.add_node("intruder", 9, vec!["--cluster-key-file".into(), wrong_key.to_str().expect("utf8").into()]);
     // Garbage on the Raft (TCP) and gossip (UDP) ports of node 1.
     let target = SocketAddr::new(c.nodes[0].ip, CLUSTER_PORT);
-    for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0x53, 0x48, 1, 10, 0xff, 0xff, 0xff, 0xff], &[0u8; 64]] {
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0x53, 0x48, shoal_proto::codec::VERSION, 10, 0xff, 0xff, 0xff, 0xff],
+        &[0u8; 64],
+    ] {
         if let Ok(mut s) = tokio::net::TcpStream::connect(target).await {
             let _ = s.write_all(junk).await;
         }
@@ -138,4 +142,75 @@ async fn open_self_registering_pool_is_refused_without_the_opt_in() {
     opted["allow_unauthenticated_heartbeats"] = json!(true);
     node.put("/v1/pools/open", opted).await;
     node.stop().await;
+}
+
+/// Issue 14, finding 7: secrets others may read are refused, naming the file and its mode, and
+/// what shoal writes itself (`cert self-signed`) is private.
+#[cfg(unix)]
+#[test]
+fn secret_files_others_may_read_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let token = dir.path().join("admin.token");
+    let key = dir.path().join("cluster.key");
+    shoal_tests::write_private(&token, "a-token-of-enough-length-0123");
+    shoal_tests::write_private(&key, &shoal_node::control::secure::ClusterKey::generate().to_hex());
+    let run = |args: &[&str]| {
+        let data = dir.path().join("data");
+        let admin = format!("127.0.0.1:{}", free_port());
+        std::process::Command::new(BIN)
+            .args(["node", "--id", "perm", "--listen-ip", "127.0.0.1", "--http-port", "0", "--admin", &admin])
+            .args(["--data-dir", data.to_str().expect("utf8")])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run shoal")
+    };
+    let token_arg = ["--token-file", token.to_str().expect("utf8")];
+    let cluster = format!("127.0.0.1:{}", free_port());
+    let key_args = ["--cluster", cluster.as_str(), "--cluster-key-file", key.to_str().expect("utf8")];
+    for (file, mode, args) in [
+        (&token, 0o644, token_arg.to_vec()),
+        (&token, 0o640, token_arg.to_vec()),
+        (&key, 0o604, [&token_arg[..], &key_args[..]].concat()),
+    ] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a {mode:o} secret was accepted: {stderr}");
+        let named = stderr.contains(&file.display().to_string()) && stderr.contains(&format!("{mode:04o}"));
+        assert!(named && stderr.contains("chmod 600"), "the error names the file, its mode and the fix: {stderr}");
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).expect("chmod back");
+    }
+
+    let out = std::process::Command::new(BIN)
+        .args(["cert", "self-signed", "--name", "localhost", "--out", dir.path().join("tls").to_str().expect("utf8")])
+        .output()
+        .expect("run shoal cert");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mode =
+        |name: &str| std::fs::metadata(dir.path().join("tls").join(name)).expect("meta").permissions().mode() & 0o777;
+    assert_eq!((mode("key.pem"), mode("cert.pem")), (0o600, 0o644));
+
+    // A TLS private key others may read is refused too (the key `cert` wrote is private).
+    let tls_key = dir.path().join("tls").join("key.pem");
+    std::fs::set_permissions(&tls_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (cert, key) = (dir.path().join("tls").join("cert.pem"), tls_key.clone());
+    let https = free_port().to_string();
+    let tls_args = [
+        token_arg[0],
+        token_arg[1],
+        "--https-port",
+        https.as_str(),
+        "--tls-cert",
+        cert.to_str().expect("utf8"),
+        "--tls-key",
+        key.to_str().expect("utf8"),
+    ];
+    let out = run(&tls_args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&tls_key.display().to_string()) && stderr.contains("0644"),
+        "{stderr}"
+    );
 }

@@ -386,3 +386,71 @@ fn parse_addr(raw: &str) -> Result<SocketAddr, ApiError> {
 fn no_pool(pool: &str) -> ApiError {
     ApiError::not_found(format!("pool {pool:?} does not exist"))
 }
+
+#[cfg(test)]
+mod status_page_tests {
+    /// The page's source: every check below reads it as a browser would get it.
+    const PAGE: &str = include_str!("status.html");
+
+    /// Interpolations that return HTML made only of escaped values (pill and yes escape their
+    /// arguments; `rows` are built by the same rule). Anything else must be `esc(…)`.
+    const HTML_HELPERS: &[&str] = &[
+        "pill(",
+        "yes(",
+        "rows.join(\"\")",
+        "n.live ? pill(\"alive\", \"ok\") : pill(\"dead\", \"bad\")",
+        "h.fail_open ? pill(\"fail-open\", \"warn\") : \"\"",
+    ];
+
+    /// Every `${…}` expression of the page's template literals, in order.
+    fn interpolations(page: &str) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut rest = page;
+        while let Some(start) = rest.find("${") {
+            let body = &rest[start + 2..];
+            let mut depth = 1;
+            let end = body
+                .char_indices()
+                .find(|(_, c)| {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => depth -= 1,
+                        _ => {}
+                    }
+                    depth == 0
+                })
+                .map(|(i, _)| i)
+                .unwrap_or(body.len());
+            out.push(body[..end].trim());
+            rest = &body[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn every_interpolated_value_is_escaped() {
+        let all = interpolations(PAGE);
+        assert!(all.len() > 20, "the scan found the template literals: {all:?}");
+        for expr in all {
+            let escaped = expr.starts_with("esc(");
+            let helper = HTML_HELPERS.iter().any(|h| if h.ends_with('(') { expr.starts_with(h) } else { expr == *h });
+            assert!(escaped || helper, "`${{{expr}}}` goes into the HTML unescaped: wrap it in esc()");
+        }
+    }
+
+    #[test]
+    fn esc_covers_attribute_quotes_and_pill_escapes_its_class() {
+        // A value in `data-node="…"` must not close the attribute.
+        for (c, entity) in [("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("'", "&#39;")] {
+            assert!(PAGE.contains(&format!("\"{c}\": \"{entity}\"")), "esc maps {c}");
+        }
+        assert!(PAGE.contains("'\"': \"&quot;\""), "esc maps the double quote");
+        assert!(PAGE.contains("/[&<>\"']/g"), "esc replaces all five characters everywhere");
+        assert!(PAGE.contains("class=\"pill ${esc(kind)}\">${esc(label)}"), "pill escapes both arguments");
+        assert!(!PAGE.contains("function text("), "the old helper (no quote escaping) is gone");
+        // Only the built strings go into innerHTML.
+        let sinks: Vec<&str> = PAGE.lines().filter(|l| l.contains("innerHTML")).map(str::trim).collect();
+        assert_eq!(sinks.len(), 2, "{sinks:?}");
+        assert!(sinks.iter().all(|l| l.contains("= rows.join(\"\")") || l.contains("= html.join(\"\")")), "{sinks:?}");
+    }
+}

@@ -16,9 +16,10 @@ use subtle::ConstantTimeEq;
 use super::json::ApiError;
 use crate::node::NodeShared;
 
-/// Reads the token in `path`, or creates the file with a fresh random token (mode 0600).
+/// Reads the token in `path`, or creates the file with a fresh random token (mode 0600). A
+/// token file group or others may read is refused.
 pub fn load_or_create_token(path: &Path) -> Result<String, String> {
-    match std::fs::read_to_string(path) {
+    match crate::files::read_secret(path) {
         Ok(text) if text.trim().len() >= 16 => Ok(text.trim().to_string()),
         Ok(_) => Err("the token must be at least 16 characters".into()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -91,5 +92,13 @@ mod tests {
         }
         std::fs::write(&path, "short").expect("write");
         assert!(load_or_create_token(&path).is_err());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(&path, "a-long-enough-token-0123").expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+            let err = load_or_create_token(&path).expect_err("group-readable");
+            assert!(err.contains("0640") && err.contains("chmod 600"), "{err}");
+        }
     }
 }

@@ -583,9 +583,11 @@ fn cert(cmd: CertCmd) -> ExitCode {
         Ok(pair) => pair,
         Err(e) => return fail(1, format!("cannot generate a certificate: {e}")),
     };
-    let write =
-        |name: &str, text: &str| std::fs::create_dir_all(&out).and_then(|_| std::fs::write(out.join(name), text));
-    if let Err(e) = write("cert.pem", &cert).and_then(|_| write("key.pem", &key)) {
+    // The private key is written owner-only: nodes refuse a key file others may read.
+    let write = |name: &str, text: &str, mode: u32| {
+        std::fs::create_dir_all(&out).and_then(|_| crate::files::write_atomic(&out.join(name), text.as_bytes(), mode))
+    };
+    if let Err(e) = write("cert.pem", &cert, 0o644).and_then(|_| write("key.pem", &key, 0o600)) {
         return fail(1, format!("cannot write to {}: {e}", out.display()));
     }
     println!("wrote {} and {} for {}", out.join("cert.pem").display(), out.join("key.pem").display(), names.join(", "));
@@ -688,7 +690,7 @@ fn connect(client: &ClientArgs) -> anyhow::Result<AdminClient> {
     let token = match (&client.token, &client.token_file) {
         (Some(t), _) => Some(t.trim().to_string()),
         (None, Some(f)) => Some(
-            std::fs::read_to_string(f)
+            crate::files::read_secret(f)
                 .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?
                 .trim()
                 .to_string(),

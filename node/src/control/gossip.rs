@@ -3,7 +3,8 @@
 //! [`Member`]s, published on a watch channel whenever the live set or any live node's keys change.
 //!
 //! Keys: `raft_id`, `raft_addr`, `admin`, `http`, `zone`, `ready` (`1`/`0`), `raft_init`
-//! (`1` once this node belongs to an initialized Raft cluster), `v:<pool>/<addr>` (`up`/`down`:
+//! (`1` once this node belongs to an initialized Raft cluster), `cluster_id` (its cluster
+//! identity, 32 hex digits, once it has one), `v:<pool>/<addr>` (`up`/`down`:
 //! verdicts of the probes this node runs), `hb:<pool>/<addr>` (`up|down <udp> [dyn]`:
 //! heartbeat backends this node hears), `act:<pool>/<addr>` (connections in flight here).
 
@@ -15,7 +16,8 @@ use std::time::Duration;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, spawn_chitchat};
 use tokio::sync::watch;
 
-use super::gossip_auth::AuthTransport;
+use super::gossip_auth::{AuthTransport, GossipFilter};
+use super::raft::ident::ClusterId;
 use super::secure::ClusterKey;
 use crate::health::combine::PeerObs;
 use crate::health::{BackendId, HealthView, Heard, Verdict};
@@ -23,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::routing::Counts;
 
 /// How this node joins gossip.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct GossipOptions {
     pub name: String,
     pub cluster_id: String,
@@ -33,6 +35,8 @@ pub struct GossipOptions {
     pub interval: Duration,
     /// Every datagram is authenticated with the cluster key.
     pub key: ClusterKey,
+    /// Test seam: which peers' gossip gets through (`None`: all).
+    pub filter: Option<GossipFilter>,
 }
 
 /// A live (or dead) node as gossip describes it.
@@ -48,6 +52,8 @@ pub struct Member {
     pub zone: String,
     pub ready: bool,
     pub raft_init: bool,
+    /// The cluster identity it gossips (`None`: none yet, or unreadable).
+    pub cluster_id: Option<ClusterId>,
     pub live: bool,
     pub obs: PeerObs,
     /// Work in flight on that node, per backend.
@@ -105,7 +111,7 @@ impl Gossip {
             extra_liveness_predicate: Some(Box::new(|ns: &NodeState| ns.contains_key("raft_id"))),
             protocol_version: chitchat::ProtocolVersion::V0,
         };
-        let transport = AuthTransport { key: opts.key.clone(), metrics };
+        let transport = AuthTransport { key: opts.key.clone(), metrics, filter: opts.filter.clone() };
         let handle = spawn_chitchat(config, keys, &transport)
             .await
             .map_err(|e| anyhow::anyhow!("cannot start gossip on {}: {e}", opts.addr))?;
@@ -233,6 +239,7 @@ pub fn parse_member(id: &ChitchatId, state: &NodeState, live: bool) -> Member {
         zone: get("zone").unwrap_or_default(),
         ready: get("ready").as_deref() == Some("1"),
         raft_init: get("raft_init").as_deref() == Some("1"),
+        cluster_id: get("cluster_id").and_then(|v| v.parse().ok()),
         live,
         obs: PeerObs { node: id.node_id.to_string(), ..PeerObs::default() },
         active: HashMap::new(),

@@ -76,10 +76,15 @@ pub fn open<'a>(key: &ClusterKey, datagram: &'a [u8], now: u64) -> Result<&'a [u
     Ok(payload)
 }
 
+/// Decides whether gossip with a peer (by its gossip address) gets through: a test seam for
+/// gossip partitions, like the Raft `LinkFilter`; `None` (production) allows every peer.
+pub type GossipFilter = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
+
 /// The transport handed to chitchat.
 pub struct AuthTransport {
     pub key: ClusterKey,
     pub metrics: Arc<Metrics>,
+    pub filter: Option<GossipFilter>,
 }
 
 /// Peer ↔ proxy socket bookkeeping shared by the relay tasks and the socket.
@@ -96,9 +101,15 @@ struct Relay {
     inner_addr: SocketAddr,
     proxies: Mutex<Proxies>,
     metrics: Arc<Metrics>,
+    filter: Option<GossipFilter>,
 }
 
 impl Relay {
+    /// Whether the partition seam lets datagrams to and from `peer` through.
+    fn allowed(&self, peer: SocketAddr) -> bool {
+        self.filter.as_ref().is_none_or(|f| f(peer))
+    }
+
     /// The proxy socket for `peer`, created (with its outbound task) on first use.
     async fn proxy(self: &Arc<Self>, peer: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
         if let Some(p) = self.proxies.lock().unwrap_or_else(|e| e.into_inner()).by_peer.get(&peer) {
@@ -128,7 +139,7 @@ async fn outbound(relay: Arc<Relay>, proxy: Arc<UdpSocket>, peer: SocketAddr) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, from)) = proxy.recv_from(&mut buf).await else { return };
-        if from != relay.inner_addr {
+        if from != relay.inner_addr || !relay.allowed(peer) {
             continue;
         }
         let _ = relay.public.send_to(&seal(&relay.key, &buf[..n], now_ms()), peer).await;
@@ -140,6 +151,9 @@ async fn inbound(relay: Arc<Relay>) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, peer)) = relay.public.recv_from(&mut buf).await else { continue };
+        if !relay.allowed(peer) {
+            continue;
+        }
         match open(&relay.key, &buf[..n], now_ms()) {
             Ok(payload) => {
                 if let Ok(proxy) = relay.proxy(peer).await {
@@ -180,6 +194,7 @@ impl Transport for AuthTransport {
             inner_addr: inner.local_addr()?,
             proxies: Mutex::default(),
             metrics: self.metrics.clone(),
+            filter: self.filter.clone(),
         });
         let public_addr = relay.public_addr;
         let inbound = tokio::spawn(inbound(relay.clone()));
@@ -238,7 +253,7 @@ mod tests {
     #[tokio::test]
     async fn relay_maps_peers_to_stable_proxies() {
         let key = ClusterKey::generate();
-        let t = AuthTransport { key, metrics: Arc::new(Metrics::new("t")) };
+        let t = AuthTransport { key, metrics: Arc::new(Metrics::new("t")), filter: None };
         let socket = t.open((Ipv4Addr::LOCALHOST, 0).into()).await.expect("open");
         let s = socket.local_addr().expect("addr");
         assert!(s.port() != 0);
@@ -250,6 +265,7 @@ mod tests {
             inner_addr: s,
             proxies: Mutex::default(),
             metrics: Arc::new(Metrics::new("t")),
+            filter: None,
         });
         let peer: SocketAddr = "127.0.0.1:9".parse().expect("addr");
         let a = relay.proxy(peer).await.expect("proxy");

@@ -1,10 +1,13 @@
 //! Raft membership driven by gossip. Two loops:
 //!
 //! - **bootstrap** (Consul's `bootstrap_expect`): a node whose Raft is not initialized waits
-//!   until `expect` nodes see each other, none of them reports an initialized cluster, and it has
-//!   the lowest Raft id among them; only then does it initialize, with those nodes as voters. A
-//!   restarted node is already initialized and never does it again.
-//! - **reconcile** (leader only, one change per tick): live unknown nodes join as learners;
+//!   until `expect` nodes see each other, none of them reports an initialized cluster or a
+//!   cluster identity, and it has the lowest Raft id among them; only then does it create the
+//!   cluster identity and initialize, with those nodes as voters. A restarted node is already
+//!   initialized and never does it again; a node that sees a cluster waits to be added to it.
+//! - **reconcile** (leader only, one change per tick): live unknown nodes join as learners,
+//!   unless they gossip another cluster's identity (refused and counted; a learner that turns
+//!   out to belong elsewhere is removed);
 //!   caught-up learners that stayed live for a while become voters up to `max_voters` (an odd
 //!   number); a voter dead for `dead_grace` is removed only while the remaining live voters keep
 //!   a majority; dead learners are removed after the same grace.
@@ -20,6 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::gossip::{Gossip, Members};
+use super::raft::ident::{AT_GOSSIP, AT_PING, ClusterId, compatible};
 use super::raft::network::{Conn, Reply, Request};
 use super::raft::{NodeId, RaftNode, ShoalNode};
 use crate::shutdown::Shutdown;
@@ -69,12 +73,18 @@ pub struct View {
     /// Matched log index per member (leader's replication progress).
     pub matched: HashMap<NodeId, u64>,
     pub last_log_index: u64,
+    /// Live nodes that gossip another cluster's identity: never added, removed if learners.
+    pub foreign: BTreeSet<NodeId>,
 }
 
 /// The next change to make, if any.
 pub fn plan(v: &View, p: &Policy) -> Option<Action> {
-    if let Some((id, (node, _))) = v.live.iter().find(|(id, _)| !v.voters.contains(id) && !v.learners.contains(id)) {
+    let unknown = |id: &NodeId| !v.voters.contains(id) && !v.learners.contains(id) && !v.foreign.contains(id);
+    if let Some((id, (node, _))) = v.live.iter().find(|(id, _)| unknown(id)) {
         return Some(Action::AddLearner(*id, node.clone()));
+    }
+    if let Some(id) = v.learners.iter().find(|id| v.foreign.contains(id)) {
+        return Some(Action::RemoveLearner(*id));
     }
     let dead_for = |id: &NodeId| v.absent.get(id).copied().unwrap_or_default();
     let live_members = v.voters.iter().chain(&v.learners).filter(|id| v.live.contains_key(id)).count();
@@ -106,7 +116,8 @@ fn promotable(v: &View, p: &Policy, id: &NodeId) -> bool {
 /// Whether this uninitialized node should bootstrap the cluster now, and with whom.
 pub fn should_bootstrap(me: NodeId, expect: usize, members: &Members) -> Option<Vec<(NodeId, ShoalNode)>> {
     let live: Vec<_> = members.live().filter(|m| m.raft_id != 0 && !m.raft_addr.is_empty()).collect();
-    if expect == 0 || live.len() < expect || live.iter().any(|m| m.raft_init) {
+    // Anyone already in a cluster (initialized, or holding an identity) means: join, not found.
+    if expect == 0 || live.len() < expect || live.iter().any(|m| m.raft_init || m.cluster_id.is_some()) {
         return None;
     }
     let lowest = live.iter().map(|m| m.raft_id).min()?;
@@ -150,7 +161,15 @@ pub async fn bootstrap(raft: Arc<RaftNode>, gossip: Arc<Gossip>, expect: usize, 
             continue;
         }
         let names: Vec<&str> = nodes.iter().map(|(_, n)| n.name.as_str()).collect();
-        tracing::info!(voters = ?names, "bootstrapping the cluster");
+        // The identity exists before the first request leaves, so every member adopts it.
+        let ident = match raft.ident.get_or_create() {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot store the cluster identity; not bootstrapping");
+                continue;
+            }
+        };
+        tracing::info!(voters = ?names, cluster_id = %ident, "bootstrapping the cluster");
         let map: BTreeMap<NodeId, ShoalNode> = nodes.into_iter().collect();
         if let Err(e) = raft.raft.initialize(map).await {
             tracing::warn!(error = %e, "bootstrap did not happen");
@@ -172,6 +191,7 @@ pub async fn reconcile(
             _ = shutdown.wait() => return,
             _ = tick.tick() => {}
         }
+        adopt_legacy_identity(&raft).await;
         let now = Instant::now();
         let view = seen.view(&raft, &members.borrow(), now);
         let Some(view) = view else { continue };
@@ -181,11 +201,48 @@ pub async fn reconcile(
     }
 }
 
+/// A cluster initialized before identities existed has none: its leader creates it, and the
+/// followers adopt it from the leader's next append.
+async fn adopt_legacy_identity(raft: &RaftNode) {
+    if raft.ident.get().is_some() || raft.role() != "leader" || !raft.is_initialized().await {
+        return;
+    }
+    if let Err(e) = raft.ident.get_or_create() {
+        tracing::warn!(error = %e, "cannot store the cluster identity");
+    }
+}
+
+/// Publishes this node's cluster identity in gossip whenever it is created or adopted.
+pub async fn publish_identity(raft: Arc<RaftNode>, gossip: Arc<Gossip>, mut shutdown: Shutdown) {
+    let mut ident = raft.ident.subscribe();
+    loop {
+        let current = *ident.borrow_and_update();
+        if let Some(id) = current {
+            gossip.set("cluster_id", Some(id.to_string())).await;
+        }
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            changed = ident.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Live nodes that gossip an identity other than `ours`.
+pub fn foreign(ours: Option<ClusterId>, members: &Members) -> BTreeMap<NodeId, ClusterId> {
+    members
+        .live()
+        .filter(|m| m.raft_id != 0 && !compatible(ours, m.cluster_id))
+        .filter_map(|m| Some((m.raft_id, m.cluster_id?)))
+        .collect()
+}
+
 /// Liveness history the plan needs (since when live, since when absent).
 #[derive(Default)]
 struct Seen {
     live_since: HashMap<NodeId, Instant>,
     absent_since: HashMap<NodeId, Instant>,
+    /// Foreign nodes already counted (each is counted once, not once per tick).
+    foreign_counted: BTreeSet<NodeId>,
 }
 
 impl Seen {
@@ -211,6 +268,13 @@ impl Seen {
         if metrics.state != openraft::ServerState::Leader || membership.get_joint_config().len() > 1 {
             return None;
         }
+        let foreign = foreign(raft.ident.get(), members);
+        self.foreign_counted.retain(|id| foreign.contains_key(id));
+        for (id, theirs) in &foreign {
+            if let (true, Some(ours)) = (self.foreign_counted.insert(*id), raft.ident.get()) {
+                raft.ident.refused(AT_GOSSIP, ours, *theirs);
+            }
+        }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
         let matched = metrics
@@ -226,16 +290,23 @@ impl Seen {
             absent: self.absent_since.iter().map(|(id, t)| (*id, now.duration_since(*t))).collect(),
             matched,
             last_log_index: metrics.last_log_index.unwrap_or(0),
+            foreign: foreign.into_keys().collect(),
         })
     }
 }
 
 /// Admits a node gossip announced only after it proved the cluster key on an authenticated
-/// Raft connection and answered with the id it announced.
+/// Raft connection and answered with the id it announced and no other cluster's identity.
 async fn verified(raft: &RaftNode, id: NodeId, node: &ShoalNode) -> bool {
     let mut conn = Conn::new(raft.wire.clone(), id, node.raft_addr.clone());
     match conn.call(Request::Ping, Duration::from_secs(3)).await {
-        Ok(Reply::Pong(answered)) if answered == id => true,
+        Ok(Reply::Pong(answered, theirs)) if answered == id => match (raft.ident.get(), theirs) {
+            (Some(ours), Some(theirs)) if ours != theirs => {
+                raft.ident.refused(AT_PING, ours, theirs);
+                false
+            }
+            _ => true,
+        },
         other => {
             tracing::warn!(node = %node, ?other, "not admitting a gossiped node that failed Raft authentication");
             false
@@ -296,6 +367,7 @@ mod tests {
             absent: HashMap::new(),
             matched: live.iter().map(|id| (*id, 10)).collect(),
             last_log_index: 10,
+            foreign: BTreeSet::new(),
         }
     }
 
@@ -361,5 +433,33 @@ mod tests {
         assert_eq!(should_bootstrap(3, 4, &ms), None, "not enough nodes yet");
         ms.nodes.insert("n9".into(), member(9, true));
         assert_eq!(should_bootstrap(3, 3, &ms), None, "a cluster already exists");
+        let mut adopted = member(9, false);
+        adopted.cluster_id = Some(ClusterId(5));
+        ms.nodes.insert("n9".into(), adopted);
+        assert_eq!(should_bootstrap(3, 3, &ms), None, "a node with an identity: join its cluster instead");
+    }
+
+    #[test]
+    fn nodes_of_another_cluster_are_never_added_and_foreign_learners_leave() {
+        let p = Policy::default();
+        let mut v = view(&[1, 2, 3], &[], &[1, 2, 3, 4, 5]);
+        v.foreign.insert(4);
+        assert_eq!(plan(&v, &p), Some(Action::AddLearner(5, node(5))), "4 is skipped, 5 has no identity yet");
+        v.foreign.insert(5);
+        assert_eq!(plan(&v, &p), None);
+        v.learners.insert(5);
+        assert_eq!(plan(&v, &p), Some(Action::RemoveLearner(5)), "a learner that belongs elsewhere goes");
+    }
+
+    #[test]
+    fn foreign_means_another_identity_not_none() {
+        let mut ms = Members::default();
+        for (id, cid) in [(1, Some(7)), (2, Some(8)), (3, None)] {
+            let mut m = member(id, true);
+            m.cluster_id = cid.map(ClusterId);
+            ms.nodes.insert(format!("n{id}"), m);
+        }
+        assert_eq!(foreign(Some(ClusterId(7)), &ms), BTreeMap::from([(2, ClusterId(8))]));
+        assert!(foreign(None, &ms).is_empty(), "a node without identity refuses nobody");
     }
 }

@@ -17,6 +17,8 @@ use shoal_proto::codec::{self, HEADER_LEN};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::control::raft::ident::{ClusterId, compatible};
+
 /// Frame kinds of the handshake (sealed frames use the callers' kinds).
 const KIND_HELLO: u8 = 10;
 const KIND_CHALLENGE: u8 = 11;
@@ -64,9 +66,9 @@ impl ClusterKey {
         Ok(ClusterKey::from_raw(raw))
     }
 
-    /// Reads a key file; errors name the file.
+    /// Reads a key file (refused unless private); errors name the file.
     pub fn load(path: &Path) -> Result<ClusterKey, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::files::read_secret(path).map_err(|e| format!("{}: {e}", path.display()))?;
         ClusterKey::from_hex(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -94,6 +96,8 @@ pub fn hex(bytes: &[u8]) -> String {
 #[derive(Serialize, Deserialize)]
 struct Hello {
     cluster: String,
+    /// The client's cluster identity (`None`: not initialized yet).
+    id: Option<ClusterId>,
     nonce: [u8; 32],
 }
 
@@ -101,6 +105,33 @@ struct Hello {
 struct Challenge {
     nonce: [u8; 32],
     proof: [u8; 32],
+    /// The server's cluster identity.
+    id: Option<ClusterId>,
+}
+
+/// The handshake named another cluster identity (the error inside an `io::Error`).
+#[derive(Debug, thiserror::Error)]
+#[error("the peer belongs to cluster {theirs}, this node to {ours}")]
+pub struct OtherCluster {
+    pub ours: ClusterId,
+    pub theirs: ClusterId,
+}
+
+impl OtherCluster {
+    /// The mismatch an I/O error carries, if it is one.
+    pub fn of(e: &io::Error) -> Option<&OtherCluster> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<OtherCluster>())
+    }
+}
+
+/// Refuses a peer whose identity differs from ours (either may still have none).
+fn same_cluster(ours: Option<ClusterId>, theirs: Option<ClusterId>) -> io::Result<()> {
+    match (ours, theirs) {
+        (Some(ours), Some(theirs)) if !compatible(Some(ours), Some(theirs)) => {
+            Err(io::Error::new(io::ErrorKind::PermissionDenied, OtherCluster { ours, theirs }))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -178,14 +209,21 @@ fn session(key: &ClusterKey, label: &[u8], first: &[u8; 32], second: &[u8; 32]) 
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> SecureStream<S> {
-    /// Client side of the handshake: proves the key and checks the server proves it too.
-    pub async fn connect(mut stream: S, key: &ClusterKey, cluster: &str) -> io::Result<SecureStream<S>> {
+    /// Client side of the handshake: proves the key and checks the server proves it too, and
+    /// that it belongs to the same cluster identity (`id`: ours).
+    pub async fn connect(
+        mut stream: S,
+        key: &ClusterKey,
+        cluster: &str,
+        id: Option<ClusterId>,
+    ) -> io::Result<SecureStream<S>> {
         let mine: [u8; 32] = rand::random();
-        send_plain(&mut stream, KIND_HELLO, &Hello { cluster: cluster.to_string(), nonce: mine }).await?;
+        send_plain(&mut stream, KIND_HELLO, &Hello { cluster: cluster.to_string(), id, nonce: mine }).await?;
         let ch: Challenge = recv_plain(&mut stream, KIND_CHALLENGE).await?;
         if !key.verify(&[b"shoal-raft-server", &mine, &ch.nonce], &ch.proof) {
             return Err(bad("the peer does not hold this cluster's key"));
         }
+        same_cluster(id, ch.id)?;
         let proof = key.mac(&[b"shoal-raft-client", &ch.nonce, &mine]);
         send_plain(&mut stream, KIND_PROOF, &Proof { proof }).await?;
         Ok(SecureStream {
@@ -195,19 +233,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SecureStream<S> {
         })
     }
 
-    /// Server side of the handshake.
-    pub async fn accept(mut stream: S, key: &ClusterKey, cluster: &str) -> io::Result<SecureStream<S>> {
+    /// Server side of the handshake (`id`: this node's cluster identity).
+    pub async fn accept(
+        mut stream: S,
+        key: &ClusterKey,
+        cluster: &str,
+        id: Option<ClusterId>,
+    ) -> io::Result<SecureStream<S>> {
         let hello: Hello = recv_plain(&mut stream, KIND_HELLO).await?;
         if hello.cluster != cluster {
             return Err(bad("the peer belongs to another cluster"));
         }
         let mine: [u8; 32] = rand::random();
         let proof = key.mac(&[b"shoal-raft-server", &hello.nonce, &mine]);
-        send_plain(&mut stream, KIND_CHALLENGE, &Challenge { nonce: mine, proof }).await?;
+        send_plain(&mut stream, KIND_CHALLENGE, &Challenge { nonce: mine, proof, id }).await?;
         let p: Proof = recv_plain(&mut stream, KIND_PROOF).await?;
         if !key.verify(&[b"shoal-raft-client", &mine, &hello.nonce], &p.proof) {
             return Err(bad("the peer does not hold this cluster's key"));
         }
+        // Only a key holder learns it was refused for its identity (and gets it counted).
+        same_cluster(id, hello.id)?;
         Ok(SecureStream {
             stream,
             tx: session(key, b"s2c", &hello.nonce, &mine),
@@ -251,11 +296,11 @@ mod tests {
         let (a, b) = tokio::io::duplex(4096);
         let k2 = key.clone();
         let server = tokio::spawn(async move {
-            let mut s = SecureStream::accept(b, &k2, "c").await.expect("accept");
+            let mut s = SecureStream::accept(b, &k2, "c", None).await.expect("accept");
             let (kind, msg): (u8, String) = s.recv().await.expect("recv");
             s.send(kind + 1, &format!("{msg}!")).await.expect("send");
         });
-        let mut c = SecureStream::connect(a, &key, "c").await.expect("connect");
+        let mut c = SecureStream::connect(a, &key, "c", None).await.expect("connect");
         c.send(1, &"hello".to_string()).await.expect("send");
         let (kind, reply): (u8, String) = c.recv().await.expect("recv");
         assert_eq!((kind, reply.as_str()), (2, "hello!"));
@@ -263,8 +308,8 @@ mod tests {
 
         let (a, b) = tokio::io::duplex(4096);
         let other = ClusterKey::generate();
-        let server = tokio::spawn(async move { SecureStream::accept(b, &key, "c").await.map(|_| ()) });
-        assert!(SecureStream::connect(a, &other, "c").await.is_err(), "a wrong key fails the handshake");
+        let server = tokio::spawn(async move { SecureStream::accept(b, &key, "c", None).await.map(|_| ()) });
+        assert!(SecureStream::connect(a, &other, "c", None).await.is_err(), "a wrong key fails the handshake");
         assert!(server.await.expect("join").is_err());
     }
 
@@ -274,10 +319,10 @@ mod tests {
         let (a, b) = tokio::io::duplex(4096);
         let k2 = key.clone();
         let server = tokio::spawn(async move {
-            let mut s = SecureStream::accept(b, &k2, "c").await.expect("accept");
+            let mut s = SecureStream::accept(b, &k2, "c", None).await.expect("accept");
             s.recv::<String>().await
         });
-        let mut c = SecureStream::connect(a, &key, "c").await.expect("connect");
+        let mut c = SecureStream::connect(a, &key, "c", None).await.expect("connect");
         // Write a frame sealed for the wrong position (counter 5 instead of 0).
         c.tx.counter = 5;
         c.send(1, &"forged".to_string()).await.expect("send");
@@ -288,12 +333,32 @@ mod tests {
     async fn an_oversized_hello_is_refused_before_it_is_read() {
         let key = ClusterKey::generate();
         let (mut a, b) = tokio::io::duplex(4096);
-        let server = tokio::spawn(async move { SecureStream::accept(b, &key, "c").await.map(|_| ()) });
+        let server = tokio::spawn(async move { SecureStream::accept(b, &key, "c", None).await.map(|_| ()) });
         // Announces a 64 MiB hello and sends none of it: the server must not wait for it.
         let head = [codec::MAGIC[0], codec::MAGIC[1], codec::VERSION, KIND_HELLO, 4, 0, 0, 0];
         a.write_all(&head).await.expect("write");
         let err = server.await.expect("join").expect_err("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_handshake_refuses_another_cluster_identity_both_ways() {
+        let key = ClusterKey::generate();
+        let (x, y) = (Some(ClusterId(1)), Some(ClusterId(2)));
+        for (client, server, ok) in [(x, x, true), (None, x, true), (x, None, true), (x, y, false)] {
+            let (a, b) = tokio::io::duplex(4096);
+            let k2 = key.clone();
+            let accepted = tokio::spawn(async move { SecureStream::accept(b, &k2, "c", server).await.map(|_| ()) });
+            let connected = SecureStream::connect(a, &key, "c", client).await.map(|_| ());
+            let accepted = accepted.await.expect("join");
+            if ok {
+                assert!(connected.is_ok(), "{client:?} -> {server:?}");
+                assert!(accepted.is_ok(), "{client:?} -> {server:?}");
+            } else {
+                let err = connected.expect_err("the client refuses the server's identity");
+                assert_eq!(OtherCluster::of(&err).map(|o| (o.ours, o.theirs)), Some((ClusterId(1), ClusterId(2))));
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! forwarded to the leader when this node does not lead, and applied by the same pure `apply`
 //! on every node. The log, vote and snapshots live in redb under `--data-dir/raft`.
 
+pub mod ident;
 pub mod network;
 pub mod server;
 pub mod state_machine;
@@ -20,6 +21,7 @@ use shoal_proto::{Applied, ApplyError, Command, Proposal, State};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use self::ident::Identity;
 use self::network::{Conn, LinkFilter, Network, Reply, Request, Wire};
 use self::state_machine::StateMachine;
 use self::store::{Db, LogStore};
@@ -84,6 +86,8 @@ pub struct RaftNet {
     /// `None` for a node alone (it never talks to peers).
     pub key: Option<ClusterKey>,
     pub filter: Option<LinkFilter>,
+    /// Where cluster identity mismatches are counted (`shoal_cluster_id_mismatch_total`).
+    pub mismatches: Option<prometheus::IntCounterVec>,
 }
 
 /// How long a write may take before the client gets a 503.
@@ -100,6 +104,8 @@ pub struct RaftNode {
     pub raft: Raft,
     pub sm: StateMachine,
     pub wire: Wire,
+    /// This cluster's identity (created at initialization or adopted from the leader).
+    pub ident: Identity,
 }
 
 /// Reads the node's stable Raft id, creating a random one on first boot.
@@ -110,19 +116,21 @@ pub fn load_or_create_id(dir: &Path) -> anyhow::Result<NodeId> {
     }
     // Never 0: openraft treats 0 as "no node" in some displays, and metrics use 0 for "none".
     let id = rand::random::<u64>() >> 1 | 1;
-    std::fs::write(&path, id.to_string())?;
+    // Atomic: a crash mid-write must not leave an empty or torn id (a corrupt data dir).
+    crate::files::write_atomic(&path, id.to_string().as_bytes(), 0o644)?;
     Ok(id)
 }
 
 impl RaftNode {
     /// Opens storage under `dir` and starts the Raft core.
     pub async fn start(dir: &Path, me: ShoalNode, net: RaftNet, timing: &RaftTiming) -> anyhow::Result<RaftNode> {
-        let RaftNet { cluster, key, filter } = net;
+        let RaftNet { cluster, key, filter, mismatches } = net;
         let cluster = cluster.as_str();
         std::fs::create_dir_all(dir)?;
         let id = load_or_create_id(dir)?;
         let db = Db::open(&dir.join("raft.redb"))?;
         let sm = StateMachine::open(db.clone())?;
+        let ident = Identity::open(db.clone(), mismatches)?;
         let config = Config {
             cluster_name: cluster.to_string(),
             heartbeat_interval: timing.heartbeat.as_millis() as u64,
@@ -135,10 +143,10 @@ impl RaftNode {
             ..Config::default()
         }
         .validate()?;
-        let wire = Wire { cluster: cluster.to_string(), me: id, filter, key };
+        let wire = Wire { cluster: cluster.to_string(), me: id, filter, key, ident: ident.clone() };
         let network = Network { wire: wire.clone() };
         let raft = Raft::new(id, Arc::new(config), network, LogStore::new(db), sm.clone()).await?;
-        Ok(RaftNode { id, me, raft, sm, wire })
+        Ok(RaftNode { id, me, raft, sm, wire, ident })
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
@@ -155,6 +163,7 @@ impl RaftNode {
 
     /// Makes this node a one-member cluster (bootstrap). Already initialized is fine.
     pub async fn initialize_alone(&self) -> anyhow::Result<()> {
+        self.ident.get_or_create().map_err(|e| anyhow::anyhow!("cannot store the cluster identity: {e}"))?;
         if self.is_initialized().await {
             return Ok(());
         }

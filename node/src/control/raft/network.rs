@@ -1,7 +1,8 @@
 //! Raft RPC over TCP: length-prefixed `proto::codec` frames, one request in flight per
-//! connection. Every request names the cluster and the target's Raft id, so a node reached at a
-//! stale address refuses instead of answering for someone else. Forwarded client writes and
-//! read-index requests travel the same way.
+//! connection. Every request names the cluster (its configured name and its identity, see
+//! `ident.rs`) and the target's Raft id, so a node reached at a stale address, or a node of
+//! another cluster, refuses instead of answering. Forwarded client writes and read-index
+//! requests travel the same way.
 
 use std::io;
 use std::sync::Arc;
@@ -18,8 +19,9 @@ use shoal_proto::Proposal;
 
 use tokio::net::TcpStream;
 
+use super::ident::{AT_HANDSHAKE, ClusterId, Identity};
 use super::{CommandResult, NodeId, ShoalNode, TypeConfig};
-use crate::control::secure::{ClusterKey, SecureStream};
+use crate::control::secure::{ClusterKey, OtherCluster, SecureStream};
 
 /// Frame kinds on the Raft port.
 pub const KIND_REQUEST: u8 = 1;
@@ -35,6 +37,8 @@ pub type LinkFilter = Arc<dyn Fn(NodeId, NodeId) -> bool + Send + Sync>;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Envelope {
     pub cluster: String,
+    /// The sender's cluster identity (`None`: it has none yet).
+    pub cluster_id: Option<ClusterId>,
     pub from: NodeId,
     pub to: NodeId,
     pub body: Request,
@@ -61,7 +65,8 @@ pub enum Reply {
     /// The command's result and its log index; `Err` when the receiver is not the leader.
     Write(Result<(CommandResult, u64), String>),
     ReadIndex(Result<u64, String>),
-    Pong(NodeId),
+    /// The answering node's Raft id and cluster identity.
+    Pong(NodeId, Option<ClusterId>),
     /// Wrong cluster, wrong node, or an undecodable request.
     Refused(String),
 }
@@ -83,6 +88,8 @@ pub struct Wire {
     pub filter: Option<LinkFilter>,
     /// The cluster key every connection proves and is sealed with (`None`: a lone node).
     pub key: Option<ClusterKey>,
+    /// The cluster identity every handshake and request carries.
+    pub ident: Identity,
 }
 
 impl Wire {
@@ -91,7 +98,7 @@ impl Wire {
     }
 
     pub fn envelope(&self, to: NodeId, body: Request) -> Envelope {
-        Envelope { cluster: self.cluster.clone(), from: self.me, to, body }
+        Envelope { cluster: self.cluster.clone(), cluster_id: self.ident.get(), from: self.me, to, body }
     }
 }
 
@@ -135,7 +142,13 @@ impl Conn {
                 .map_err(|_| CallError::Unreachable(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")))?
                 .map_err(CallError::Unreachable)?;
             let _ = tcp.set_nodelay(true);
-            let secure = SecureStream::connect(tcp, key, &self.wire.cluster).await.map_err(CallError::Unreachable)?;
+            let ours = self.wire.ident.get();
+            let secure = SecureStream::connect(tcp, key, &self.wire.cluster, ours).await.map_err(|e| {
+                if let Some(o) = OtherCluster::of(&e) {
+                    self.wire.ident.refused(AT_HANDSHAKE, o.ours, o.theirs);
+                }
+                CallError::Unreachable(e)
+            })?;
             self.stream = Some(secure);
         }
         let Some(stream) = self.stream.as_mut() else {

@@ -26,6 +26,8 @@ const COMMITTED: &str = "committed";
 const PURGED: &str = "last_purged";
 const SNAPSHOT_META: &str = "snapshot_meta";
 const SNAPSHOT_DATA: &str = "snapshot_data";
+/// The cluster identity (see `ident.rs`): written once, never changed.
+const CLUSTER_ID: &str = "cluster_id";
 
 type StResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -63,6 +65,16 @@ impl Db {
             }
         }
         txn.commit().map_err(|e| e.to_string())
+    }
+
+    /// The stored cluster identity, if this node has one.
+    pub fn cluster_id(&self) -> Result<Option<super::ident::ClusterId>, String> {
+        self.meta(CLUSTER_ID)
+    }
+
+    /// Stores the cluster identity (fsynced before it returns).
+    pub fn set_cluster_id(&self, id: super::ident::ClusterId) -> Result<(), String> {
+        self.put_meta(&[(CLUSTER_ID, json(&id)?)])
     }
 
     /// Persists a snapshot (meta and data) atomically.
