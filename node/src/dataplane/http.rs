@@ -37,10 +37,11 @@ pub struct ConnInfo {
 }
 
 /// Serves HTTP/1.1 on one accepted client connection (plain or TLS), in a span naming the
-/// client and the listener.
-pub async fn serve<T: Transport>(io: T, conn: ConnInfo, ctx: Arc<DpCtx>, lm: ListenerMetrics) {
+/// client and the listener. Not an `async fn`: the returned future is the connection loop
+/// itself, with no second copy of its arguments beside it.
+pub fn serve<T: Transport>(io: T, conn: ConnInfo, ctx: Arc<DpCtx>, lm: ListenerMetrics) -> impl Future<Output = ()> {
     let span = tracing::info_span!("conn", client = %conn.peer, listener = %lm.name, tls = conn.tls);
-    run(Client::new(io, conn.peer, conn.tls, lm), ctx).instrument(span).await
+    run(Client::new(io, conn.peer, conn.tls, lm), ctx).instrument(span)
 }
 
 /// What the connection does after a request.

@@ -365,7 +365,9 @@ async fn accept_loop(
                 let conn = http::ConnInfo { peer, tls: false };
                 spawn_conn(http::serve(stream, conn, ctx, lm2), lm.clone(), permit);
             }
-            ListenerKind::Https => spawn_conn(async move { serve_tls(stream, peer, ctx, &lm2).await }, lm.clone(), permit),
+            ListenerKind::Https => {
+                spawn_conn(async move { serve_tls(stream, peer, ctx, &lm2).await }, lm.clone(), permit)
+            }
             ListenerKind::Tcp(port) => spawn_conn(tcp::serve(stream, peer, port, ctx, lm2), lm.clone(), permit),
         }
     }
@@ -418,7 +420,7 @@ mod tests {
         let peer: SocketAddr = "192.0.2.1:1".parse().expect("addr");
         let plain = |(s, ctx, lm): Args| http::serve(s, http::ConnInfo { peer, tls: false }, ctx, lm);
         let l4 = |(s, ctx, lm): Args| tcp::serve(s, peer, 1, ctx, lm);
-        assert!(future_size(&plain) <= 2048, "HTTP connection future: {} bytes", future_size(&plain));
+        assert!(future_size(&plain) <= 1280, "HTTP connection future: {} bytes", future_size(&plain));
         assert!(future_size(&l4) <= 4096, "L4 connection future: {} bytes", future_size(&l4));
     }
 
