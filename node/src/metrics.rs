@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric a node exports.
@@ -42,6 +42,10 @@ pub struct Metrics {
     pub table_rebuilds: IntCounter,
     pub gossip_live_nodes: IntGauge,
     pub gossip_dropped: IntCounterVec,
+    /// Last clock skew seen per gossip peer (their stamp minus our clock), seconds.
+    pub gossip_clock_skew: GaugeVec,
+    /// Idle per-peer gossip proxies evicted to make room for another peer.
+    pub gossip_proxies_evicted: IntCounter,
     pub raft_term: IntGauge,
     pub raft_leader_id: IntGauge,
     pub raft_is_leader: IntGauge,
@@ -72,6 +76,12 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn float_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(g.clone())).expect("unique metric");
     g
 }
@@ -177,6 +187,17 @@ impl Metrics {
             table_rebuilds: plain_counter(&r, "routing_table_rebuilds_total", "Routing snapshots built"),
             gossip_live_nodes: gauge(&r, "gossip_live_nodes", "Nodes alive according to gossip"),
             gossip_dropped: counter(&r, "gossip_datagrams_dropped_total", "Gossip datagrams dropped", &["reason"]),
+            gossip_clock_skew: float_gauge_vec(
+                &r,
+                "gossip_clock_skew_seconds",
+                "Last clock skew seen from a gossip peer (its stamp minus this node's clock; refused beyond 60)",
+                &["peer"],
+            ),
+            gossip_proxies_evicted: plain_counter(
+                &r,
+                "gossip_proxies_evicted_total",
+                "Least recently used gossip peer proxies closed to make room for another peer",
+            ),
             raft_term: gauge(&r, "raft_term", "Current Raft term"),
             raft_leader_id: gauge(&r, "raft_leader_id", "Raft id of the current leader, 0 when unknown"),
             raft_is_leader: gauge(&r, "raft_is_leader", "1 on the Raft leader"),

@@ -214,3 +214,111 @@ fn secret_files_others_may_read_are_refused() {
         "{stderr}"
     );
 }
+
+/// Issue 14, finding 5: connections that never finish the handshake (a flood from one host,
+/// above every bound) are closed and counted, and meanwhile a node joins and writes commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_floods_are_bounded_counted_and_do_not_keep_a_node_out() {
+    let mut c = ProcCluster::start(BIN, 3, &[]).await;
+    let std::net::IpAddr::V4(first) = c.nodes[0].ip else { panic!("IPv4 test addresses") };
+    let [a, b, x, _] = first.octets();
+    let attacker = std::net::IpAddr::from([a, b, x, 200]);
+    let targets: Vec<SocketAddr> = c.nodes.iter().map(|n| SocketAddr::new(n.ip, CLUSTER_PORT)).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = tokio::spawn(flood_handshakes(attacker, targets, stop.clone()));
+    c.add_node("n4", 4, vec![]);
+    eventually(Duration::from_secs(60), "n4 joins while the cluster port is flooded", || async {
+        let v = c.view(0).await?;
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .any(|n| n["id"] == "n4" && (n["role"] == "learner" || n["voter"] == true))
+            .then_some(())
+    })
+    .await;
+    c.put(1, "/v1/pools/flooded", json!({"pattern": "/flooded/"})).await;
+    let limited = eventually(Duration::from_secs(30), "refusals counted", || async {
+        let mut total = (0.0, 0.0);
+        for i in 0..3 {
+            let (_, bytes) = c.nodes[i].admin().raw(Method::GET, "/metrics", None).await.ok()?;
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            total.0 += counter(&text, "shoal_rejected_inputs_total", "raft_preauth_limit");
+            total.1 += counter(&text, "shoal_rejected_inputs_total", "raft_handshake_timeout");
+        }
+        (total.0 > 0.0 && total.1 > 0.0).then_some(total)
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened = flood.await.expect("flood");
+    eprintln!("flood: {opened} connections opened; closed at once {}, timed out {}", limited.0, limited.1);
+    let log = c.nodes[0].log_text();
+    let warns = log.lines().filter(|l| l.contains("WARN") && l.contains("Raft connection refused")).count();
+    assert!(warns <= 20, "failed handshakes are logged at most every 10 s per kind, got {warns} lines");
+}
+
+/// Opens (and holds ~3 s) bursts of connections that send nothing, from `from`, until `stop`;
+/// at most 40 bursts. Returns how many were opened.
+async fn flood_handshakes(
+    from: std::net::IpAddr,
+    targets: Vec<SocketAddr>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> usize {
+    let mut opened = 0;
+    for _ in 0..40 {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let mut held = Vec::new();
+        for t in &targets {
+            for _ in 0..60 {
+                let Ok(s) = tokio::net::TcpSocket::new_v4() else { continue };
+                if s.bind(SocketAddr::new(from, 0)).is_err() {
+                    continue;
+                }
+                if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(1), s.connect(*t)).await {
+                    held.push(conn);
+                    opened += 1;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    opened
+}
+
+/// Issue 14, finding 4: gossip datagrams sealed with the right key but replayed, reflected from
+/// another address, or stamped outside the window are each refused under their own reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_replays_reflections_and_stale_stamps_are_refused_by_reason() {
+    use shoal_node::control::gossip_auth::{Stamp, seal};
+    let c = ProcCluster::start(BIN, 3, &[]).await;
+    let key = shoal_node::control::secure::ClusterKey::load(&c.dir.path().join("cluster.key")).expect("key");
+    let target = SocketAddr::new(c.nodes[0].ip, CLUSTER_PORT);
+    let udp = tokio::net::UdpSocket::bind((LOCALHOST, 0)).await.expect("udp");
+    let me = udp.local_addr().expect("addr");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    let other_node = SocketAddr::new(c.nodes[1].ip, CLUSTER_PORT);
+    let cases: [(&str, Stamp, usize); 4] = [
+        ("replay", Stamp { from: me, seq: 1, at_ms: now }, 2),
+        ("address", Stamp { from: other_node, seq: 99, at_ms: now }, 1),
+        ("stale", Stamp { from: me, seq: 2, at_ms: now - 120_000 }, 1),
+        ("stale", Stamp { from: me, seq: 3, at_ms: now + 120_000 }, 1),
+    ];
+    for (_, stamp, times) in &cases {
+        let d = seal(&key, stamp, b"not a chitchat message");
+        for _ in 0..*times {
+            udp.send_to(&d, target).await.expect("send");
+        }
+    }
+    let text = eventually(Duration::from_secs(30), "each refusal counted", || async {
+        let (_, bytes) = c.nodes[0].admin().raw(Method::GET, "/metrics", None).await.ok()?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let got = |r: &str| counter(&text, "shoal_gossip_datagrams_dropped_total", &format!("reason=\"{r}\""));
+        (got("replay") >= 1.0 && got("address") >= 1.0 && got("stale") >= 2.0).then_some(text)
+    })
+    .await;
+    let got = |r: &str| counter(&text, "shoal_gossip_datagrams_dropped_total", &format!("reason=\"{r}\""));
+    assert_eq!((got("replay"), got("address"), got("stale")), (1.0, 1.0, 2.0), "exactly the datagrams sent");
+    assert!(text.contains("shoal_gossip_clock_skew_seconds"), "peers' skew is published");
+    c.put(1, "/v1/pools/after-gossip", json!({"pattern": "/g/"})).await;
+}

@@ -6,6 +6,7 @@ pub mod gossip_auth;
 pub mod membership;
 pub mod propose;
 pub mod raft;
+pub mod ratelog;
 pub mod secure;
 
 pub use propose::ProposeError;

@@ -1,8 +1,16 @@
 //! The Raft RPC server on the cluster TCP port. Each connection serves requests one at a time;
 //! connection tasks live in a `JoinSet` owned by the accept loop, so stopping the server also
 //! stops them (a stopped node must not keep answering on old connections).
+//!
+//! Before a connection proves the cluster key it is a stranger's: at most [`MAX_PENDING`] such
+//! connections are open at once, at most [`MAX_PENDING_PER_IP`] from one address (so one host's
+//! flood leaves room for the others), each for at most [`HANDSHAKE_TIMEOUT`]; beyond that new
+//! ones are closed at once. Refusals are counted and logged at most once per 10 s.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -10,32 +18,108 @@ use tokio::task::JoinSet;
 use super::RaftNode;
 use super::ident::{AT_HANDSHAKE, AT_RPC};
 use super::network::{Envelope, KIND_REPLY, KIND_REQUEST, Reply, Request};
+use crate::control::ratelog::LogLimiter;
 use crate::control::secure::{OtherCluster, SecureStream};
 use crate::metrics::Metrics;
 
+/// Most connections that have not finished the handshake, in all.
+pub const MAX_PENDING: usize = 128;
+/// Most such connections from one IP address.
+pub const MAX_PENDING_PER_IP: usize = 16;
+/// A connection must finish the key handshake within this time (a peer needs milliseconds).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Failed handshakes and refused connections: one WARN per 10 s each, with a count.
+static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+static LIMIT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+/// Counts unauthenticated connections, in all and per source address.
+pub struct Gate {
+    pending: Mutex<HashMap<IpAddr, usize>>,
+    max: usize,
+    max_per_ip: usize,
+}
+
+/// A place in the [`Gate`]; freed when dropped (the handshake finished, failed or timed out).
+pub struct Pass {
+    gate: Arc<Gate>,
+    ip: IpAddr,
+}
+
+impl Gate {
+    pub fn new(max: usize, max_per_ip: usize) -> Gate {
+        Gate { pending: Mutex::new(HashMap::new()), max, max_per_ip }
+    }
+
+    /// A place for a new connection from `ip`, or `None` when the bounds are reached.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Pass> {
+        let ip = ip.to_canonical();
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = pending.values().sum();
+        let mine = pending.get(&ip).copied().unwrap_or(0);
+        if total >= self.max || mine >= self.max_per_ip {
+            return None;
+        }
+        pending.insert(ip, mine + 1);
+        Some(Pass { gate: self.clone(), ip })
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let mut pending = self.gate.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = pending.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                pending.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Accepts Raft RPC connections until the task is aborted.
 pub async fn serve(listener: TcpListener, node: Arc<RaftNode>, metrics: Arc<Metrics>) {
+    let gate = Arc::new(Gate::new(MAX_PENDING, MAX_PENDING_PER_IP));
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, peer)) = accepted else { continue };
+                let Some(pass) = gate.admit(peer.ip()) else {
+                    // Closed at once: a stranger's flood must not hold our sockets or memory.
+                    metrics.rejected_inputs.with_label_values(&["raft_preauth_limit"]).inc();
+                    if let Some(suppressed) = LIMIT_LOG.allow() {
+                        tracing::warn!(%peer, suppressed, "Raft connection refused: too many unauthenticated connections");
+                    }
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                conns.spawn(serve_conn(stream, node.clone(), metrics.clone()));
+                conns.spawn(serve_conn(stream, node.clone(), metrics.clone(), pass));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
 }
 
-/// A connection must finish the key handshake within this time.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Logs a failed handshake, at most once per 10 s.
+fn handshake_failed(peer: Option<std::net::SocketAddr>, error: &dyn std::fmt::Display) {
+    if let Some(suppressed) = HANDSHAKE_LOG.allow() {
+        tracing::warn!(?peer, error = %error, suppressed, "Raft connection refused: no valid cluster key");
+    }
+}
 
-async fn serve_conn(stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics>) {
+/// Serves one connection; `pass` is its place among unauthenticated ones, given up once the
+/// handshake is over.
+async fn serve_conn(stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics>, pass: Pass) {
     let peer = stream.peer_addr().ok();
     let Some(key) = node.wire.key.as_ref() else { return };
     let handshake = SecureStream::accept(stream, key, &node.wire.cluster, node.ident.get());
     let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+    drop(pass);
     let mut stream = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) if OtherCluster::of(&e).is_some() => {
@@ -46,11 +130,12 @@ async fn serve_conn(stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics
         }
         Ok(Err(e)) => {
             metrics.rejected_inputs.with_label_values(&["raft_auth"]).inc();
-            tracing::warn!(?peer, error = %e, "Raft connection refused: no valid cluster key");
+            handshake_failed(peer, &e);
             return;
         }
         Err(_) => {
-            metrics.rejected_inputs.with_label_values(&["raft_auth"]).inc();
+            metrics.rejected_inputs.with_label_values(&["raft_handshake_timeout"]).inc();
+            handshake_failed(peer, &"handshake not finished in time");
             return;
         }
     };
@@ -99,5 +184,27 @@ async fn dispatch(node: &RaftNode, env: Envelope) -> Reply {
         Request::Write(cmd) => Reply::Write(node.write_as_leader(cmd).await),
         Request::ReadIndex => Reply::ReadIndex(node.read_index_as_leader().await),
         Request::Ping => Reply::Pong(node.id, node.ident.get()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_bounds_strangers_in_all_and_per_address() {
+        let gate = Arc::new(Gate::new(4, 2));
+        let (a, b, c) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into(), [10, 0, 0, 3].into());
+        let a1 = gate.admit(a).expect("a 1");
+        let _a2 = gate.admit(a).expect("a 2");
+        assert!(gate.admit(a).is_none(), "one address holds at most its share");
+        let _b1 = gate.admit(b).expect("another address still gets in");
+        let _b2 = gate.admit(b).expect("b 2");
+        assert!(gate.admit(c).is_none(), "the total is bounded too");
+        drop(a1);
+        assert_eq!(gate.pending(), 3);
+        let _c1 = gate.admit(c).expect("a finished handshake frees its place");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        assert!(gate.admit(mapped).is_none(), "an IPv4-mapped address is the same address");
     }
 }
