@@ -138,6 +138,20 @@ async fn a_read_token_reads_but_cannot_write() {
     let (status, _) = call_as(&node, "unknown-token-0123456789", Method::GET, "/v1/pools", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "an unknown token is a 401");
     assert_eq!(node.get("/v1/pools/web").await["spec"]["pattern"], "/", "nothing changed");
+    // Heartbeat secrets are for admin eyes only.
+    let (port, hb) = (free_port(), shoal_tests::free_udp_port());
+    let body = format!(
+        r#"{{"protocol": "tcp", "listen": {port}, "self_register": true,
+            "health": {{"check": "heartbeat", "heartbeat_port": {hb}, "heartbeat_secret": "hb-s3cret"}}}}"#
+    );
+    let (status, json) = call_as(&node, ADMIN_TOKEN, Method::PUT, "/v1/pools/hb", Some(&body)).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    for path in ["/v1/pools/hb", "/v1/pools", "/v1/state"] {
+        let (_, json) = call_as(&node, READ_TOKEN, Method::GET, path, None).await;
+        assert!(!json.to_string().contains("hb-s3cret") && json.to_string().contains("redacted"), "{path}: {json}");
+        let (_, json) = call_as(&node, ADMIN_TOKEN, Method::GET, path, None).await;
+        assert!(json.to_string().contains("hb-s3cret"), "the admin token sees it: {path}");
+    }
     node.stop().await;
 }
 
