@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::admin::tokens::Tokens;
 use crate::config;
 use crate::config_watch::{self, Source};
 use crate::control::gossip::{Gossip, GossipOptions, Members};
@@ -111,8 +112,14 @@ pub struct NodeOptions {
     pub ec: Option<crate::ec::EcSetup>,
     /// One log line per proxied HTTP request.
     pub access_log: bool,
-    /// Bearer token of the admin API.
+    /// Bearer token of the admin API (admin scope), used when `admin_token_file` is `None`.
     pub admin_token: String,
+    /// Scoped admin tokens (see `admin::tokens`), re-read when the file changes; replaces
+    /// `admin_token`.
+    pub admin_token_file: Option<PathBuf>,
+    /// Certificate and key of the admin listener: HTTPS (and gRPC over h2 by ALPN) instead of
+    /// plain HTTP/h2c.
+    pub admin_tls: Option<CertFiles>,
     /// Serve `/metrics` without the token.
     pub public_metrics: bool,
     /// Accept gRPC control calls without the token (`--grpc-allow-unauthenticated`).
@@ -143,6 +150,8 @@ impl NodeOptions {
             ec: None,
             access_log: false,
             admin_token: crate::control::secure::hex(&rand::random::<[u8; 16]>()),
+            admin_token_file: None,
+            admin_tls: None,
             public_metrics: false,
             grpc_allow_unauthenticated: false,
         }
@@ -171,7 +180,12 @@ pub struct NodeShared {
     pub tls: Option<Arc<TlsStore>>,
     /// Client TLS for `backend_tls` pools.
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The admin token the node started with (the file's first admin token, if any).
     pub admin_token: String,
+    /// The scoped tokens in service.
+    pub tokens: Tokens,
+    /// The admin listener's certificate (`None`: plain HTTP).
+    pub admin_tls: Option<Arc<TlsStore>>,
     pub public_metrics: bool,
     pub grpc_allow_unauthenticated: bool,
     http_addr: Mutex<Option<SocketAddr>>,
@@ -302,6 +316,25 @@ fn open_connections(metrics: &Metrics) -> i64 {
         .sum()
 }
 
+/// The admin tokens: from the token file when one is given, else the one fixed token.
+fn admin_tokens(opts: &NodeOptions) -> anyhow::Result<(Tokens, String)> {
+    match &opts.admin_token_file {
+        Some(path) => {
+            let tokens = Tokens::from_file(path).map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))?;
+            let first = tokens.current().first_admin().unwrap_or_default().to_string();
+            Ok((tokens, first))
+        }
+        None => Ok((Tokens::fixed(&opts.admin_token), opts.admin_token.clone())),
+    }
+}
+
+/// The admin listener's certificate store; its key must be private.
+fn admin_tls_store(files: &CertFiles) -> anyhow::Result<Arc<TlsStore>> {
+    crate::files::ensure_private(&files.key)
+        .map_err(|e| anyhow::anyhow!("admin TLS key {}: {e}", files.key.display()))?;
+    Ok(Arc::new(TlsStore::load(vec![files.clone()]).map_err(|e| anyhow::anyhow!("admin TLS: {e}"))?))
+}
+
 /// Starts a node on the current tokio runtime (data-plane workers get their own threads).
 pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     let metrics = Arc::new(Metrics::new(&opts.id));
@@ -363,6 +396,8 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         }
         None => None,
     };
+    let (tokens, admin_token) = admin_tokens(&opts)?;
+    let admin_tls = opts.admin_tls.as_ref().map(admin_tls_store).transpose()?;
     let dp_ctx = DpCtx {
         table: table.clone(),
         metrics: metrics.clone(),
@@ -393,7 +428,9 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         sources_pending: AtomicUsize::new(0),
         tls,
         backend_tls,
-        admin_token: opts.admin_token.clone(),
+        admin_token,
+        tokens,
+        admin_tls,
         public_metrics: opts.public_metrics,
         grpc_allow_unauthenticated: opts.grpc_allow_unauthenticated,
         http_addr: Mutex::new(None),

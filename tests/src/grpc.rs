@@ -39,6 +39,11 @@ pub async fn client(admin: SocketAddr, token: Option<&str>) -> LbClient {
         .connect()
         .await
         .expect("connect to the admin address");
+    client_on(channel, token)
+}
+
+/// A client on an established channel (e.g. TLS to the admin address).
+pub fn client_on(channel: Channel, token: Option<&str>) -> LbClient {
     LoadBalancerClient::with_interceptor(channel, Token(token.map(str::to_string)))
 }
 

@@ -58,9 +58,15 @@ impl TestNode {
         }
         let mut opts = NodeOptions::local(id, LOCALHOST, dir.path().to_path_buf());
         adjust(&mut opts);
-        let token = opts.admin_token.clone();
+        let tls_ca = opts.admin_tls.as_ref().map(|files| files.cert.clone());
         let handle = node::start(opts).await.expect("node starts");
-        let admin = AdminClient::new(&handle.admin_addr().to_string()).expect("admin client").with_token(Some(token));
+        // The node's admin token: the fixed one, or the token file's first admin token.
+        let token = handle.shared.admin_token.clone();
+        let mut admin =
+            AdminClient::new(&handle.admin_addr().to_string()).expect("admin client").with_token(Some(token));
+        if let Some(ca) = tls_ca {
+            admin = admin.with_ca(Some(&ca)).expect("admin TLS client");
+        }
         TestNode { handle, dir, admin }
     }
 

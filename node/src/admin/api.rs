@@ -3,15 +3,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use shoal_proto::admin::{ClusterView, NodeView, PoolHealth, WriteResult};
 use shoal_proto::{Applied, BackendSpec, CheckKind, Command, Pool, PoolSpec, State};
 
 use super::json::{ApiError, Body};
+use super::tokens::Scope;
 use crate::control::ProposeError;
 use crate::control::gossip::Members;
 use crate::control::raft::{RaftStatus, ShoalNode};
@@ -86,21 +87,45 @@ async fn read_state(node: &NodeShared, q: &ReadQuery) -> Result<Arc<State>, ApiE
     Ok(node.state())
 }
 
-pub async fn state(AxState(node): Node, Query(q): Query<ReadQuery>) -> Result<Json<Arc<State>>, ApiError> {
-    Ok(Json(read_state(&node, &q).await?))
+pub async fn state(
+    AxState(node): Node,
+    Extension(scope): Extension<Scope>,
+    Query(q): Query<ReadQuery>,
+) -> Result<Json<State>, ApiError> {
+    let state = read_state(&node, &q).await?;
+    let pools = state.pools.iter().map(|(name, p)| (name.clone(), visible(&scope, p))).collect();
+    Ok(Json(State { version: state.version, pools }))
 }
 
-pub async fn list_pools(AxState(node): Node, Query(q): Query<ReadQuery>) -> Result<Json<Vec<Pool>>, ApiError> {
-    Ok(Json(read_state(&node, &q).await?.pools.values().cloned().collect()))
+pub async fn list_pools(
+    AxState(node): Node,
+    Extension(scope): Extension<Scope>,
+    Query(q): Query<ReadQuery>,
+) -> Result<Json<Vec<Pool>>, ApiError> {
+    Ok(Json(read_state(&node, &q).await?.pools.values().map(|p| visible(&scope, p)).collect()))
 }
 
 pub async fn get_pool(
     AxState(node): Node,
+    Extension(scope): Extension<Scope>,
     Path(pool): Path<String>,
     Query(q): Query<ReadQuery>,
 ) -> Result<Json<Pool>, ApiError> {
-    read_state(&node, &q).await?.pools.get(&pool).cloned().map(Json).ok_or_else(|| no_pool(&pool))
+    read_state(&node, &q).await?.pools.get(&pool).map(|p| Json(visible(&scope, p))).ok_or_else(|| no_pool(&pool))
 }
+
+/// What a token may see of a pool: a read token does not get the heartbeat secret (it would
+/// let its holder register backends).
+fn visible(scope: &Scope, pool: &Pool) -> Pool {
+    let mut pool = pool.clone();
+    if *scope != Scope::Admin && pool.spec.health.heartbeat_secret.is_some() {
+        pool.spec.health.heartbeat_secret = Some(REDACTED.into());
+    }
+    pool
+}
+
+/// Stands for a secret in answers to tokens that may not see it.
+pub const REDACTED: &str = "redacted";
 
 pub async fn put_pool(
     AxState(node): Node,

@@ -4,7 +4,8 @@
 //! Pools are found by their URL pattern (a pattern names at most one pool); a pool created here
 //! gets a name derived from its pattern. Writes become the same Raft commands as the JSON API's.
 //! The bearer token is checked by an interceptor unless the operator opted out with
-//! `--grpc-allow-unauthenticated`.
+//! `--grpc-allow-unauthenticated`; each call then checks the token's scope (a read token may
+//! only ask PoolHealth, a join token nothing).
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -17,6 +18,7 @@ use shoal_proto::{
 };
 use tonic::{Code, Request, Response, Status};
 
+use super::tokens::Scope;
 use crate::control::ProposeError;
 use crate::node::NodeShared;
 use crate::reconcile;
@@ -50,17 +52,37 @@ pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
         .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
-/// The admin token in the `authorization` metadata, unless the operator allowed anonymous calls.
-fn authorize(node: &NodeShared, req: Request<()>) -> Result<Request<()>, Status> {
+/// The token in the `authorization` metadata, its scope carried to the handlers; unless the
+/// operator allowed anonymous calls (every call is then an admin call).
+fn authorize(node: &NodeShared, mut req: Request<()>) -> Result<Request<()>, Status> {
     if node.grpc_allow_unauthenticated {
+        req.extensions_mut().insert(Scope::Admin);
         return Ok(req);
     }
     let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-    if super::auth::bearer_ok(node, header) {
-        Ok(req)
-    } else {
-        Err(Status::unauthenticated("missing or wrong bearer token in the authorization metadata"))
+    match super::auth::authenticate(node, header) {
+        Some(scope) => {
+            req.extensions_mut().insert(scope);
+            Ok(req)
+        }
+        None => Err(Status::unauthenticated("missing or wrong bearer token in the authorization metadata")),
     }
+}
+
+/// Refuses a call whose token may not `write` (or read). A join token has no gRPC calls: seed
+/// 003's AddBackend/RemoveBackend are not seed 002's drain-then-leave.
+fn require<T>(node: &NodeShared, req: &Request<T>, write: bool) -> Result<(), Status> {
+    let allowed = match req.extensions().get::<Scope>() {
+        Some(Scope::Admin) => true,
+        Some(Scope::Read) => !write,
+        Some(Scope::Join(_)) | None => false,
+    };
+    if allowed {
+        return Ok(());
+    }
+    node.metrics.rejected_inputs.with_label_values(&["admin_scope"]).inc();
+    let name = req.extensions().get::<Scope>().map_or("no", Scope::name);
+    Err(Status::permission_denied(format!("a {name} token may not make this call")))
 }
 
 /// The service over a node's shared state.
@@ -71,6 +93,7 @@ struct Lb {
 #[tonic::async_trait]
 impl LoadBalancer for Lb {
     async fn add_pool(&self, req: Request<pb::AddPoolReq>) -> Result<Response<pb::AddPoolResp>, Status> {
+        require(&self.node, &req, true)?;
         let req = req.into_inner();
         let spec = pool_spec(&req)?;
         let state = self.node.state();
@@ -90,12 +113,14 @@ impl LoadBalancer for Lb {
     }
 
     async fn remove_pool(&self, req: Request<pb::RemovePoolReq>) -> Result<Response<pb::RemovePoolResp>, Status> {
+        require(&self.node, &req, true)?;
         let pool = self.pool(&req.into_inner().pattern).await?;
         self.propose(Command::DeletePool { name: pool.name }).await?;
         Ok(Response::new(pb::RemovePoolResp {}))
     }
 
     async fn add_backend(&self, req: Request<pb::AddBackendReq>) -> Result<Response<pb::AddBackendResp>, Status> {
+        require(&self.node, &req, true)?;
         let req = req.into_inner();
         let (addr, url_path) = ip_backend(req.backend.as_ref())?;
         let pool = self.pool(&req.pattern).await?;
@@ -117,6 +142,7 @@ impl LoadBalancer for Lb {
         &self,
         req: Request<pb::RemoveBackendReq>,
     ) -> Result<Response<pb::RemoveBackendResp>, Status> {
+        require(&self.node, &req, true)?;
         let req = req.into_inner();
         let (addr, _) = ip_backend(req.backend.as_ref())?;
         let pool = self.pool(&req.pattern).await?;
@@ -125,6 +151,7 @@ impl LoadBalancer for Lb {
     }
 
     async fn pool_health(&self, req: Request<pb::PoolHealthReq>) -> Result<Response<pb::PoolHealthResp>, Status> {
+        require(&self.node, &req, false)?;
         let req = req.into_inner();
         let pool = self.pool(&req.pattern).await?;
         let view = self.node.health.borrow().clone();

@@ -2,12 +2,16 @@
 //! metrics, and seed 003's gRPC control API over h2c on the same socket. A request whose
 //! content type is `application/grpc*` goes to the gRPC routes, anything else to the JSON
 //! router, so every gRPC caller gets a gRPC-shaped answer. It listens on its own socket and
-//! shares nothing with the data plane's connection limits.
+//! shares nothing with the data plane's connection limits. With `--admin-tls-cert/-key` the
+//! socket speaks TLS (h2 or HTTP/1.1 by ALPN, see `tls`); tokens and their scopes are in
+//! `tokens` and `auth`.
 
 mod api;
 pub mod auth;
 pub mod grpc;
 mod json;
+mod tls;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,6 +61,7 @@ fn json_router(node: Arc<NodeShared>) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here".into())
         })
+        .route_layer(axum::middleware::from_fn_with_state(node.clone(), auth::require_scope))
         .layer(DefaultBodyLimit::max(json::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(node.clone(), auth::require_token))
         .with_state(node)
@@ -70,8 +75,12 @@ pub async fn serve(listener: TcpListener, node: Arc<NodeShared>, mut shutdown: S
             "--grpc-allow-unauthenticated: gRPC calls without the admin token can change pools and backends"
         );
     }
+    let tls = node.admin_tls.clone();
     let app = router(node);
     let stop = async move { shutdown.wait_for(Phase::Stopped).await };
+    if let Some(store) = tls {
+        return tls::serve(listener, app, tls::AdminTls::new(store), stop).await;
+    }
     if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(stop)
         .await

@@ -10,7 +10,7 @@ use clap::Parser;
 use super::Cli;
 
 /// Client flags that take a value (`--admin URL` or `--admin=URL`).
-const VALUED: &[&str] = &["--admin", "--token", "--token-file"];
+const VALUED: &[&str] = &["--admin", "--token", "--token-file", "--admin-ca"];
 /// Client switches.
 const SWITCHES: &[&str] = &["--json"];
 

@@ -1,5 +1,7 @@
-//! A small HTTP/1.1 client for the admin API, used by the CLI verbs and `shoal dev`.
+//! A small HTTP/1.1 client for the admin API, used by the CLI verbs and `shoal dev`: plain
+//! HTTP, or HTTPS verified against a CA file (`--admin-ca`) or the system bundle.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
@@ -7,6 +9,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use shoal_proto::admin::ErrorBody;
 use tokio::net::TcpStream;
@@ -18,6 +21,10 @@ pub struct AdminClient {
     authority: String,
     timeout: Duration,
     token: Option<String>,
+    /// `https://` was asked for.
+    https: bool,
+    /// TLS to the admin listener: the client configuration and the name to verify.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
 /// An answer that was not 2xx.
@@ -29,19 +36,35 @@ pub struct ApiFailure {
 }
 
 impl AdminClient {
-    /// Accepts `http://host:port`, `host:port` or a bare `:port`.
+    /// Accepts `http://host:port`, `https://host:port` (then call [`AdminClient::with_ca`]),
+    /// `host:port` or a bare `:port`.
     pub fn new(admin: &str) -> anyhow::Result<AdminClient> {
-        let rest = admin.strip_prefix("http://").unwrap_or(admin);
-        if admin.starts_with("https://") {
-            return Err(anyhow!("--admin: https is not supported by the CLI; use http://"));
-        }
+        let https = admin.starts_with("https://");
+        let rest = admin.strip_prefix("https://").or_else(|| admin.strip_prefix("http://")).unwrap_or(admin);
         let authority = rest.trim_end_matches('/');
         let authority =
             if authority.starts_with(':') { format!("127.0.0.1{authority}") } else { authority.to_string() };
         if authority.is_empty() || authority.contains('/') {
             return Err(anyhow!("--admin: {admin:?} is not http://host:port"));
         }
-        Ok(AdminClient { authority, timeout: Duration::from_secs(30), token: None })
+        Ok(AdminClient { authority, timeout: Duration::from_secs(30), token: None, https, tls: None })
+    }
+
+    /// Whether the address asked for `https://`.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+
+    /// Speaks TLS, verifying the node's certificate against `ca` (PEM) or the system bundle,
+    /// for the host named in the address.
+    pub fn with_ca(mut self, ca: Option<&std::path::Path>) -> anyhow::Result<AdminClient> {
+        let config = crate::dataplane::tls::client_config(ca).map_err(|e| anyhow!("--admin-ca: {e}"))?;
+        let host = host_of(&self.authority);
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| anyhow!("--admin: {host:?} is not a name a certificate can be checked against"))?;
+        self.https = true;
+        self.tls = Some((config, name));
+        Ok(self)
     }
 
     /// Sends `Authorization: Bearer <token>` with every request.
@@ -82,8 +105,6 @@ impl AdminClient {
         let stream = TcpStream::connect(&self.authority)
             .await
             .with_context(|| format!("cannot reach the admin API at {}", self.authority))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -93,10 +114,17 @@ impl AdminClient {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let req = req.body(Full::new(Bytes::from(bytes)))?;
-        let resp = send.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+        match (&self.tls, self.https) {
+            (Some((config, name)), _) => {
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name.clone(), stream)
+                    .await
+                    .with_context(|| format!("TLS with the admin API at {}", self.authority))?;
+                send(TokioIo::new(tls), req).await
+            }
+            (None, true) => Err(anyhow!("https:// needs a CA (AdminClient::with_ca)")),
+            (None, false) => send(TokioIo::new(stream), req).await,
+        }
     }
 
     /// Sends a request and decodes a 2xx JSON answer; other answers become [`ApiFailure`].
@@ -119,4 +147,23 @@ impl AdminClient {
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.call(Method::GET, path, None).await
     }
+}
+
+/// One request on a fresh HTTP/1.1 connection over `io`.
+async fn send<I>(io: I, req: Request<Full<Bytes>>) -> anyhow::Result<(StatusCode, Bytes)>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// The host of `host:port` or `[v6]:port`.
+fn host_of(authority: &str) -> &str {
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }

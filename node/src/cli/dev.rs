@@ -136,8 +136,9 @@ impl Secrets {
         if !key_file.exists() {
             crate::admin::auth::write_secret(&key_file, &crate::control::secure::ClusterKey::generate().to_hex())?;
         }
-        let token = crate::admin::auth::load_or_create_token(&token_file)
+        let tokens = crate::admin::tokens::load_or_create(&token_file)
             .map_err(|e| anyhow::anyhow!("{}: {e}", token_file.display()))?;
+        let token = tokens.current().first_admin().unwrap_or_default().to_string();
         let heartbeat = crate::control::secure::hex(&rand::random::<[u8; 16]>());
         Ok(Secrets { key_file, token_file, token, heartbeat })
     }

@@ -32,7 +32,7 @@ use client::{AdminClient, ApiFailure};
     version,
     about,
     propagate_version = true,
-    after_help = "--admin, --token, --token-file and --json may come before or after the verb."
+    after_help = "--admin, --admin-ca, --token, --token-file and --json may come before or after the verb."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -184,10 +184,17 @@ pub struct NodeArgs {
     /// The cluster's shared secret (64 hex digits); Raft RPC and gossip are authenticated with it.
     #[arg(long)]
     pub cluster_key_file: Option<PathBuf>,
-    /// Admin API bearer token file; created with a random token (mode 0600) when missing
-    /// [default: <data-dir>/admin.token].
+    /// Admin API token file; created with a random admin token (mode 0600) when missing
+    /// [default: <data-dir>/admin.token]. One token a line, optionally scoped: `<token>`
+    /// or `<token> admin`, `<token> read`, `<token> join POOL,POOL`. Re-read when it changes.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Certificate chain (PEM) of the admin listener: the admin API (and gRPC) over TLS.
+    #[arg(long, requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// Private key (PEM, mode 0600) of --admin-tls-cert.
+    #[arg(long, requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
     /// Serve /metrics without the admin token (for Prometheus). /healthz and /readyz are
     /// always open.
     #[arg(long)]
@@ -274,7 +281,12 @@ impl NodeArgs {
             },
             drain_timeout: Duration::from_secs(self.drain_timeout),
             cluster: self.cluster_options()?,
-            admin_token: self.admin_token()?,
+            admin_token: String::new(),
+            admin_token_file: Some(self.admin_token_file()?),
+            admin_tls: match (&self.admin_tls_cert, &self.admin_tls_key) {
+                (Some(cert), Some(key)) => Some(CertFiles { cert: cert.clone(), key: key.clone() }),
+                _ => None,
+            },
             public_metrics: self.public_metrics,
             grpc_allow_unauthenticated: self.grpc_allow_unauthenticated,
         })
@@ -300,10 +312,11 @@ impl NodeArgs {
         Ok(Some(c))
     }
 
-    /// The admin token: read from the token file, or created there (mode 0600) when missing.
-    fn admin_token(&self) -> Result<String, String> {
+    /// The token file, checked and created (one admin token, mode 0600) when missing.
+    fn admin_token_file(&self) -> Result<PathBuf, String> {
         let path = self.token_file.clone().unwrap_or_else(|| self.data_dir.join("admin.token"));
-        crate::admin::auth::load_or_create_token(&path).map_err(|e| format!("--token-file {}: {e}", path.display()))
+        crate::admin::tokens::load_or_create(&path).map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+        Ok(path)
     }
 }
 
@@ -343,9 +356,13 @@ pub struct ClientArgs {
     /// Admin API bearer token.
     #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// File holding the admin token (e.g. a node's <data-dir>/admin.token).
+    /// File holding the admin token (e.g. a node's <data-dir>/admin.token: its first token).
     #[arg(long, conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that an https:// --admin is verified against [default: the
+    /// system bundle].
+    #[arg(long, env = "SHOAL_ADMIN_CA")]
+    pub admin_ca: Option<PathBuf>,
     /// Print the raw JSON answer.
     #[arg(long)]
     pub json: bool,
@@ -689,15 +706,23 @@ async fn client_verb(cmd: Command) -> anyhow::Result<()> {
 fn connect(client: &ClientArgs) -> anyhow::Result<AdminClient> {
     let token = match (&client.token, &client.token_file) {
         (Some(t), _) => Some(t.trim().to_string()),
-        (None, Some(f)) => Some(
-            crate::files::read_secret(f)
-                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
+        (None, Some(f)) => Some(first_token(
+            &crate::files::read_secret(f).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?,
+        )),
         (None, None) => None,
     };
-    Ok(AdminClient::new(&client.admin)?.with_token(token))
+    let admin = AdminClient::new(&client.admin)?.with_token(token);
+    match (admin.is_https(), &client.admin_ca) {
+        (true, ca) => admin.with_ca(ca.as_deref()),
+        (false, Some(_)) => Err(anyhow::anyhow!("--admin-ca needs an https:// --admin address")),
+        (false, None) => Ok(admin),
+    }
+}
+
+/// The first token of a token file (its first line that is not a comment), scope dropped.
+fn first_token(text: &str) -> String {
+    let line = text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).find(|l| !l.is_empty());
+    line.and_then(|l| l.split_whitespace().next()).unwrap_or_default().to_string()
 }
 
 async fn pool_add(a: PoolAddArgs) -> anyhow::Result<()> {
@@ -772,5 +797,12 @@ mod tests {
         assert_eq!(ec_ipv6(true, Some(IpAddr::from([0, 0, 0, 0]))), any6);
         assert_eq!(ec_ipv6(true, Some(IpAddr::from([127, 0, 0, 1]))), None, "one chosen address stays one");
         assert_eq!(ec_ipv6(false, None), None, "only EC mode (the nginx image) adds [::]");
+    }
+
+    #[test]
+    fn the_client_sends_the_first_token_of_a_file() {
+        assert_eq!(first_token("abc\n"), "abc");
+        assert_eq!(first_token("# rotated 2026-11\n\n  tok1 admin  # ops\ntok2 read\n"), "tok1");
+        assert_eq!(first_token("# nothing\n"), "");
     }
 }
