@@ -52,16 +52,17 @@ fn lossy(b: &[u8]) -> String {
 }
 
 /// The prefix lengths worth parsing: for short inputs every one that ends before the head
-/// does (cheap: no parse), else a few around the head's end and the limit; past the head's
-/// end the parse is the same call on the same bytes, so a few points suffice there.
+/// does (cheap: no parse), else a few around the head's end and the limit. Past the head's end
+/// the parser sees the same bytes, so the end itself and the whole input suffice there.
 fn prefix_points(len: usize, end: Option<usize>, max: usize, knob: u8) -> Vec<usize> {
     let before = end.unwrap_or(len + 1).min(len + 1);
-    let mut points: Vec<usize> = if len <= 512 { (0..before).collect() } else { vec![0, 1, len / 2] };
-    points.extend([len * usize::from(knob) / 256, len.saturating_sub(1), len, max, max + 1]);
-    if let Some(e) = end {
-        points.extend([e - 1, e, e + 1]);
-    }
-    points.retain(|&p| p <= len);
+    let mut points: Vec<usize> = if before <= 512 {
+        (0..before).collect()
+    } else {
+        vec![0, 1, before / 2, before * usize::from(knob) / 256, before - 1, max, max + 1]
+    };
+    points.extend([len, end.unwrap_or(len)]);
+    points.retain(|&p| p <= len && (p < before || p == len || Some(p) == end));
     points.sort_unstable();
     points.dedup();
     points
@@ -69,12 +70,13 @@ fn prefix_points(len: usize, end: Option<usize>, max: usize, knob: u8) -> Vec<us
 
 fn check_prefixes(data: &[u8], limits: HeadLimits, whole: &Verdict, knob: u8) {
     let end = head_end(data, 0);
+    let whole_shown = shown(whole);
     for p in prefix_points(data.len(), end, limits.max_bytes, knob) {
         let part = &data[..p];
         let got = parse_request(part, limits);
         match end {
             Some(e) if p >= e => {
-                assert_eq!(shown(&got), shown(whole), "prefix of {p} bytes (head ends at {e}) parses differently")
+                assert_eq!(shown(&got), whole_shown, "prefix of {p} bytes (head ends at {e}) parses differently")
             }
             _ if p > limits.max_bytes => {
                 assert!(matches!(got, Err(Reject::HeadTooLarge)), "prefix of {p} > limit: {got:?}");
