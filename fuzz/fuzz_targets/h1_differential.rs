@@ -149,8 +149,9 @@ enum RfcFraming {
 /// RFC 9112 §6.1–6.3 for a request; `None` where the request must be refused. A list of
 /// equal Content-Length values counts as one (§6.3 item 5 allows it).
 fn rfc_framing(headers: &[httparse::Header<'_>], minor: u8) -> Option<RfcFraming> {
-    let values =
-        |name: &str| headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value).collect::<Vec<_>>();
+    let values = |name: &str| {
+        headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value).collect::<Vec<_>>()
+    };
     let te = values("transfer-encoding");
     if !te.is_empty() {
         let codings: Vec<&[u8]> = te.iter().flat_map(|v| v.split(|&b| b == b',')).map(<[u8]>::trim_ascii).collect();
@@ -329,7 +330,7 @@ fn hyper_reads(data: &[u8], chunk: usize) -> Vec<Seen> {
         // Errors are hyper refusing the input; a hang would be a bug.
         let _ = tokio::time::timeout(Duration::from_secs(10), conn).await.expect("hyper hung");
     });
-    Arc::try_unwrap(seen).ok().expect("service dropped").into_inner().expect("seen")
+    std::mem::take(&mut *seen.lock().expect("seen"))
 }
 
 fn check_hyper(data: &[u8], accepted: &[Accepted], chunk: usize) {

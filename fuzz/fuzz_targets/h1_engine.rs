@@ -51,15 +51,20 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// The prefix lengths worth parsing: for short inputs every one that ends before the head
-/// does (cheap: no parse), else a few around the head's end and the limit. Past the head's end
-/// the parser sees the same bytes, so the end itself and the whole input suffice there.
-fn prefix_points(len: usize, end: Option<usize>, max: usize, knob: u8) -> Vec<usize> {
+/// The prefix lengths worth parsing. Before the head's end: every one for short heads, else
+/// those around line ends (where a terminator could be mistaken), around the limit and one
+/// chosen by `knob`. Past the head's end the parser sees the same bytes, so the end itself and
+/// the whole input suffice there.
+fn prefix_points(data: &[u8], end: Option<usize>, max: usize, knob: u8) -> Vec<usize> {
+    let len = data.len();
     let before = end.unwrap_or(len + 1).min(len + 1);
-    let mut points: Vec<usize> = if before <= 512 {
+    let mut points: Vec<usize> = if before <= 64 {
         (0..before).collect()
     } else {
-        vec![0, 1, before / 2, before * usize::from(knob) / 256, before - 1, max, max + 1]
+        let lines = data[..before - 1].iter().enumerate().filter(|(_, b)| **b == b'\n').take(16);
+        let mut p: Vec<usize> = lines.flat_map(|(i, _)| [i, i + 1, i + 2]).collect();
+        p.extend([0, 1, before - 1, before * usize::from(knob) / 256, max, max + 1]);
+        p
     };
     points.extend([len, end.unwrap_or(len)]);
     points.retain(|&p| p <= len && (p < before || p == len || Some(p) == end));
@@ -71,7 +76,7 @@ fn prefix_points(len: usize, end: Option<usize>, max: usize, knob: u8) -> Vec<us
 fn check_prefixes(data: &[u8], limits: HeadLimits, whole: &Verdict, knob: u8) {
     let end = head_end(data, 0);
     let whole_shown = shown(whole);
-    for p in prefix_points(data.len(), end, limits.max_bytes, knob) {
+    for p in prefix_points(data, end, limits.max_bytes, knob) {
         let part = &data[..p];
         let got = parse_request(part, limits);
         match end {
@@ -92,7 +97,7 @@ fn check_prefixes(data: &[u8], limits: HeadLimits, whole: &Verdict, knob: u8) {
 }
 
 /// A span inside `head` (slicing panics otherwise).
-fn inside<'a>(span: Span, head: &'a [u8]) -> &'a [u8] {
+fn inside(span: Span, head: &[u8]) -> &[u8] {
     span.of(head)
 }
 
@@ -121,8 +126,7 @@ fn check_head(data: &[u8], limits: HeadLimits, h: &ReqHead) {
         inside(f.value, head);
     }
     check_framing(head, h);
-    let hosts: Vec<&[u8]> =
-        h.fields.iter().filter(|f| f.kind == Kind::Host).map(|f| inside(f.value, head)).collect();
+    let hosts: Vec<&[u8]> = h.fields.iter().filter(|f| f.kind == Kind::Host).map(|f| inside(f.value, head)).collect();
     assert!(hosts.len() <= 1 && (h.minor == 0 || hosts.len() == 1));
     assert_eq!(h.host.map(|s| inside(s, head)), hosts.first().copied());
     if h.websocket {
@@ -302,12 +306,8 @@ fn check_emit(src: &[u8], h: &ReqHead, knob: u8) {
         assert_eq!(count(name), own, "hop-by-hop {name}: {}", ctx());
     }
     // Fields the client's Connection header named stay behind (framing and identity excepted).
-    let listed: Vec<&[u8]> = h
-        .fields
-        .iter()
-        .filter(|f| f.kind == Kind::Connection)
-        .flat_map(|f| tokens(f.value.of(src)))
-        .collect();
+    let listed: Vec<&[u8]> =
+        h.fields.iter().filter(|f| f.kind == Kind::Connection).flat_map(|f| tokens(f.value.of(src))).collect();
     for t in listed {
         let name = String::from_utf8_lossy(t).to_ascii_lowercase();
         let kept = name == "host" || name == "content-length" || name.starts_with("x-forwarded-");
