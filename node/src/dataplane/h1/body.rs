@@ -27,10 +27,12 @@ pub enum Framer {
 /// Where a chunked body stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Chunk {
-    /// In a size line: digits seen, value so far, past the digits, line length, CR seen.
+    /// In a size line: digits seen, value so far, whitespace after the digits, in an
+    /// extension, line length, CR seen.
     Size {
         digits: u8,
         value: u64,
+        bws: bool,
         ext: bool,
         len: u32,
         cr: bool,
@@ -46,7 +48,7 @@ pub enum Chunk {
     },
 }
 
-const SIZE_START: Chunk = Chunk::Size { digits: 0, value: 0, ext: false, len: 0, cr: false };
+const SIZE_START: Chunk = Chunk::Size { digits: 0, value: 0, bws: false, ext: false, len: 0, cr: false };
 
 /// What one `feed` did: bytes used from the input, and the payload among them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,7 +120,7 @@ fn chunked(state: &mut Chunk, input: &[u8]) -> Result<(usize, Option<Range<usize
 /// One byte outside chunk data; true when the body ended.
 fn step(state: &mut Chunk, b: u8) -> Result<bool, Reject> {
     match state {
-        Chunk::Size { digits, value, ext, len, cr } => {
+        Chunk::Size { digits, value, bws, ext, len, cr } => {
             *len += 1;
             if *len > MAX_CHUNK_LINE {
                 return Err(Reject::BadChunk("chunk size line too long"));
@@ -134,7 +136,7 @@ fn step(state: &mut Chunk, b: u8) -> Result<bool, Reject> {
                     if *value == 0 { Chunk::Trailer { total: 0, line: 0, cr: false } } else { Chunk::Data(*value) };
                 return Ok(false);
             }
-            size_byte(digits, value, ext, cr, b)?;
+            size_byte(digits, value, bws, ext, cr, b)?;
         }
         Chunk::DataEnd(seen) => match (*seen, b) {
             (0, b'\r') => *seen = 1,
@@ -147,7 +149,14 @@ fn step(state: &mut Chunk, b: u8) -> Result<bool, Reject> {
     Ok(false)
 }
 
-fn size_byte(digits: &mut u8, value: &mut u64, ext: &mut bool, cr: &mut bool, b: u8) -> Result<(), Reject> {
+fn size_byte(
+    digits: &mut u8,
+    value: &mut u64,
+    bws: &mut bool,
+    ext: &mut bool,
+    cr: &mut bool,
+    b: u8,
+) -> Result<(), Reject> {
     match b {
         b'\r' => *cr = true,
         _ if *ext => {
@@ -156,7 +165,11 @@ fn size_byte(digits: &mut u8, value: &mut u64, ext: &mut bool, cr: &mut bool, b:
                 return Err(Reject::BadChunk("invalid byte in a chunk extension"));
             }
         }
-        b';' | b' ' | b'\t' if *digits > 0 => *ext = true,
+        b';' if *digits > 0 => *ext = true,
+        // RFC 9112 §7.1.1: only whitespace may stand between the size and the `;` of an
+        // extension; `5 6` must not read as 5 here and as something else elsewhere.
+        b' ' | b'\t' if *digits > 0 => *bws = true,
+        _ if *bws => return Err(Reject::BadChunk("chunk size followed by more than whitespace")),
         _ => {
             let d = (b as char).to_digit(16).ok_or(Reject::BadChunk("invalid chunk size"))?;
             *digits += 1;
@@ -189,6 +202,10 @@ fn trailer_byte(total: &mut u32, line: &mut u32, cr: &mut bool, b: u8) -> Result
         b'\r' => *cr = true,
         b'\n' | 0 => return Err(Reject::BadChunk("bare LF or NUL in the trailer section")),
         _ => *line += 1,
+    }
+    // The line limit of chunk size lines holds for trailer lines too (as in `h1scan`).
+    if *line > MAX_CHUNK_LINE {
+        return Err(Reject::BadChunk("trailer line too long"));
     }
     Ok(false)
 }
@@ -236,8 +253,21 @@ mod tests {
     }
 
     #[test]
+    fn whitespace_may_end_a_size_or_precede_an_extension() {
+        for body in [&b"5 \r\nhello\r\n0\r\n\r\n"[..], b"5 \t;a=b c\r\nhello\r\n0\t\r\n\r\n"] {
+            let (data, used, done) = run(Framing::Chunked, body, 1).expect("valid");
+            assert_eq!((data.as_slice(), used, done), (&b"hello"[..], body.len(), true));
+        }
+        let trailer = [b"0\r\nX: ".as_slice(), &[b'a'; 4093], b"\r\n\r\n"].concat();
+        assert_eq!(
+            run(Framing::Chunked, &trailer, 100).expect("a 4096-byte trailer line"),
+            (vec![], trailer.len(), true)
+        );
+    }
+
+    #[test]
     fn bad_chunk_lines_are_refused() {
-        let bad: [&[u8]; 9] = [
+        let bad: [&[u8]; 12] = [
             b"\r\n",
             b";ext\r\n",
             b"5;a\nb\r\nhello\r\n0\r\n\r\n",
@@ -247,6 +277,9 @@ mod tests {
             b"5\r\nhelloXX0\r\n\r\n",
             b"5\nhello\r\n",
             b"0\r\nX: 1\n\r\n",
+            b"5 6\r\nhello\r\n0\r\n\r\n",
+            b"5\t;a\r\nhello\r\n0 x\r\n\r\n",
+            &[b"0\r\nX: ".as_slice(), &[b'a'; 4094], b"\r\n\r\n"].concat(),
         ];
         for b in bad {
             assert!(run(Framing::Chunked, b, 100).is_err(), "{:?}", String::from_utf8_lossy(b));
