@@ -65,7 +65,9 @@ pub async fn run<T: Transport>(
     let mut out = Buf::take();
     let src = c.pending();
     let path = vm_path.unwrap_or(head.path(src));
+    // `OPTIONS *` asks about the server, not a resource under the backend's path.
     let path = match via.backend.url_path.as_str() {
+        _ if path == "*" => Cow::Borrowed(path),
         "" | "/" => Cow::Borrowed(path),
         prefix => Cow::Owned(join_path(prefix, path)),
     };

@@ -273,8 +273,9 @@ fn kind_of(name: &str, request: bool) -> Kind {
     }
 }
 
-/// Headers a `Connection` header names are hop-by-hop; framing and identity headers are never
-/// removed that way (a client must not strip `Content-Length` or `X-Forwarded-For` on its way).
+/// Headers a `Connection` header names are hop-by-hop; framing, identity and WebSocket
+/// handshake headers are never removed that way (a client must not strip `Content-Length` or
+/// `X-Forwarded-For` on its way, nor send an upgrade the backend cannot complete).
 fn mark_listed(buf: &[u8], fields: &mut [Field]) {
     let tokens: Vec<Span> = fields
         .iter()
@@ -293,7 +294,10 @@ fn mark_listed(buf: &[u8], fields: &mut [Field]) {
 
 fn protected(name: &[u8]) -> bool {
     let lower = name.to_ascii_lowercase();
-    lower.starts_with(b"x-forwarded-") || lower == b"host" || lower == b"content-length"
+    lower.starts_with(b"x-forwarded-")
+        || lower.starts_with(b"sec-websocket-")
+        || lower == b"host"
+        || lower == b"content-length"
 }
 
 /// Comma-separated tokens of a list header, trimmed, empty ones skipped.
@@ -627,6 +631,13 @@ mod tests {
         );
         let ws = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhl\r\nSec-WebSocket-Version: 13\r\n\r\n";
         assert!(req(ws).expect("valid").websocket);
+        // Naming the handshake headers in Connection does not strip them.
+        let listed = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade, Sec-WebSocket-Key\r\nSec-WebSocket-Key: dGhl\r\n\r\n";
+        let h = req(listed).expect("valid");
+        assert!(
+            h.websocket
+                && h.fields.iter().any(|f| f.forwarded() && f.name.str(listed.as_bytes()) == "Sec-WebSocket-Key")
+        );
     }
 
     #[test]
