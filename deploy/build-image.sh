@@ -3,8 +3,9 @@
 #   1. compiles a statically linked `shoal` (glibc, +crt-static) for x86_64-unknown-linux-gnu;
 #   2. stages it with the build host's CA bundle and an nsswitch.conf in target/image/;
 #   3. `docker build`s deploy/Dockerfile (FROM scratch: no base image is pulled);
-#   4. creates deploy/secrets/{cluster.key,admin.token} for deploy/docker-compose.yml when they
-#      do not exist yet (never overwritten: the cluster's nodes must keep the same key).
+#   4. creates deploy/secrets/ for deploy/docker-compose.yml when missing (never overwritten: the
+#      nodes must keep their CA): the cluster CA (ca/), one --cluster-tls directory per node
+#      (shoal-1..3/: node certificate and key, CA certificate, gossip key) and admin.token.
 #
 # Usage: deploy/build-image.sh
 # Environment:
@@ -56,10 +57,16 @@ docker build --quiet -t "$image" -f deploy/Dockerfile "$context"
 secrets=deploy/secrets
 mkdir -p "$secrets"
 chmod 700 "$secrets"
-if [[ ! -s $secrets/cluster.key ]]; then
-    "$bin" cert cluster-key --out "$secrets/cluster.key" >/dev/null
-    echo "created $secrets/cluster.key"
+if [[ ! -s $secrets/ca/ca.key ]]; then
+    "$bin" cert ca --cluster shoal --out "$secrets/ca" >/dev/null
+    echo "created the cluster CA in $secrets/ca"
 fi
+for node in shoal-1 shoal-2 shoal-3; do
+    if [[ ! -s $secrets/$node/node.key ]]; then
+        "$bin" cert node --ca "$secrets/ca" --id "$node" --out "$secrets/$node" >/dev/null
+        echo "created $secrets/$node (certificate of node $node)"
+    fi
+done
 if [[ ! -s $secrets/admin.token ]]; then
     (umask 077 && od -An -vtx1 -N32 /dev/urandom | tr -d ' \n' > "$secrets/admin.token")
     echo "created $secrets/admin.token"

@@ -424,7 +424,7 @@ mod tests {
     }
 
     fn state(list: &[Pool]) -> State {
-        State { version: 1, pools: pools(list) }
+        State { version: 1, pools: pools(list), ..State::default() }
     }
 
     #[test]

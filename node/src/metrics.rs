@@ -62,6 +62,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// EC gateways named by host name whose re-resolution failed (the old address stays).
     pub ec_resolve_failures: IntCounter,
+    /// When each certificate this node presents expires (Unix seconds), by which one.
+    pub cert_expiry: IntGaugeVec,
 }
 
 /// Request duration buckets, in seconds: 100 µs to 30 s.
@@ -214,6 +216,12 @@ impl Metrics {
                 "cluster_id_mismatch_total",
                 "Nodes of another cluster identity refused (handshake, rpc, ping, gossip)",
                 &["where"],
+            ),
+            cert_expiry: gauge_vec(
+                &r,
+                "cert_expiry_timestamp_seconds",
+                "When a certificate this node presents expires (Unix time), by cert (node: the Raft one)",
+                &["cert"],
             ),
             config_reloads: counter(
                 &r,

@@ -23,6 +23,7 @@ use crate::config_watch::{self, Source};
 use crate::control::gossip::{Gossip, GossipOptions, Members};
 use crate::control::gossip_auth::GossipFilter;
 use crate::control::membership::{self, Policy};
+use crate::control::raft::channel::{RaftTls, TlsFiles};
 use crate::control::raft::network::LinkFilter;
 use crate::control::raft::{RaftNet, RaftNode, RaftTiming, ShoalNode, server};
 use crate::control::secure::ClusterKey;
@@ -52,24 +53,42 @@ pub struct ClusterOptions {
     pub link_filter: Option<LinkFilter>,
     /// Test seam: which peers' gossip gets through (partitions at first boot).
     pub gossip_filter: Option<GossipFilter>,
-    /// The shared secret Raft RPC and gossip are authenticated with.
+    /// This node's certificate (Raft RPC) and the cluster's gossip key.
+    pub creds: ClusterCreds,
+}
+
+/// What a node proves itself with: its certificate from the cluster CA for Raft RPC (mutual
+/// TLS), and the cluster's shared key for gossip (UDP). `shoal cert node` writes both.
+#[derive(Clone, Debug)]
+pub struct ClusterCreds {
+    pub tls: Arc<RaftTls>,
     pub key: ClusterKey,
 }
 
+impl ClusterCreds {
+    /// Reads a directory `shoal cert node --out DIR` wrote; errors name the file.
+    pub fn load(dir: &std::path::Path) -> Result<ClusterCreds, String> {
+        let tls = RaftTls::load(TlsFiles::in_dir(dir)).map_err(|e| e.to_string())?;
+        let key = ClusterKey::load(&dir.join(crate::control::pki::GOSSIP_KEY))?;
+        Ok(ClusterCreds { tls: Arc::new(tls), key })
+    }
+}
+
 impl ClusterOptions {
-    pub fn new(addr: SocketAddr, join: Vec<String>, expect: usize, key: ClusterKey) -> ClusterOptions {
+    /// Options for a node of the cluster its certificate names.
+    pub fn new(addr: SocketAddr, join: Vec<String>, expect: usize, creds: ClusterCreds) -> ClusterOptions {
         ClusterOptions {
             addr,
             join,
             expect,
-            name: "shoal".into(),
+            name: creds.tls.me().cluster.clone(),
             gossip_interval: Duration::from_millis(500),
             probe_replicas: 2,
             policy: Policy::default(),
             raft: RaftTiming::default(),
             link_filter: None,
             gossip_filter: None,
-            key,
+            creds,
         }
     }
 }
@@ -335,8 +354,27 @@ fn admin_tls_store(files: &CertFiles) -> anyhow::Result<Arc<TlsStore>> {
     Ok(Arc::new(TlsStore::load(vec![files.clone()]).map_err(|e| anyhow::anyhow!("admin TLS: {e}"))?))
 }
 
+/// The node certificate must name this node and its cluster: peers bind the name to the
+/// node's Raft id, and gossip announces it.
+fn check_identity(id: &str, c: &ClusterOptions) -> anyhow::Result<()> {
+    let me = c.creds.tls.me();
+    if me.node != id || me.cluster != c.name {
+        anyhow::bail!(
+            "the node certificate is for node {:?} of cluster {:?}, but this node is {id:?} of cluster {:?} \
+             (make one with `shoal cert node --id {id}`, or leave --id and --cluster-name out to take them from it)",
+            me.node,
+            me.cluster,
+            c.name
+        );
+    }
+    Ok(())
+}
+
 /// Starts a node on the current tokio runtime (data-plane workers get their own threads).
 pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
+    if let Some(c) = &opts.cluster {
+        check_identity(&opts.id, c)?;
+    }
     let metrics = Arc::new(Metrics::new(&opts.id));
     let (trigger, shutdown) = shutdown::channel();
     let config_file = opts
@@ -357,7 +395,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     };
     let net = RaftNet {
         cluster: opts.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| "shoal".into()),
-        key: opts.cluster.as_ref().map(|c| c.key.clone()),
+        tls: opts.cluster.as_ref().map(|c| c.creds.tls.clone()),
         filter: opts.cluster.as_ref().and_then(|c| c.link_filter.clone()),
         mismatches: Some(metrics.cluster_id_mismatch.clone()),
     };
@@ -503,13 +541,14 @@ async fn start_cluster(
         addr: c.addr,
         seeds: c.join.clone(),
         interval: c.gossip_interval,
-        key: c.key.clone(),
+        key: c.creds.key.clone(),
         filter: c.gossip_filter.clone(),
     };
     let gossip = Arc::new(Gossip::start(&gopts, keys, metrics.clone()).await?);
     let expect = if c.expect == 0 && c.join.is_empty() { 1 } else { c.expect };
     tasks.push(tokio::spawn(membership::bootstrap(raft.clone(), gossip.clone(), expect, shutdown.clone())));
     tasks.push(tokio::spawn(membership::publish_identity(raft.clone(), gossip.clone(), shutdown.clone())));
+    tasks.push(tokio::spawn(watch_cluster_certificate(c.creds.tls.clone(), metrics.clone())));
     tasks.push(tokio::spawn(membership::reconcile(
         raft.clone(),
         gossip.members.clone(),
@@ -623,6 +662,27 @@ async fn watch_certificates(store: Arc<TlsStore>) {
             }
             Some(Err(e)) => tracing::error!(error = %e, "TLS reload failed; the previous certificates stay in service"),
             None => {}
+        }
+    }
+}
+
+/// Reloads the node certificate when its files change (every 2 s): a renewed certificate is
+/// used by new Raft connections; a broken or foreign one is refused (logged once) and the
+/// running one kept.
+async fn watch_cluster_certificate(tls: Arc<RaftTls>, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_error = String::new();
+    loop {
+        tick.tick().await;
+        metrics.cert_expiry.with_label_values(&["node"]).set(tls.not_after());
+        match tls.reload() {
+            Ok(true) => tracing::info!("node certificate reloaded; new Raft connections use it"),
+            Ok(false) => last_error.clear(),
+            Err(e) if e.to_string() != last_error => {
+                last_error = e.to_string();
+                tracing::error!(error = %e, "node certificate reload failed; the running one stays in service");
+            }
+            Err(_) => {}
         }
     }
 }

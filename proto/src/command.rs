@@ -37,6 +37,9 @@ pub enum Command {
     Batch(#[serde(deserialize_with = "batch_depth::deserialize")] Vec<Command>),
     /// Changes nothing; a linearizable read barrier and a liveness probe for writes.
     Noop,
+    /// Refuse a node certificate on the cluster port from now on (its serial, lower-case hex,
+    /// and the node it names). Revoking twice is not an error.
+    RevokeCert { serial: String, node: String },
 }
 
 /// Deepest nesting of [`Command::Batch`] a decoder accepts.
@@ -140,7 +143,24 @@ fn apply_inner(state: &mut State, cmd: &Command) -> Result<(), ApplyError> {
         }
         Command::Batch(cmds) => cmds.iter().try_for_each(|c| apply_inner(state, c)),
         Command::Noop => Ok(()),
+        Command::RevokeCert { serial, node } => {
+            validate_serial(serial)?;
+            state.revoked_certs.insert(serial.clone(), node.clone());
+            Ok(())
+        }
     }
+}
+
+/// A certificate serial as `shoal cert node` prints it: 1 to 20 bytes in lower-case hex.
+fn validate_serial(serial: &str) -> Result<(), ApplyError> {
+    let hex = serial.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if hex && serial.len().is_multiple_of(2) && (2..=40).contains(&serial.len()) {
+        return Ok(());
+    }
+    Err(ApplyError::Invalid {
+        key: "serial".into(),
+        problem: format!("{serial:?} is not a certificate serial (2 to 40 lower-case hex digits)"),
+    })
 }
 
 fn put_pool(state: &mut State, name: &str, spec: &PoolSpec) -> Result<(), ApplyError> {
@@ -250,6 +270,21 @@ mod tests {
         let pool = &st.pools["web"];
         assert_eq!(pool.spec.check(), CheckKind::Http, "normalize picks http checks");
         assert!(pool.backends.contains_key("127.0.0.1:8082"));
+    }
+
+    #[test]
+    fn revoked_certificates_are_kept_by_serial() {
+        let mut st = State::default();
+        let revoke = |serial: &str| Command::RevokeCert { serial: serial.into(), node: "n3".into() };
+        apply(&mut st, &revoke("7f01")).expect("revoke");
+        apply(&mut st, &revoke("7f01")).expect("twice is fine");
+        assert_eq!(st.revoked_certs.get("7f01").map(String::as_str), Some("n3"));
+        for bad in ["", "7F01", "abc", "xyz0", &"ab".repeat(21)] {
+            assert!(matches!(apply(&mut st, &revoke(bad)), Err(ApplyError::Invalid { .. })), "{bad:?}");
+        }
+        assert_eq!(st.version, 2);
+        let json = serde_json::to_string(&State::default()).expect("json");
+        assert!(!json.contains("revoked"), "an empty list keeps the old JSON shape: {json}");
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub struct State {
     pub version: u64,
     #[serde(default)]
     pub pools: BTreeMap<String, Pool>,
+    /// Node certificates the cluster port refuses: serial (lower-case hex) → the node it named.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revoked_certs: BTreeMap<String, String>,
 }
 
 /// A pool: a frontend (an HTTP pattern or a TCP port), a balancing algorithm, health settings

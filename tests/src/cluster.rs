@@ -79,12 +79,10 @@ impl ProcCluster {
         let pid = std::process::id();
         let prefix = (10 + (pid % 200) as u8, (k % 250) as u8 + 1);
         let dir = tempfile::tempdir().expect("temp dir");
-        let key = dir.path().join("cluster.key");
-        crate::write_private(&key, &shoal_node::control::secure::ClusterKey::generate().to_hex());
+        shoal_node::cli::cert::make_ca("shoal", &dir.path().join("ca"), 30).expect("cluster CA");
         let token = dir.path().join("admin.token");
         crate::write_private(&token, "test-token-0123456789abcdef");
-        let secrets =
-            ["--cluster-key-file", key.to_str().expect("utf8"), "--token-file", token.to_str().expect("utf8")];
+        let secrets = ["--token-file", token.to_str().expect("utf8")];
         let mut c = ProcCluster {
             bin: bin.to_string(),
             dir,
@@ -109,8 +107,26 @@ impl ProcCluster {
         (1..=3).map(|i| SocketAddr::new(self.ip(i), CLUSTER_PORT).to_string()).collect::<Vec<_>>().join(",")
     }
 
-    /// Adds and starts node `name` on `127.X.Y.i`.
-    pub fn add_node(&mut self, name: &str, i: u8, extra: Vec<String>) -> usize {
+    /// The CA directory every node's certificate comes from (`shoal cert ca` output).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// Node `name`'s `--cluster-tls` directory, issued by the cluster CA on first use.
+    pub fn node_tls(&self, name: &str) -> PathBuf {
+        let out = self.dir.path().join("tls").join(name);
+        if !out.join(shoal_node::control::pki::NODE_KEY).exists() {
+            shoal_node::cli::cert::make_node(&self.ca_dir(), name, &out, 30).expect("node certificate");
+        }
+        out
+    }
+
+    /// Adds and starts node `name` on `127.X.Y.i` (its certificate from the cluster CA unless
+    /// `extra` names another `--cluster-tls`).
+    pub fn add_node(&mut self, name: &str, i: u8, mut extra: Vec<String>) -> usize {
+        if !extra.iter().any(|a| a == "--cluster-tls") {
+            extra.extend(["--cluster-tls".to_string(), self.node_tls(name).to_string_lossy().into_owned()]);
+        }
         let ip = self.ip(i);
         let node = ProcNode {
             name: name.to_string(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, StatusCode};
 use serde_json::json;
-use shoal_node::control::secure::ClusterKey;
+use shoal_node::control::raft::channel::testing::TestCa;
 use shoal_node::node::ClusterOptions;
 use shoal_tests::{HttpBackend, TestNode, eventually, get_text, raw_http};
 use tokio::net::TcpStream;
@@ -276,7 +276,7 @@ async fn a_starting_node_says_retry_instead_of_not_found() {
     let cluster = SocketAddr::new(shoal_tests::LOCALHOST, shoal_tests::free_port());
     let dir = tempfile::tempdir().expect("dir");
     let node = TestNode::start_in("lonely", dir, |o| {
-        o.cluster = Some(ClusterOptions::new(cluster, vec![], 2, ClusterKey::generate()));
+        o.cluster = Some(ClusterOptions::new(cluster, vec![], 2, TestCa::new("shoal").creds("lonely")));
     })
     .await;
     let resp = raw_http(node.http(), Method::GET, "/anything", None).await.expect("answer");

@@ -23,13 +23,13 @@ async fn start_three(blocked: &Blocked) -> Vec<TestNode> {
     let ip = |i: u8| IpAddr::V4(Ipv4Addr::new(127, net, 77, i));
     let port = 19947;
     let seeds: Vec<String> = (1..=3).map(|i| SocketAddr::new(ip(i), port).to_string()).collect();
-    let key = shoal_node::control::secure::ClusterKey::generate();
+    let ca = shoal_node::control::raft::channel::testing::TestCa::new("shoal");
     let mut nodes = Vec::new();
     for i in 1..=3u8 {
         let b = blocked.clone();
         let filter: LinkFilter =
             Arc::new(move |from, to| !b.lock().unwrap_or_else(|e| e.into_inner()).contains(&(from, to)));
-        let mut c = ClusterOptions::new(SocketAddr::new(ip(i), port), seeds.clone(), 3, key.clone());
+        let mut c = ClusterOptions::new(SocketAddr::new(ip(i), port), seeds.clone(), 3, ca.creds(&format!("p{i}")));
         c.gossip_interval = Duration::from_millis(200);
         c.raft = RaftTiming {
             heartbeat: Duration::from_millis(150),
@@ -118,7 +118,7 @@ async fn start_four_apart(cut: &Arc<AtomicBool>) -> Vec<TestNode> {
     let ip = |i: u8| IpAddr::V4(Ipv4Addr::new(127, net, 78, i));
     let port = 19948;
     let seeds: Vec<String> = (1..=4).map(|i| SocketAddr::new(ip(i), port).to_string()).collect();
-    let key = shoal_node::control::secure::ClusterKey::generate();
+    let ca = shoal_node::control::raft::channel::testing::TestCa::new("shoal");
     let side = |addr: SocketAddr| match addr.ip() {
         IpAddr::V4(v4) => v4.octets()[3] <= 2,
         IpAddr::V6(_) => false,
@@ -128,7 +128,7 @@ async fn start_four_apart(cut: &Arc<AtomicBool>) -> Vec<TestNode> {
         let cut = cut.clone();
         let mine = i <= 2;
         let filter: GossipFilter = Arc::new(move |peer| !cut.load(Ordering::Relaxed) || side(peer) == mine);
-        let mut c = ClusterOptions::new(SocketAddr::new(ip(i), port), seeds.clone(), 2, key.clone());
+        let mut c = ClusterOptions::new(SocketAddr::new(ip(i), port), seeds.clone(), 2, ca.creds(&format!("m{i}")));
         c.gossip_interval = Duration::from_millis(200);
         c.raft = RaftTiming {
             heartbeat: Duration::from_millis(150),

@@ -1,5 +1,5 @@
-//! Who may talk to a node: the admin token, the cluster key on Raft and gossip, heartbeat
-//! secrets; and garbage on the cluster ports.
+//! Who may talk to a node: the admin token, node certificates on Raft (mutual TLS), the gossip
+//! key, heartbeat secrets; and garbage on the cluster ports.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -57,12 +57,14 @@ async fn admin_api_requires_the_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_without_the_cluster_key_cannot_join_and_garbage_is_counted() {
+async fn a_node_of_another_ca_cannot_join_and_garbage_is_counted() {
     let mut c = ProcCluster::start(BIN, 3, &[]).await;
-    // An intruder with its own key, pointed at the cluster's seeds.
-    let wrong_key = c.dir.path().join("wrong.key");
-    shoal_tests::write_private(&wrong_key, &shoal_node::control::secure::ClusterKey::generate().to_hex());
-    c.add_node("intruder", 9, vec!["--cluster-key-file".into(), wrong_key.to_str().expect("utf8").into()]);
+    // An intruder with its own CA (same cluster name) and gossip key, pointed at the seeds.
+    let foreign = c.dir.path().join("foreign-ca");
+    shoal_node::cli::cert::make_ca("shoal", &foreign, 30).expect("foreign CA");
+    let intruder_tls = c.dir.path().join("intruder-tls");
+    shoal_node::cli::cert::make_node(&foreign, "intruder", &intruder_tls, 30).expect("intruder cert");
+    c.add_node("intruder", 9, vec!["--cluster-tls".into(), intruder_tls.to_str().expect("utf8").into()]);
     // Garbage on the Raft (TCP) and gossip (UDP) ports of node 1.
     let target = SocketAddr::new(c.nodes[0].ip, CLUSTER_PORT);
     for junk in [
@@ -152,9 +154,12 @@ fn secret_files_others_may_read_are_refused() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("dir");
     let token = dir.path().join("admin.token");
-    let key = dir.path().join("cluster.key");
     shoal_tests::write_private(&token, "a-token-of-enough-length-0123");
-    shoal_tests::write_private(&key, &shoal_node::control::secure::ClusterKey::generate().to_hex());
+    let ca = dir.path().join("ca");
+    let node_tls = dir.path().join("node-tls");
+    shoal_node::cli::cert::make_ca("shoal", &ca, 30).expect("ca");
+    shoal_node::cli::cert::make_node(&ca, "perm", &node_tls, 30).expect("node");
+    let (key, node_key) = (node_tls.join("cluster.key"), node_tls.join("node.key"));
     let run = |args: &[&str]| {
         let data = dir.path().join("data");
         let admin = format!("127.0.0.1:{}", free_port());
@@ -168,11 +173,12 @@ fn secret_files_others_may_read_are_refused() {
     };
     let token_arg = ["--token-file", token.to_str().expect("utf8")];
     let cluster = format!("127.0.0.1:{}", free_port());
-    let key_args = ["--cluster", cluster.as_str(), "--cluster-key-file", key.to_str().expect("utf8")];
+    let key_args = ["--cluster", cluster.as_str(), "--cluster-tls", node_tls.to_str().expect("utf8")];
     for (file, mode, args) in [
         (&token, 0o644, token_arg.to_vec()),
         (&token, 0o640, token_arg.to_vec()),
         (&key, 0o604, [&token_arg[..], &key_args[..]].concat()),
+        (&node_key, 0o640, [&token_arg[..], &key_args[..]].concat()),
     ] {
         std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).expect("chmod");
         let out = run(&args);
@@ -292,7 +298,7 @@ async fn flood_handshakes(
 async fn gossip_replays_reflections_and_stale_stamps_are_refused_by_reason() {
     use shoal_node::control::gossip_auth::{Stamp, seal};
     let c = ProcCluster::start(BIN, 3, &[]).await;
-    let key = shoal_node::control::secure::ClusterKey::load(&c.dir.path().join("cluster.key")).expect("key");
+    let key = shoal_node::control::secure::ClusterKey::load(&c.ca_dir().join("cluster.key")).expect("key");
     let target = SocketAddr::new(c.nodes[0].ip, CLUSTER_PORT);
     let udp = tokio::net::UdpSocket::bind((LOCALHOST, 0)).await.expect("udp");
     let me = udp.local_addr().expect("addr");
@@ -321,4 +327,95 @@ async fn gossip_replays_reflections_and_stale_stamps_are_refused_by_reason() {
     assert_eq!((got("replay"), got("address"), got("stale")), (1.0, 1.0, 2.0), "exactly the datagrams sent");
     assert!(text.contains("shoal_gossip_clock_skew_seconds"), "peers' skew is published");
     c.put(1, "/v1/pools/after-gossip", json!({"pattern": "/g/"})).await;
+}
+
+/// Issue 14, finding 3: Raft RPC runs on mutual TLS. A certificate of the cluster's CA may not
+/// claim another member's Raft id; a revoked certificate is refused by every node and its
+/// member removed while the rest keeps committing; a new certificate brings the node back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_bind_raft_ids_and_revoked_nodes_are_cut_off() {
+    use shoal_node::control::raft::channel::{RaftTls, TlsFiles};
+    use shoal_node::control::raft::network::{Envelope, KIND_REPLY, KIND_REQUEST, Reply, Request};
+    let mut c = ProcCluster::start(BIN, 3, &[]).await;
+    let view = c.view(0).await.expect("view");
+    let raft_id = |name: &str| {
+        view["nodes"].as_array().expect("nodes").iter().find(|n| n["id"] == name).expect("member")["raft_id"]
+            .as_u64()
+            .expect("raft id")
+    };
+    let (n1, n2) = (raft_id("n1"), raft_id("n2"));
+
+    // n7 holds a genuine certificate of this cluster, and claims to be n2.
+    let tls = RaftTls::load(TlsFiles::in_dir(&c.node_tls("n7"))).expect("n7's channel");
+    let ask = |from: u64| {
+        let tls = &tls;
+        let target = SocketAddr::new(c.nodes[0].ip, CLUSTER_PORT);
+        async move {
+            let tcp = tokio::net::TcpStream::connect(target).await.expect("connect");
+            let (mut ch, peer) = tls.connect(tcp, "n1").await.expect("TLS to n1");
+            assert_eq!(peer.node, "n1");
+            ch.hello(None).await.expect("hello");
+            let env = Envelope { cluster: "shoal".into(), cluster_id: None, from, to: n1, body: Request::Ping };
+            ch.send(KIND_REQUEST, &env).await.expect("send");
+            let (kind, reply): (u8, Reply) = ch.recv().await.expect("reply");
+            assert_eq!(kind, KIND_REPLY);
+            reply
+        }
+    };
+    match ask(n2).await {
+        Reply::Refused(why) => assert!(why.contains("n7") && why.contains("n2"), "{why}"),
+        other => panic!("n7 passed as n2: {other:?}"),
+    }
+    assert!(matches!(ask(12345).await, Reply::Pong(id, _) if id == n1), "an unknown id rests on the CA alone");
+
+    // Revoke n3's certificate with the CLI.
+    let cert = c.node_tls("n3").join("node.pem");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "revoke",
+            "--cert",
+            cert.to_str().expect("utf8"),
+            "--admin",
+            &format!("http://{}", c.nodes[0].admin_addr()),
+        ])
+        .args(["--token", "test-token-0123456789abcdef"])
+        .output()
+        .expect("shoal revoke");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let voters = |v: &Value| -> Vec<String> {
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        nodes.iter().filter(|n| n["voter"] == true).filter_map(|n| n["id"].as_str().map(String::from)).collect()
+    };
+    eventually(Duration::from_secs(30), "n3 removed from the voters", || async {
+        let v = c.view(0).await?;
+        (!voters(&v).contains(&"n3".to_string()) && voters(&v).len() == 2).then_some(())
+    })
+    .await;
+    c.put(0, "/v1/pools/after-revoke", json!({"pattern": "/after-revoke/"})).await;
+    // n3's certificate itself no longer gets past n1's handshake, and n1 counts it.
+    let revoked = RaftTls::load(TlsFiles::in_dir(&c.node_tls("n3"))).expect("n3's channel");
+    let tcp = tokio::net::TcpStream::connect(SocketAddr::new(c.nodes[0].ip, CLUSTER_PORT)).await.expect("connect");
+    // TLS 1.3: the client finishes first; the refusal shows on the first read.
+    if let Ok((mut ch, _)) = revoked.connect(tcp, "n1").await {
+        assert!(ch.hello(None).await.is_err(), "a revoked certificate was answered");
+    }
+    eventually(Duration::from_secs(10), "the revoked handshake counted", || async {
+        let (_, bytes) = c.nodes[0].admin().raw(Method::GET, "/metrics", None).await.ok()?;
+        (counter(&String::from_utf8_lossy(&bytes), "shoal_rejected_inputs_total", "raft_revoked") > 0.0).then_some(())
+    })
+    .await;
+
+    // A new certificate (a new serial) for n3 brings it back.
+    c.kill(2);
+    std::fs::remove_dir_all(c.dir.path().join("tls").join("n3")).expect("old certificate gone");
+    c.node_tls("n3");
+    c.restart(2);
+    eventually(Duration::from_secs(60), "n3 back as a voter with a new certificate", || async {
+        let v = c.view(0).await?;
+        voters(&v).contains(&"n3".to_string()).then_some(())
+    })
+    .await;
+    let state = c.state(2).await;
+    assert!(state["pools"].get("after-revoke").is_some(), "n3 caught up: {state}");
+    assert!(state["revoked_certs"].as_object().is_some_and(|r| r.len() == 1), "{state}");
 }

@@ -94,7 +94,7 @@ pub async fn state(
 ) -> Result<Json<State>, ApiError> {
     let state = read_state(&node, &q).await?;
     let pools = state.pools.iter().map(|(name, p)| (name.clone(), visible(&scope, p))).collect();
-    Ok(Json(State { version: state.version, pools }))
+    Ok(Json(State { version: state.version, pools, revoked_certs: state.revoked_certs.clone() }))
 }
 
 pub async fn list_pools(
@@ -291,6 +291,20 @@ async fn wait_drained(node: &NodeShared, pool: &str, addr: SocketAddr, deadline:
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
+}
+
+/// Body of `POST /v1/cluster/revoke`: a node certificate's serial and the node it names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RevokeRequest {
+    serial: String,
+    node: String,
+}
+
+/// `POST /v1/cluster/revoke`: every node refuses this certificate on the cluster port from
+/// now on (established connections included); the leader removes a member that presents it.
+pub async fn revoke(AxState(node): Node, Body(req): Body<RevokeRequest>) -> Result<Json<WriteResult>, ApiError> {
+    write(&node, Command::RevokeCert { serial: req.serial.to_ascii_lowercase().replace(':', ""), node: req.node }).await
 }
 
 /// `POST /v1/tls/reload`: reloads this node's certificate files now.

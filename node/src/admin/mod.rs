@@ -49,6 +49,7 @@ fn json_router(node: Arc<NodeShared>) -> Router {
         .route("/v1/state", get(api::state))
         .route("/v1/cluster", get(api::cluster))
         .route("/v1/cluster/probes", get(api::probes))
+        .route("/v1/cluster/revoke", post(api::revoke))
         .route("/v1/pools", get(api::list_pools))
         .route("/v1/pools/{pool}", get(api::get_pool).put(api::put_pool).delete(api::delete_pool))
         .route("/v1/pools/{pool}/health", get(api::pool_health))

@@ -84,10 +84,12 @@ fn start_all(dir: &Path, n: u8, secrets: &Secrets, procs: &mut Vec<Proc>) -> any
     let seeds: Vec<String> = (1..=n).map(|i| format!("{}:7946", ip(i))).collect();
     let seeds = seeds.join(",");
     let expect = n.to_string();
-    let (key, token) = (secrets.key_file.to_string_lossy(), secrets.token_file.to_string_lossy());
+    let token = secrets.token_file.to_string_lossy();
     for i in 1..=n {
         let (name, ip) = (format!("node-{i}"), ip(i));
         let data = dir.join(&name).to_string_lossy().into_owned();
+        let tls = secrets.node_tls(dir, &name)?;
+        let tls = tls.to_string_lossy();
         let cluster = format!("{ip}:7946");
         let admin = format!("{ip}:8081");
         let args = [
@@ -108,8 +110,8 @@ fn start_all(dir: &Path, n: u8, secrets: &Secrets, procs: &mut Vec<Proc>) -> any
             "8080",
             "--data-dir",
             &data,
-            "--cluster-key-file",
-            &key,
+            "--cluster-tls",
+            &tls,
             "--token-file",
             &token,
             "--public-metrics",
@@ -119,9 +121,9 @@ fn start_all(dir: &Path, n: u8, secrets: &Secrets, procs: &mut Vec<Proc>) -> any
     Ok(())
 }
 
-/// One cluster key and one admin token for every dev node.
+/// One cluster CA (certificates for every dev node) and one admin token.
 struct Secrets {
-    key_file: PathBuf,
+    ca_dir: PathBuf,
     token_file: PathBuf,
     token: String,
     /// The TCP pool's heartbeat secret, new each run (the demo backend gets it by flag).
@@ -131,16 +133,25 @@ struct Secrets {
 impl Secrets {
     /// Creates the files in `dir`, or reuses those a previous run left there.
     fn create(dir: &Path) -> anyhow::Result<Secrets> {
-        let key_file = dir.join("cluster.key");
+        let ca_dir = dir.join("ca");
         let token_file = dir.join("admin.token");
-        if !key_file.exists() {
-            crate::admin::auth::write_secret(&key_file, &crate::control::secure::ClusterKey::generate().to_hex())?;
+        if !ca_dir.join(crate::control::pki::CA_KEY).exists() {
+            super::cert::make_ca("shoal", &ca_dir, 3650).map_err(anyhow::Error::msg)?;
         }
         let tokens = crate::admin::tokens::load_or_create(&token_file)
             .map_err(|e| anyhow::anyhow!("{}: {e}", token_file.display()))?;
         let token = tokens.current().first_admin().unwrap_or_default().to_string();
         let heartbeat = crate::control::secure::hex(&rand::random::<[u8; 16]>());
-        Ok(Secrets { key_file, token_file, token, heartbeat })
+        Ok(Secrets { ca_dir, token_file, token, heartbeat })
+    }
+
+    /// The node's `--cluster-tls` directory, made from the dev CA on first use.
+    fn node_tls(&self, dir: &Path, node: &str) -> anyhow::Result<PathBuf> {
+        let out = dir.join("tls").join(node);
+        if !out.join(crate::control::pki::NODE_KEY).exists() {
+            super::cert::make_node(&self.ca_dir, node, &out, 365).map_err(anyhow::Error::msg)?;
+        }
+        Ok(out)
     }
 }
 

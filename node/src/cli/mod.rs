@@ -2,6 +2,7 @@
 //! verbs (`pool`, `backend`, `status`) that talk to any node's admin API.
 
 mod args;
+pub mod cert;
 pub mod client;
 pub mod dev;
 mod output;
@@ -18,10 +19,9 @@ use shoal_proto::admin::{ClusterView, PoolHealth, WriteResult};
 use shoal_proto::{Algorithm, Pool};
 
 use crate::control::raft::RaftTiming;
-use crate::control::secure::ClusterKey;
 use crate::dataplane::Limits;
 use crate::dataplane::tls::CertFiles;
-use crate::node::{ClusterOptions, NodeOptions};
+use crate::node::{ClusterCreds, ClusterOptions, NodeOptions};
 pub use args::parse;
 use client::{AdminClient, ApiFailure};
 
@@ -60,25 +60,20 @@ pub enum Command {
     },
     /// A demo backend: HTTP (`/healthz` → ok) or TCP echo with seed 004 heartbeats.
     DemoBackend(crate::demo::DemoArgs),
-    /// Generate certificates (for HTTPS listeners and tests).
+    /// Make the cluster CA, node certificates and gossip key, or an HTTPS certificate.
     #[command(subcommand)]
-    Cert(CertCmd),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CertCmd {
-    /// A random cluster key (64 hex digits) for --cluster-key-file, written with mode 0600.
-    ClusterKey {
+    Cert(cert::CertCmd),
+    /// Refuse a node's certificate on the cluster port from now on (every node; live
+    /// connections too). The leader then removes the node if it is a member.
+    Revoke {
+        /// The node's certificate file (node.pem): its serial and node name are read from it.
+        #[arg(long, required_unless_present = "serial", conflicts_with = "serial")]
+        cert: Option<PathBuf>,
+        /// The certificate serial `shoal cert node` printed (hex).
         #[arg(long)]
-        out: PathBuf,
-    },
-    /// A self-signed certificate and key: OUT/cert.pem and OUT/key.pem.
-    SelfSigned {
-        /// DNS names or IP addresses the certificate is valid for (repeatable).
-        #[arg(long = "name", required = true)]
-        names: Vec<String>,
-        #[arg(long, default_value = ".")]
-        out: PathBuf,
+        serial: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -92,7 +87,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// Node id, unique in the cluster (default: the host name).
+    /// Node id, unique in the cluster (default: the name in the --cluster-tls certificate,
+    /// else the host name).
     #[arg(long)]
     pub id: Option<String>,
     /// Admin API address.
@@ -181,9 +177,10 @@ pub struct NodeArgs {
     /// Gossip addresses of other nodes to contact first (comma separated; names resolve by DNS).
     #[arg(long, value_delimiter = ',', requires = "cluster")]
     pub join: Vec<String>,
-    /// The cluster's shared secret (64 hex digits); Raft RPC and gossip are authenticated with it.
-    #[arg(long)]
-    pub cluster_key_file: Option<PathBuf>,
+    /// The directory `shoal cert node` wrote for this node: its certificate and key (Raft RPC
+    /// runs on mutual TLS), the cluster CA and the gossip key.
+    #[arg(long, value_name = "DIR")]
+    pub cluster_tls: Option<PathBuf>,
     /// Admin API token file; created with a random admin token (mode 0600) when missing
     /// [default: <data-dir>/admin.token]. One token a line, optionally scoped: `<token>`
     /// or `<token> admin`, `<token> read`, `<token> join POOL,POOL`. Re-read when it changes.
@@ -208,9 +205,10 @@ pub struct NodeArgs {
     /// --join, else 0 = only join an existing cluster).
     #[arg(long, requires = "cluster")]
     pub expect: Option<usize>,
-    /// Cluster name; nodes of other clusters are ignored.
-    #[arg(long, default_value = "shoal")]
-    pub cluster_name: String,
+    /// Cluster name; nodes of other clusters are ignored [default: the name in the
+    /// --cluster-tls certificate].
+    #[arg(long)]
+    pub cluster_name: Option<String>,
     /// Nodes that actively probe each backend.
     #[arg(long, default_value_t = 2)]
     pub probe_replicas: usize,
@@ -254,8 +252,14 @@ impl NodeArgs {
         if https_port.is_some() && tls.is_empty() {
             return Err("--https-port needs --tls-cert and --tls-key".into());
         }
+        let cluster = self.cluster_options()?;
+        let id = match (&self.id, &cluster) {
+            (Some(id), _) => id.clone(),
+            (None, Some(c)) => c.creds.tls.me().node.clone(),
+            (None, None) => default_id(),
+        };
         Ok(NodeOptions {
-            id: self.id.clone().unwrap_or_else(default_id),
+            id,
             admin: self.admin,
             data_dir: self.data_dir.clone(),
             config: self.config.clone(),
@@ -280,7 +284,7 @@ impl NodeArgs {
                 tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout.max(1)),
             },
             drain_timeout: Duration::from_secs(self.drain_timeout),
-            cluster: self.cluster_options()?,
+            cluster,
             admin_token: String::new(),
             admin_token_file: Some(self.admin_token_file()?),
             admin_tls: match (&self.admin_tls_cert, &self.admin_tls_key) {
@@ -294,13 +298,16 @@ impl NodeArgs {
 
     fn cluster_options(&self) -> Result<Option<ClusterOptions>, String> {
         let Some(addr) = self.cluster else { return Ok(None) };
-        let key_file = self.cluster_key_file.as_ref().ok_or(
-            "--cluster needs --cluster-key-file: the same secret on every node (create one with `shoal cert cluster-key --out FILE`)",
+        let dir = self.cluster_tls.as_ref().ok_or(
+            "--cluster needs --cluster-tls DIR: this node's certificate, the cluster CA and the gossip key \
+             (make them with `shoal cert ca --out CA` once, then `shoal cert node --ca CA --id ID --out DIR` per node)",
         )?;
-        let key = ClusterKey::load(key_file).map_err(|e| format!("--cluster-key-file {e}"))?;
+        let creds = ClusterCreds::load(dir).map_err(|e| format!("--cluster-tls {e}"))?;
         let expect = self.expect.unwrap_or(if self.join.is_empty() { 1 } else { 0 });
-        let mut c = ClusterOptions::new(addr, self.join.clone(), expect, key);
-        c.name = self.cluster_name.clone();
+        let mut c = ClusterOptions::new(addr, self.join.clone(), expect, creds);
+        if let Some(name) = &self.cluster_name {
+            c.name = name.clone();
+        }
         c.probe_replicas = self.probe_replicas.max(1);
         c.policy.dead_grace = Duration::from_secs(self.dead_voter_grace);
         c.gossip_interval = Duration::from_millis(self.gossip_interval_ms.max(10));
@@ -524,7 +531,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::CheckConfig { file } => check_config(&file),
         Command::DemoBackend(args) => crate::demo::run(args),
-        Command::Cert(cmd) => cert(cmd),
+        Command::Cert(cmd) => cert::run(cmd),
         other => client_main(other),
     }
 }
@@ -581,34 +588,6 @@ pub async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
-}
-
-fn cert(cmd: CertCmd) -> ExitCode {
-    let (names, out) = match cmd {
-        CertCmd::SelfSigned { names, out } => (names, out),
-        CertCmd::ClusterKey { out } => {
-            return match crate::admin::auth::write_secret(&out, &ClusterKey::generate().to_hex()) {
-                Ok(()) => {
-                    println!("wrote a cluster key to {}; give every node of the cluster the same file", out.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(1, format!("cannot write {}: {e}", out.display())),
-            };
-        }
-    };
-    let (cert, key) = match crate::dataplane::tls::self_signed(&names) {
-        Ok(pair) => pair,
-        Err(e) => return fail(1, format!("cannot generate a certificate: {e}")),
-    };
-    // The private key is written owner-only: nodes refuse a key file others may read.
-    let write = |name: &str, text: &str, mode: u32| {
-        std::fs::create_dir_all(&out).and_then(|_| crate::files::write_atomic(&out.join(name), text.as_bytes(), mode))
-    };
-    if let Err(e) = write("cert.pem", &cert, 0o644).and_then(|_| write("key.pem", &key, 0o600)) {
-        return fail(1, format!("cannot write to {}: {e}", out.display()));
-    }
-    println!("wrote {} and {} for {}", out.join("cert.pem").display(), out.join("key.pem").display(), names.join(", "));
-    ExitCode::SUCCESS
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {
@@ -695,11 +674,30 @@ async fn client_verb(cmd: Command) -> anyhow::Result<()> {
             let v: ClusterView = connect(&client)?.get("/v1/cluster").await?;
             output::cluster(&client, &v)
         }
+        Command::Revoke { cert, serial, client } => {
+            let (serial, node) = revoked(cert.as_deref(), serial)?;
+            let body = json!({ "serial": serial, "node": node });
+            let r: WriteResult = connect(&client)?.call(Method::POST, "/v1/cluster/revoke", Some(body)).await?;
+            output::written(&client, &r, &format!("certificate {serial} refused by every node"))
+        }
         Command::Node(_)
         | Command::Dev(_)
         | Command::CheckConfig { .. }
         | Command::DemoBackend(_)
         | Command::Cert(_) => Ok(()),
+    }
+}
+
+/// The serial (and node name) to revoke, from a certificate file or as given.
+fn revoked(cert: Option<&std::path::Path>, serial: Option<String>) -> anyhow::Result<(String, String)> {
+    match (cert, serial) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--cert {}: {e}", path.display()))?;
+            let id = crate::control::pki::node_identity_pem(&text, path)?;
+            Ok((id.serial, id.node))
+        }
+        (None, Some(serial)) => Ok((serial.to_ascii_lowercase().replace(':', ""), String::new())),
+        (None, None) => Err(anyhow::anyhow!("give --cert FILE or --serial HEX")),
     }
 }
 

@@ -75,16 +75,25 @@ pub struct View {
     pub last_log_index: u64,
     /// Live nodes that gossip another cluster's identity: never added, removed if learners.
     pub foreign: BTreeSet<NodeId>,
+    /// Nodes whose certificate (as last presented to this leader) is revoked: never added,
+    /// removed at once while the remaining voters keep a live majority.
+    pub revoked: BTreeSet<NodeId>,
 }
 
 /// The next change to make, if any.
 pub fn plan(v: &View, p: &Policy) -> Option<Action> {
-    let unknown = |id: &NodeId| !v.voters.contains(id) && !v.learners.contains(id) && !v.foreign.contains(id);
+    let refused = |id: &NodeId| v.foreign.contains(id) || v.revoked.contains(id);
+    let unknown = |id: &NodeId| !v.voters.contains(id) && !v.learners.contains(id) && !refused(id);
     if let Some((id, (node, _))) = v.live.iter().find(|(id, _)| unknown(id)) {
         return Some(Action::AddLearner(*id, node.clone()));
     }
-    if let Some(id) = v.learners.iter().find(|id| v.foreign.contains(id)) {
+    if let Some(id) = v.learners.iter().find(|id| refused(id)) {
         return Some(Action::RemoveLearner(*id));
+    }
+    if let Some(victim) = v.voters.iter().find(|id| **id != v.me && v.revoked.contains(id))
+        && keeps_majority(v, *victim)
+    {
+        return Some(Action::RemoveVoter(*victim));
     }
     let dead_for = |id: &NodeId| v.absent.get(id).copied().unwrap_or_default();
     let live_members = v.voters.iter().chain(&v.learners).filter(|id| v.live.contains_key(id)).count();
@@ -97,14 +106,19 @@ pub fn plan(v: &View, p: &Policy) -> Option<Action> {
     {
         return Some(Action::Promote(*id));
     }
-    if let Some(victim) = v.voters.iter().find(|id| **id != v.me && dead_for(id) >= p.dead_grace) {
-        let remaining: Vec<&NodeId> = v.voters.iter().filter(|id| *id != victim).collect();
-        let live_remaining = remaining.iter().filter(|id| v.live.contains_key(id)).count();
-        if live_remaining * 2 > remaining.len() {
-            return Some(Action::RemoveVoter(*victim));
-        }
+    if let Some(victim) = v.voters.iter().find(|id| **id != v.me && dead_for(id) >= p.dead_grace)
+        && keeps_majority(v, *victim)
+    {
+        return Some(Action::RemoveVoter(*victim));
     }
     v.learners.iter().find(|id| dead_for(id) >= p.dead_grace).map(|id| Action::RemoveLearner(*id))
+}
+
+/// Whether the voters left after removing `victim` still have a live (and unrevoked) majority.
+fn keeps_majority(v: &View, victim: NodeId) -> bool {
+    let remaining: Vec<&NodeId> = v.voters.iter().filter(|id| **id != victim).collect();
+    let live_remaining = remaining.iter().filter(|id| v.live.contains_key(id) && !v.revoked.contains(id)).count();
+    live_remaining * 2 > remaining.len()
 }
 
 fn promotable(v: &View, p: &Policy, id: &NodeId) -> bool {
@@ -282,6 +296,7 @@ impl Seen {
             .as_ref()
             .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
             .unwrap_or_default();
+        let revoked = revoked_members(raft, &voters.union(&learners).copied().collect());
         Some(View {
             me: raft.id,
             voters,
@@ -291,14 +306,26 @@ impl Seen {
             matched,
             last_log_index: metrics.last_log_index.unwrap_or(0),
             foreign: foreign.into_keys().collect(),
+            revoked,
         })
     }
 }
 
-/// Admits a node gossip announced only after it proved the cluster key on an authenticated
-/// Raft connection and answered with the id it announced and no other cluster's identity.
+/// Members whose certificate, as they last presented it to this node, the deny list holds.
+/// Others need no entry: admitting a node dials it first, and that refuses a revoked one (a
+/// node back with a new certificate is admitted again).
+fn revoked_members(raft: &RaftNode, members: &BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+    let state = raft.current();
+    let seen = raft.wire.seen_serials();
+    let revoked = |id: &NodeId| seen.get(id).is_some_and(|s| state.revoked_certs.contains_key(s));
+    members.iter().copied().filter(revoked).collect()
+}
+
+/// Admits a node gossip announced only after it proved its certificate (naming the node
+/// gossip announced) on a mutual-TLS Raft connection and answered with the id it announced
+/// and no other cluster's identity.
 async fn verified(raft: &RaftNode, id: NodeId, node: &ShoalNode) -> bool {
-    let mut conn = Conn::new(raft.wire.clone(), id, node.raft_addr.clone());
+    let mut conn = Conn::new(raft.wire.clone(), id, node.clone());
     match conn.call(Request::Ping, Duration::from_secs(3)).await {
         Ok(Reply::Pong(answered, theirs)) if answered == id => match (raft.ident.get(), theirs) {
             (Some(ours), Some(theirs)) if ours != theirs => {
@@ -368,6 +395,7 @@ mod tests {
             matched: live.iter().map(|id| (*id, 10)).collect(),
             last_log_index: 10,
             foreign: BTreeSet::new(),
+            revoked: BTreeSet::new(),
         }
     }
 
@@ -449,6 +477,20 @@ mod tests {
         assert_eq!(plan(&v, &p), None);
         v.learners.insert(5);
         assert_eq!(plan(&v, &p), Some(Action::RemoveLearner(5)), "a learner that belongs elsewhere goes");
+    }
+
+    #[test]
+    fn revoked_nodes_are_not_added_and_members_leave_while_a_majority_stays() {
+        let p = Policy::default();
+        let mut v = view(&[1, 2, 3], &[4], &[1, 2, 3, 4, 5]);
+        v.revoked.extend([4, 5]);
+        assert_eq!(plan(&v, &p), Some(Action::RemoveLearner(4)), "a revoked learner goes");
+        v.learners.clear();
+        assert_eq!(plan(&v, &p), None, "5 is never added");
+        v.revoked.insert(3);
+        assert_eq!(plan(&v, &p), Some(Action::RemoveVoter(3)), "a revoked voter goes without a grace period");
+        v.revoked.insert(2);
+        assert_eq!(plan(&v, &p), None, "not while removing it would leave no live majority");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod gossip;
 pub mod gossip_auth;
 pub mod membership;
+pub mod pki;
 pub mod propose;
 pub mod raft;
 pub mod ratelog;

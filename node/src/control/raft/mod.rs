@@ -2,6 +2,7 @@
 //! forwarded to the leader when this node does not lead, and applied by the same pure `apply`
 //! on every node. The log, vote and snapshots live in redb under `--data-dir/raft`.
 
+pub mod channel;
 pub mod ident;
 pub mod network;
 pub mod server;
@@ -26,7 +27,7 @@ use self::network::{Conn, LinkFilter, Network, Reply, Request, Wire};
 use self::state_machine::StateMachine;
 use self::store::{Db, LogStore};
 use super::ProposeError;
-use super::secure::ClusterKey;
+use channel::RaftTls;
 
 pub type NodeId = u64;
 
@@ -79,12 +80,12 @@ impl Default for RaftTiming {
     }
 }
 
-/// Who a node talks Raft with: the cluster's name and key, and the test seam.
+/// Who a node talks Raft with: the cluster's name, this node's certificate, and the test seam.
 #[derive(Clone, Default)]
 pub struct RaftNet {
     pub cluster: String,
     /// `None` for a node alone (it never talks to peers).
-    pub key: Option<ClusterKey>,
+    pub tls: Option<Arc<RaftTls>>,
     pub filter: Option<LinkFilter>,
     /// Where cluster identity mismatches are counted (`shoal_cluster_id_mismatch_total`).
     pub mismatches: Option<prometheus::IntCounterVec>,
@@ -124,7 +125,7 @@ pub fn load_or_create_id(dir: &Path) -> anyhow::Result<NodeId> {
 impl RaftNode {
     /// Opens storage under `dir` and starts the Raft core.
     pub async fn start(dir: &Path, me: ShoalNode, net: RaftNet, timing: &RaftTiming) -> anyhow::Result<RaftNode> {
-        let RaftNet { cluster, key, filter, mismatches } = net;
+        let RaftNet { cluster, tls, filter, mismatches } = net;
         let cluster = cluster.as_str();
         std::fs::create_dir_all(dir)?;
         let id = load_or_create_id(dir)?;
@@ -143,7 +144,15 @@ impl RaftNode {
             ..Config::default()
         }
         .validate()?;
-        let wire = Wire { cluster: cluster.to_string(), me: id, filter, key, ident: ident.clone() };
+        let wire = Wire {
+            cluster: cluster.to_string(),
+            me: id,
+            filter,
+            tls,
+            ident: ident.clone(),
+            state: sm.subscribe(),
+            seen: Arc::default(),
+        };
         let network = Network { wire: wire.clone() };
         let raft = Raft::new(id, Arc::new(config), network, LogStore::new(db), sm.clone()).await?;
         Ok(RaftNode { id, me, raft, sm, wire, ident })
@@ -214,7 +223,7 @@ impl RaftNode {
     }
 
     async fn forward_write(&self, leader: NodeId, node: ShoalNode, cmd: &Proposal) -> Attempt {
-        let mut conn = Conn::new(self.wire.clone(), leader, node.raft_addr.clone());
+        let mut conn = Conn::new(self.wire.clone(), leader, node.clone());
         match conn.call(Request::Write(cmd.clone()), FORWARD_TIMEOUT).await {
             Ok(Reply::Write(Ok((result, index)))) => {
                 // Read-your-writes: answer once this node has applied the entry too.
@@ -268,7 +277,7 @@ impl RaftNode {
     }
 
     async fn remote_read_index(&self, leader: NodeId, node: &ShoalNode) -> Result<u64, String> {
-        let mut conn = Conn::new(self.wire.clone(), leader, node.raft_addr.clone());
+        let mut conn = Conn::new(self.wire.clone(), leader, node.clone());
         match conn.call(Request::ReadIndex, FORWARD_TIMEOUT).await {
             Ok(Reply::ReadIndex(r)) => r,
             Ok(_) => Err("unexpected reply".into()),

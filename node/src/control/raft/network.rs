@@ -1,8 +1,9 @@
-//! Raft RPC over TCP: length-prefixed `proto::codec` frames, one request in flight per
-//! connection. Every request names the cluster (its configured name and its identity, see
-//! `ident.rs`) and the target's Raft id, so a node reached at a stale address, or a node of
-//! another cluster, refuses instead of answering. Forwarded client writes and read-index
-//! requests travel the same way.
+//! Raft RPC over mutual TLS (`channel.rs`): length-prefixed `proto::codec` frames, one request
+//! in flight per connection. Every request names the cluster (its configured name and its
+//! identity, see `ident.rs`) and the target's Raft id, so a node reached at a stale address, or
+//! a node of another cluster, refuses instead of answering. The peer's certificate must name
+//! the node dialled, and a certificate the replicated deny list holds ends the connection.
+//! Forwarded client writes and read-index requests travel the same way.
 
 use std::io;
 use std::sync::Arc;
@@ -15,13 +16,14 @@ use openraft::raft::{
     VoteResponse,
 };
 use serde::{Deserialize, Serialize};
-use shoal_proto::Proposal;
-
+use shoal_proto::{Proposal, State};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::client::TlsStream;
 
+use super::channel::{Channel, OtherCluster, RaftTls};
 use super::ident::{AT_HANDSHAKE, ClusterId, Identity};
 use super::{CommandResult, NodeId, ShoalNode, TypeConfig};
-use crate::control::secure::{ClusterKey, OtherCluster, SecureStream};
 
 /// Frame kinds on the Raft port.
 pub const KIND_REQUEST: u8 = 1;
@@ -86,10 +88,14 @@ pub struct Wire {
     pub cluster: String,
     pub me: NodeId,
     pub filter: Option<LinkFilter>,
-    /// The cluster key every connection proves and is sealed with (`None`: a lone node).
-    pub key: Option<ClusterKey>,
+    /// This node's certificate and the cluster CA (`None`: a lone node, it never dials).
+    pub tls: Option<Arc<RaftTls>>,
     /// The cluster identity every handshake and request carries.
     pub ident: Identity,
+    /// The replicated state, for its certificate deny list.
+    pub state: watch::Receiver<Arc<State>>,
+    /// The certificate serial each peer last presented (the leader removes revoked members).
+    pub seen: Arc<std::sync::Mutex<std::collections::HashMap<NodeId, String>>>,
 }
 
 impl Wire {
@@ -97,22 +103,36 @@ impl Wire {
         self.filter.as_ref().is_none_or(|f| f(self.me, to))
     }
 
+    /// Whether the replicated deny list holds this certificate serial.
+    pub fn revoked(&self, serial: &str) -> bool {
+        self.state.borrow().revoked_certs.contains_key(serial)
+    }
+
+    /// The serials peers presented, by Raft id.
+    pub fn seen_serials(&self) -> std::collections::HashMap<NodeId, String> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn envelope(&self, to: NodeId, body: Request) -> Envelope {
         Envelope { cluster: self.cluster.clone(), cluster_id: self.ident.get(), from: self.me, to, body }
     }
 }
 
-/// One lazily connected TCP connection to a peer.
+/// One lazily connected TLS connection to a peer.
 pub struct Conn {
     wire: Wire,
     target: NodeId,
-    addr: String,
-    stream: Option<SecureStream<TcpStream>>,
+    node: ShoalNode,
+    stream: Option<(Channel<TlsStream<TcpStream>>, String)>,
+}
+
+fn unreachable(kind: io::ErrorKind, msg: &str) -> CallError {
+    CallError::Unreachable(io::Error::new(kind, msg.to_string()))
 }
 
 impl Conn {
-    pub fn new(wire: Wire, target: NodeId, addr: String) -> Conn {
-        Conn { wire, target, addr, stream: None }
+    pub fn new(wire: Wire, target: NodeId, node: ShoalNode) -> Conn {
+        Conn { wire, target, node, stream: None }
     }
 
     /// Sends one request and waits for its reply within `timeout`.
@@ -132,27 +152,15 @@ impl Conn {
     }
 
     async fn exchange(&mut self, envelope: &Envelope) -> Result<Reply, CallError> {
-        if self.stream.is_none() {
-            let key =
-                self.wire.key.as_ref().ok_or_else(|| CallError::Unreachable(io::Error::other("no cluster key")))?;
-            // A dead peer's address often answers nothing: give up on connecting early, so a
-            // forwarded write retries towards the new leader instead of waiting out the RPC.
-            let connecting = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await;
-            let tcp = connecting
-                .map_err(|_| CallError::Unreachable(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")))?
-                .map_err(CallError::Unreachable)?;
-            let _ = tcp.set_nodelay(true);
-            let ours = self.wire.ident.get();
-            let secure = SecureStream::connect(tcp, key, &self.wire.cluster, ours).await.map_err(|e| {
-                if let Some(o) = OtherCluster::of(&e) {
-                    self.wire.ident.refused(AT_HANDSHAKE, o.ours, o.theirs);
-                }
-                CallError::Unreachable(e)
-            })?;
-            self.stream = Some(secure);
+        if self.stream.as_ref().is_some_and(|(_, serial)| self.wire.revoked(serial)) {
+            self.stream = None;
+            return Err(unreachable(io::ErrorKind::PermissionDenied, "the peer's certificate is revoked"));
         }
-        let Some(stream) = self.stream.as_mut() else {
-            return Err(CallError::Unreachable(io::Error::other("no stream")));
+        if self.stream.is_none() {
+            self.stream = Some(self.connect().await?);
+        }
+        let Some((stream, _)) = self.stream.as_mut() else {
+            return Err(unreachable(io::ErrorKind::NotConnected, "no stream"));
         };
         stream.send(KIND_REQUEST, envelope).await.map_err(CallError::Network)?;
         let (kind, reply): (u8, Reply) = stream.recv().await.map_err(CallError::Network)?;
@@ -160,6 +168,31 @@ impl Conn {
             return Err(CallError::Network(io::Error::other("unexpected frame kind")));
         }
         Ok(reply)
+    }
+
+    /// TCP, then TLS naming the target node, then the cluster identity exchange.
+    async fn connect(&self) -> Result<(Channel<TlsStream<TcpStream>>, String), CallError> {
+        let tls = self.wire.tls.as_ref().ok_or_else(|| unreachable(io::ErrorKind::NotConnected, "no cluster TLS"))?;
+        // A dead peer's address often answers nothing: give up on connecting early, so a
+        // forwarded write retries towards the new leader instead of waiting out the RPC.
+        let connecting = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.node.raft_addr)).await;
+        let tcp = connecting
+            .map_err(|_| unreachable(io::ErrorKind::TimedOut, "connect timeout"))?
+            .map_err(CallError::Unreachable)?;
+        let _ = tcp.set_nodelay(true);
+        let (mut channel, peer) = tls.connect(tcp, &self.node.name).await.map_err(CallError::Unreachable)?;
+        self.wire.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(self.target, peer.serial.clone());
+        if self.wire.revoked(&peer.serial) {
+            return Err(unreachable(io::ErrorKind::PermissionDenied, "the peer's certificate is revoked"));
+        }
+        let ours = self.wire.ident.get();
+        channel.hello(ours).await.map_err(|e| {
+            if let Some(o) = OtherCluster::of(&e) {
+                self.wire.ident.refused(AT_HANDSHAKE, o.ours, o.theirs);
+            }
+            CallError::Unreachable(e)
+        })?;
+        Ok((channel, peer.serial))
     }
 }
 
@@ -173,7 +206,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Conn;
 
     async fn new_client(&mut self, target: NodeId, node: &ShoalNode) -> Conn {
-        Conn::new(self.wire.clone(), target, node.raft_addr.clone())
+        Conn::new(self.wire.clone(), target, node.clone())
     }
 }
 

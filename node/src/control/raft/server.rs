@@ -2,10 +2,14 @@
 //! connection tasks live in a `JoinSet` owned by the accept loop, so stopping the server also
 //! stops them (a stopped node must not keep answering on old connections).
 //!
-//! Before a connection proves the cluster key it is a stranger's: at most [`MAX_PENDING`] such
+//! Before a connection finishes mutual TLS it is a stranger's: at most [`MAX_PENDING`] such
 //! connections are open at once, at most [`MAX_PENDING_PER_IP`] from one address (so one host's
 //! flood leaves room for the others), each for at most [`HANDSHAKE_TIMEOUT`]; beyond that new
 //! ones are closed at once. Refusals are counted and logged at most once per 10 s.
+//!
+//! After the handshake the peer is the node its certificate names: a request whose sender
+//! Raft id belongs to another member's name is refused, and a certificate the replicated deny
+//! list holds is refused at once and dropped later, when the list grows.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,17 +20,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use super::RaftNode;
+use super::channel::OtherCluster;
 use super::ident::{AT_HANDSHAKE, AT_RPC};
 use super::network::{Envelope, KIND_REPLY, KIND_REQUEST, Reply, Request};
+use crate::control::pki::NodeIdentity;
 use crate::control::ratelog::LogLimiter;
-use crate::control::secure::{OtherCluster, SecureStream};
 use crate::metrics::Metrics;
 
 /// Most connections that have not finished the handshake, in all.
 pub const MAX_PENDING: usize = 128;
 /// Most such connections from one IP address.
 pub const MAX_PENDING_PER_IP: usize = 16;
-/// A connection must finish the key handshake within this time (a peer needs milliseconds).
+/// A connection must finish the TLS handshake within this time (a peer needs milliseconds).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Failed handshakes and refused connections: one WARN per 10 s each, with a count.
@@ -108,7 +113,7 @@ pub async fn serve(listener: TcpListener, node: Arc<RaftNode>, metrics: Arc<Metr
 /// Logs a failed handshake, at most once per 10 s.
 fn handshake_failed(peer: Option<std::net::SocketAddr>, error: &dyn std::fmt::Display) {
     if let Some(suppressed) = HANDSHAKE_LOG.allow() {
-        tracing::warn!(?peer, error = %error, suppressed, "Raft connection refused: no valid cluster key");
+        tracing::warn!(?peer, error = %error, suppressed, "Raft connection refused: no valid node certificate");
     }
 }
 
@@ -116,20 +121,27 @@ fn handshake_failed(peer: Option<std::net::SocketAddr>, error: &dyn std::fmt::Di
 /// handshake is over.
 async fn serve_conn(stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics>, pass: Pass) {
     let peer = stream.peer_addr().ok();
-    let Some(key) = node.wire.key.as_ref() else { return };
-    let handshake = SecureStream::accept(stream, key, &node.wire.cluster, node.ident.get());
+    let Some(tls) = node.wire.tls.clone() else { return };
+    let handshake = async {
+        let (mut channel, who) = tls.accept(stream).await.map_err(|e| ("raft_auth", e))?;
+        if node.wire.revoked(&who.serial) {
+            return Err(("raft_revoked", std::io::Error::other(format!("node {}: certificate revoked", who.node))));
+        }
+        channel.answer_hello(node.ident.get()).await.map_err(|e| ("raft_auth", e))?;
+        Ok((channel, who))
+    };
     let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
     drop(pass);
-    let mut stream = match accepted {
+    let (mut stream, who) = match accepted {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) if OtherCluster::of(&e).is_some() => {
+        Ok(Err((_, e))) if OtherCluster::of(&e).is_some() => {
             if let Some(o) = OtherCluster::of(&e) {
                 node.ident.refused(AT_HANDSHAKE, o.ours, o.theirs);
             }
             return;
         }
-        Ok(Err(e)) => {
-            metrics.rejected_inputs.with_label_values(&["raft_auth"]).inc();
+        Ok(Err((reason, e))) => {
+            metrics.rejected_inputs.with_label_values(&[reason]).inc();
             handshake_failed(peer, &e);
             return;
         }
@@ -150,14 +162,34 @@ async fn serve_conn(stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics
                 return;
             }
         };
+        if node.wire.revoked(&who.serial) {
+            // Revoked while connected: the deny list applies to live connections too.
+            metrics.rejected_inputs.with_label_values(&["raft_revoked"]).inc();
+            return;
+        }
         let reply = if kind != KIND_REQUEST {
             Reply::Refused("expected a request frame".into())
+        } else if let Err(why) = sender_is(&node, &env, &who) {
+            metrics.rejected_inputs.with_label_values(&["raft_identity"]).inc();
+            Reply::Refused(why)
         } else {
             dispatch(&node, env).await
         };
         if stream.send(KIND_REPLY, &reply).await.is_err() {
             return;
         }
+    }
+}
+
+/// A member's Raft id may be claimed only by the node its certificate names; an id the
+/// membership does not know yet (a new node before its first log) rests on the CA alone.
+fn sender_is(node: &RaftNode, env: &Envelope, who: &NodeIdentity) -> Result<(), String> {
+    let membership = node.raft.metrics().borrow().membership_config.clone();
+    match membership.membership().get_node(&env.from) {
+        Some(member) if member.name != who.node => {
+            Err(format!("Raft id {} is node {}, but the certificate names node {}", env.from, member.name, who.node))
+        }
+        _ => Ok(()),
     }
 }
 
