@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use shoal_tests::{HttpBackend, TestNode, eventually, get_text};
+use shoal_tests::{HttpBackend, TestNode, eventually, get_text, rss_kib};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -158,15 +158,6 @@ async fn upgrades_other_than_websocket_never_reach_the_backend() {
     node.stop().await;
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_hold_no_buffers() {
     let b = HttpBackend::start("idle").await;
@@ -176,7 +167,7 @@ async fn idle_keep_alive_connections_hold_no_buffers() {
     })
     .await;
     const CONNS: usize = 1000;
-    let before = rss_kib();
+    let before = rss_kib(std::process::id());
     let mut idle = Vec::with_capacity(CONNS);
     for _ in 0..CONNS {
         let mut s = TcpStream::connect(node.http()).await.expect("connect");
@@ -185,7 +176,7 @@ async fn idle_keep_alive_connections_hold_no_buffers() {
         idle.push(s);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let per_conn = rss_kib().saturating_sub(before) as f64 / CONNS as f64;
+    let per_conn = rss_kib(std::process::id()).saturating_sub(before) as f64 / CONNS as f64;
     // This process also holds the client sockets and the backend's side. hyper's engine held
     // 16 KiB of buffers per idle connection; the engine holds none.
     assert!(per_conn < 8.0, "{per_conn:.1} KiB of RSS per idle keep-alive connection");
