@@ -138,15 +138,13 @@ fn make_room<T>(c: &mut Client<T>, max_head: usize) {
 async fn refuse<T: Transport>(c: &mut Client<T>, ctx: &DpCtx, reject: Reject) {
     ctx.metrics.rejected_inputs.with_label_values(&[reject.metric()]).inc();
     tracing::debug!(reason = reject.reason(), "request refused");
-    let body = emit::error(reject.status(), reject.reason());
-    let local = Local {
-        status: reject.status(),
-        body: &body,
-        location: None,
-        retry_after: false,
-        close: true,
-        head_only: false,
-    };
+    send_error(c, reject.status(), reject.reason()).await;
+}
+
+/// The error answer sent where the connection closes after it: nothing more of the request is read.
+async fn send_error<T: Transport>(c: &mut Client<T>, status: u16, reason: &str) {
+    let body = emit::error(status, reason);
+    let local = Local { status, body: &body, location: None, retry_after: false, close: true, head_only: false };
     send_local(c, &local).await;
 }
 
@@ -303,10 +301,7 @@ async fn finish<T: Transport>(
                 return After::Close;
             };
             pool.metrics.response(status);
-            let body = emit::error(status, e.reason());
-            let local =
-                Local { status, body: &body, location: None, retry_after: false, close: true, head_only: false };
-            send_local(c, &local).await;
+            send_error(c, status, e.reason()).await;
             After::Close
         }
     }
