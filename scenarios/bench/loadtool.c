@@ -729,6 +729,23 @@ static int cmd_ws(int argc, char **argv) {
     return 0;
 }
 
+/* ---------- holding connections open (idle, wsidle) ---------- */
+
+/* Reports the setup, then holds: until stdin has input or closes, or max_hold seconds pass. */
+static void report_setup_and_hold(int open_ok, int errors, uint64_t start, int max_hold) {
+    printf("{\"open\": %d, \"errors\": %d, \"setup_seconds\": %.3f}\n", open_ok, errors,
+           (double)(now_ns() - start) / 1e9);
+    fflush(stdout);
+    struct pollfd in = {.fd = 0, .events = POLLIN};
+    poll(&in, 1, max_hold * 1000);
+}
+
+/* 1 while nothing (no EOF, reset or bytes) is pending on fd: the peer has left it open and quiet. */
+static int still_open(int fd) {
+    struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
+    return poll(&p, 1, 0) == 0;
+}
+
 /* ---------- idle: hold N keep-alive HTTP connections ---------- */
 
 typedef struct {
@@ -820,20 +837,14 @@ static int cmd_idle(int argc, char **argv) {
             }
         }
     }
-    printf("{\"open\": %d, \"errors\": %d, \"setup_seconds\": %.3f}\n", open_ok, errors,
-           (double)(now_ns() - start) / 1e9);
-    fflush(stdout);
-    struct pollfd in = {.fd = 0, .events = POLLIN};
-    poll(&in, 1, max_hold * 1000);
-    /* still open: no EOF or reset pending on the socket */
-    int still_open = 0;
+    report_setup_and_hold(open_ok, errors, start, max_hold);
+    int open_now = 0;
     for (int i = 0; i < started; i++) {
         if (cs[i].done <= 0) continue;
-        struct pollfd p = {.fd = cs[i].fd, .events = POLLIN | POLLRDHUP};
-        if (poll(&p, 1, 0) == 0) still_open++;
+        open_now += still_open(cs[i].fd);
         close(cs[i].fd);
     }
-    printf("{\"still_open\": %d}\n", still_open);
+    printf("{\"still_open\": %d}\n", open_now);
     return 0;
 }
 
@@ -970,23 +981,16 @@ static int cmd_wsidle(int argc, char **argv) {
     int open_ok = 0, errors = 0;
     uint64_t start = now_ns();
     wsidle_open(&w, &to, cs, total, &open_ok, &errors);
-    printf("{\"open\": %d, \"errors\": %d, \"setup_seconds\": %.3f}\n", open_ok, errors,
-           (double)(now_ns() - start) / 1e9);
-    fflush(stdout);
-    struct pollfd in = {.fd = 0, .events = POLLIN};
-    poll(&in, 1, max_hold * 1000);
-    /* still open: nothing (no EOF, reset, close frame or ping) pending on the socket */
-    int still_open = 0;
-    for (int i = 0; i < total; i++) {
-        if (!cs[i].open) continue;
-        struct pollfd p = {.fd = cs[i].fd, .events = POLLIN | POLLRDHUP};
-        if (poll(&p, 1, 0) == 0) still_open++;
-    }
+    report_setup_and_hold(open_ok, errors, start, max_hold);
+    /* A close frame or ping pending counts as not open, as EOF and reset do. */
+    int open_now = 0;
+    for (int i = 0; i < total; i++)
+        if (cs[i].open) open_now += still_open(cs[i].fd);
     int sampled = 0;
     int echo_ok = wsidle_check(&w, cs, total, sample, &sampled);
     for (int i = 0; i < total; i++)
         if (cs[i].fd >= 0) close(cs[i].fd);
-    printf("{\"still_open\": %d, \"sampled\": %d, \"echo_ok\": %d}\n", still_open, sampled, echo_ok);
+    printf("{\"still_open\": %d, \"sampled\": %d, \"echo_ok\": %d}\n", open_now, sampled, echo_ok);
     return 0;
 }
 

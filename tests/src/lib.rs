@@ -37,6 +37,16 @@ pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind((LOCALHOST, 0)).and_then(|s| s.local_addr()).map(|a| a.port()).expect("free udp port")
 }
 
+/// Resident set size of process `pid` in KiB, from `/proc/<pid>/status` (0 where unreadable).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A node running in this process, with its data directory.
 pub struct TestNode {
     pub handle: NodeHandle,

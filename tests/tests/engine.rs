@@ -1,6 +1,7 @@
 //! The HTTP/1 engine's exchange rules, black box: a backend connection is reused only when both
-//! bodies are complete, pipelined requests are answered in order, upgrades other than WebSocket
-//! never reach a backend, and an idle keep-alive connection holds no buffer.
+//! bodies are complete (and not once the backend closed it), pipelined requests are answered in
+//! order, upgrades other than WebSocket never reach a backend, and an idle keep-alive connection
+//! holds no buffer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use shoal_tests::{HttpBackend, TestNode, eventually, get_text};
+use shoal_tests::{HttpBackend, TestNode, eventually, get_text, rss_kib};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -158,15 +159,6 @@ async fn upgrades_other_than_websocket_never_reach_the_backend() {
     node.stop().await;
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_hold_no_buffers() {
     let b = HttpBackend::start("idle").await;
@@ -176,7 +168,7 @@ async fn idle_keep_alive_connections_hold_no_buffers() {
     })
     .await;
     const CONNS: usize = 1000;
-    let before = rss_kib();
+    let before = rss_kib(std::process::id());
     let mut idle = Vec::with_capacity(CONNS);
     for _ in 0..CONNS {
         let mut s = TcpStream::connect(node.http()).await.expect("connect");
@@ -185,7 +177,7 @@ async fn idle_keep_alive_connections_hold_no_buffers() {
         idle.push(s);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let per_conn = rss_kib().saturating_sub(before) as f64 / CONNS as f64;
+    let per_conn = rss_kib(std::process::id()).saturating_sub(before) as f64 / CONNS as f64;
     // This process also holds the client sockets and the backend's side. hyper's engine held
     // 16 KiB of buffers per idle connection; the engine holds none.
     assert!(per_conn < 8.0, "{per_conn:.1} KiB of RSS per idle keep-alive connection");
@@ -193,6 +185,56 @@ async fn idle_keep_alive_connections_hold_no_buffers() {
     for s in idle.iter_mut().step_by(100) {
         s.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
         read_responses(s, 1).await;
+    }
+    node.stop().await;
+}
+
+/// A backend that answers one request per connection (reading its Content-Length body first)
+/// as if keeping the connection, then closes it.
+async fn one_shot_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut s).await else { return };
+                let len = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; len];
+                if s.read_exact(&mut body).await.is_ok() {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The backend closes each connection right after its answer, while the proxy holds it idle:
+/// the next request, a GET or an upload whose body is still on its way (which could not be
+/// replayed on a fresh connection), must not be sent on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_backend_closed_is_not_reused() {
+    let node = node_with("engine-closed", one_shot_backend().await, 1).await;
+    eventually(Duration::from_secs(10), "routable", || async {
+        get_text(node.http(), "/").await.ok().filter(|(s, _)| s.is_success())
+    })
+    .await;
+    for round in 0..3 {
+        // Well within a second: the backend's close has arrived, the connection is still pooled.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, _) = get_text(node.http(), "/again").await.expect("GET");
+        assert!(status.is_success(), "GET in round {round}: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut s = TcpStream::connect(node.http()).await.expect("connect");
+        s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234").await.expect("head");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(b"56789").await.expect("rest of the body");
+        let answer = read_responses(&mut s, 1).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "upload in round {round}: {answer}");
     }
     node.stop().await;
 }

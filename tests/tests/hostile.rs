@@ -139,20 +139,11 @@ async fn invalid_websocket_upgrades_fail_cleanly() {
     node.stop().await;
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_held_by_bounded_buffers() {
     let (node, _b) = node_with_backend("hostile-stall", |_| {}).await;
     let pid = std::process::id();
-    let before = rss_kib(pid);
+    let before = shoal_tests::rss_kib(pid);
     let mut stalled = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(node.http()).await.expect("connect");
@@ -161,7 +152,7 @@ async fn a_client_that_never_reads_is_held_by_bounded_buffers() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     still_serves(&node).await;
-    let grown = rss_kib(pid).saturating_sub(before);
+    let grown = shoal_tests::rss_kib(pid).saturating_sub(before);
     // 4 × 64 MiB were requested; the backend produces them (this process hosts it too), but
     // the proxy holds only socket and stream buffers per stalled client.
     assert!(grown < 600 * 1024, "process RSS grew by {grown} KiB for 4 stalled 64 MiB downloads");

@@ -181,6 +181,26 @@ async fn real_prometheus_scrapes_a_three_node_cluster() {
     let _ = child.wait();
 }
 
+/// Headless Chromium's flags; the virtual time budget lets the status page's script fetch and render.
+const HEADLESS: [&str; 5] =
+    ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=6000"];
+
+/// The DOM of `url` once headless Chromium has run its scripts.
+async fn rendered_dom(chromium: PathBuf, url: String) -> String {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(chromium)
+            .args(HEADLESS)
+            .arg("--dump-dom")
+            .arg(&url)
+            .stderr(Stdio::null())
+            .output()
+            .expect("run chromium")
+    })
+    .await
+    .expect("join");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_renders_nodes_and_pools_in_headless_chromium() {
     let chromium = tool(&["chromium", "chromium-browser"]);
@@ -197,29 +217,14 @@ async fn status_page_renders_nodes_and_pools_in_headless_chromium() {
     let out_dir = repo().join("target");
     std::fs::create_dir_all(&out_dir).expect("target dir");
     let shot = out_dir.join("status-page.png");
-    let common =
-        ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=6000"];
-    let chromium2 = chromium.clone();
-    let url2 = url.clone();
-    let dom = tokio::task::spawn_blocking(move || {
-        Command::new(chromium2)
-            .args(common)
-            .arg("--dump-dom")
-            .arg(&url2)
-            .stderr(Stdio::null())
-            .output()
-            .expect("run chromium")
-    })
-    .await
-    .expect("join");
-    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    let dom = rendered_dom(chromium.clone(), url.clone()).await;
     assert!(dom.contains("data-node=\"obs-page\""), "the node appears: {dom:.2000}");
     assert!(dom.contains("data-pool=\"web\"") && dom.contains("data-pool=\"api\""), "the pools appear: {dom:.2000}");
     assert!(dom.contains("BS_HEALTHY") && dom.contains("PS_FULL"), "health appears: {dom:.3000}");
     let shot2 = shot.clone();
     tokio::task::spawn_blocking(move || {
         let status = Command::new(chromium)
-            .args(common)
+            .args(HEADLESS)
             .arg("--window-size=1280,900")
             .arg(format!("--screenshot={}", shot2.display()))
             .arg(&url)
@@ -246,17 +251,7 @@ async fn status_page_shows_hostile_names_as_text_in_headless_chromium() {
     let node = TestNode::start_in(id, tempfile::tempdir().expect("dir"), |o| o.zone = zone.into()).await;
     node.put("/v1/pools/web", json!({"pattern": "/"})).await;
     let url = format!("http://{}/#token={}", node.handle.admin_addr(), node.token());
-    let dom = tokio::task::spawn_blocking(move || {
-        Command::new(chromium)
-            .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-            .args(["--virtual-time-budget=6000", "--dump-dom", &url])
-            .stderr(Stdio::null())
-            .output()
-            .expect("run chromium")
-    })
-    .await
-    .expect("join");
-    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    let dom = rendered_dom(chromium, url).await;
     assert!(dom.contains("data-pool=\"web\""), "the page rendered: {dom:.2000}");
     assert!(!dom.contains("<img"), "markup from a node's id or zone became an element: {dom:.4000}");
     assert!(!dom.contains("data-node=\"evil\""), "a quote in a value closed the attribute: {dom:.4000}");

@@ -18,28 +18,35 @@ use shoal_tests::{TestNode, eventually};
 
 type Blocked = Arc<Mutex<HashSet<(u64, u64)>>>;
 
-async fn start_three(blocked: &Blocked) -> Vec<TestNode> {
+/// `count` clustered nodes named `{prefix}1..`, node `i` at 127.N.`subnet`.`i` (N from the
+/// process id, so parallel runs keep apart) on `port`, with fast gossip and elections; `seam`
+/// sets a node's link or gossip filter.
+async fn start_cluster(
+    prefix: &str,
+    subnet: u8,
+    port: u16,
+    count: u8,
+    expect: usize,
+    mut seam: impl FnMut(u8, &mut ClusterOptions),
+) -> Vec<TestNode> {
     let net = 200 + (std::process::id() % 50) as u8;
-    let ip = |i: u8| IpAddr::V4(Ipv4Addr::new(127, net, 77, i));
-    let port = 19947;
-    let seeds: Vec<String> = (1..=3).map(|i| SocketAddr::new(ip(i), port).to_string()).collect();
+    let ip = |i: u8| IpAddr::V4(Ipv4Addr::new(127, net, subnet, i));
+    let seeds: Vec<String> = (1..=count).map(|i| SocketAddr::new(ip(i), port).to_string()).collect();
     let ca = shoal_node::control::raft::channel::testing::TestCa::new("shoal");
     let mut nodes = Vec::new();
-    for i in 1..=3u8 {
-        let b = blocked.clone();
-        let filter: LinkFilter =
-            Arc::new(move |from, to| !b.lock().unwrap_or_else(|e| e.into_inner()).contains(&(from, to)));
-        let mut c = ClusterOptions::new(SocketAddr::new(ip(i), port), seeds.clone(), 3, ca.creds(&format!("p{i}")));
+    for i in 1..=count {
+        let creds = ca.creds(&format!("{prefix}{i}"));
+        let mut c = ClusterOptions::new(SocketAddr::new(ip(i), port), seeds.clone(), expect, creds);
         c.gossip_interval = Duration::from_millis(200);
         c.raft = RaftTiming {
             heartbeat: Duration::from_millis(150),
             election_min: Duration::from_millis(800),
             election_max: Duration::from_millis(1600),
         };
-        c.link_filter = Some(filter);
+        seam(i, &mut c);
         let dir = tempfile::tempdir().expect("dir");
         nodes.push(
-            TestNode::start_in(&format!("p{i}"), dir, |o| {
+            TestNode::start_in(&format!("{prefix}{i}"), dir, |o| {
                 o.cluster = Some(c);
                 o.listen_ip = Some(ip(i));
                 o.admin = SocketAddr::new(ip(i), 0);
@@ -48,6 +55,16 @@ async fn start_three(blocked: &Blocked) -> Vec<TestNode> {
         );
     }
     nodes
+}
+
+async fn start_three(blocked: &Blocked) -> Vec<TestNode> {
+    start_cluster("p", 77, 19947, 3, 3, |_, c| {
+        let b = blocked.clone();
+        let filter: LinkFilter =
+            Arc::new(move |from, to| !b.lock().unwrap_or_else(|e| e.into_inner()).contains(&(from, to)));
+        c.link_filter = Some(filter);
+    })
+    .await
 }
 
 async fn leader_of(nodes: &[TestNode], among: &[usize]) -> Option<usize> {
@@ -114,39 +131,17 @@ async fn minority_cannot_commit_and_majority_goes_on() {
 
 /// Four nodes, `--expect 2`, gossip cut {1,2} | {3,4} while `cut` holds.
 async fn start_four_apart(cut: &Arc<AtomicBool>) -> Vec<TestNode> {
-    let net = 200 + (std::process::id() % 50) as u8;
-    let ip = |i: u8| IpAddr::V4(Ipv4Addr::new(127, net, 78, i));
-    let port = 19948;
-    let seeds: Vec<String> = (1..=4).map(|i| SocketAddr::new(ip(i), port).to_string()).collect();
-    let ca = shoal_node::control::raft::channel::testing::TestCa::new("shoal");
     let side = |addr: SocketAddr| match addr.ip() {
         IpAddr::V4(v4) => v4.octets()[3] <= 2,
         IpAddr::V6(_) => false,
     };
-    let mut nodes = Vec::new();
-    for i in 1..=4u8 {
+    start_cluster("m", 78, 19948, 4, 2, |i, c| {
         let cut = cut.clone();
         let mine = i <= 2;
         let filter: GossipFilter = Arc::new(move |peer| !cut.load(Ordering::Relaxed) || side(peer) == mine);
-        let mut c = ClusterOptions::new(SocketAddr::new(ip(i), port), seeds.clone(), 2, ca.creds(&format!("m{i}")));
-        c.gossip_interval = Duration::from_millis(200);
-        c.raft = RaftTiming {
-            heartbeat: Duration::from_millis(150),
-            election_min: Duration::from_millis(800),
-            election_max: Duration::from_millis(1600),
-        };
         c.gossip_filter = Some(filter);
-        let dir = tempfile::tempdir().expect("dir");
-        nodes.push(
-            TestNode::start_in(&format!("m{i}"), dir, |o| {
-                o.cluster = Some(c);
-                o.listen_ip = Some(ip(i));
-                o.admin = SocketAddr::new(ip(i), 0);
-            })
-            .await,
-        );
-    }
-    nodes
+    })
+    .await
 }
 
 /// The Raft ids node `i` has in its membership (voters and learners).

@@ -5,11 +5,12 @@
 //! WebSocket upgrades become tunnels. Pipelined requests are answered in order.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
 use super::h1::buf::Buf;
@@ -61,8 +62,11 @@ struct Tunnel {
 async fn run<T: Transport>(mut c: Client<T>, ctx: Arc<DpCtx>) {
     let mut shutdown = ctx.shutdown.clone();
     let mut deadline = Instant::now() + ctx.limits.header_timeout;
+    // One timer for the connection's life, re-armed for each wait: pushing a deadline later
+    // costs no work in the timer wheel, where a new timer per wait is registered and removed.
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
     loop {
-        let head = match next_head(&mut c, &ctx, deadline, &mut shutdown).await {
+        let head = match next_head(&mut c, &ctx, deadline, timer.as_mut(), &mut shutdown).await {
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(reject) => {
@@ -84,12 +88,14 @@ async fn run<T: Transport>(mut c: Client<T>, ctx: Arc<DpCtx>) {
     let _ = c.io.shutdown().await;
 }
 
-/// Reads until a whole request head is buffered. `Ok(None)`: the connection ends quietly
-/// (closed, idle timeout, or the node draining while nothing is pending).
+/// Reads until a whole request head is buffered, waiting until `deadline` on `timer`.
+/// `Ok(None)`: the connection ends quietly (closed, idle timeout, or the node draining while
+/// nothing is pending).
 async fn next_head<T: Transport>(
     c: &mut Client<T>,
     ctx: &DpCtx,
     mut deadline: Instant,
+    mut timer: Pin<&mut Sleep>,
     shutdown: &mut Shutdown,
 ) -> Result<Option<ReqHead>, Reject> {
     let limits = HeadLimits { max_bytes: ctx.limits.max_header_bytes, max_headers: ctx.limits.max_headers };
@@ -107,20 +113,24 @@ async fn next_head<T: Transport>(
             make_room(c, limits.max_bytes);
         }
         let idle = c.pending().is_empty();
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         let read = tokio::select! {
-            r = tokio::time::timeout_at(deadline, c.read()) => r,
+            // Bytes that came in time win over the timer, as they did over a timeout's.
+            biased;
+            r = c.read() => r,
+            _ = timer.as_mut() => return if idle { Ok(None) } else { Err(Reject::HeadTimeout) },
             _ = shutdown.wait(), if idle => return Ok(None),
         };
         match read {
-            Ok(Ok(n)) if n > 0 => {
+            Ok(n) if n > 0 => {
                 if idle {
                     // The header timeout runs from a head's first byte (or the accept).
                     deadline = deadline.min(Instant::now() + ctx.limits.header_timeout);
                 }
             }
-            Ok(_) => return Ok(None),
-            Err(_) if idle => return Ok(None),
-            Err(_) => return Err(Reject::HeadTimeout),
+            _ => return Ok(None),
         }
     }
 }
@@ -138,15 +148,13 @@ fn make_room<T>(c: &mut Client<T>, max_head: usize) {
 async fn refuse<T: Transport>(c: &mut Client<T>, ctx: &DpCtx, reject: Reject) {
     ctx.metrics.rejected_inputs.with_label_values(&[reject.metric()]).inc();
     tracing::debug!(reason = reject.reason(), "request refused");
-    let body = emit::error(reject.status(), reject.reason());
-    let local = Local {
-        status: reject.status(),
-        body: &body,
-        location: None,
-        retry_after: false,
-        close: true,
-        head_only: false,
-    };
+    send_error(c, reject.status(), reject.reason()).await;
+}
+
+/// The error answer sent where the connection closes after it: nothing more of the request is read.
+async fn send_error<T: Transport>(c: &mut Client<T>, status: u16, reason: &str) {
+    let body = emit::error(status, reason);
+    let local = Local { status, body: &body, location: None, retry_after: false, close: true, head_only: false };
     send_local(c, &local).await;
 }
 
@@ -303,10 +311,7 @@ async fn finish<T: Transport>(
                 return After::Close;
             };
             pool.metrics.response(status);
-            let body = emit::error(status, e.reason());
-            let local =
-                Local { status, body: &body, location: None, retry_after: false, close: true, head_only: false };
-            send_local(c, &local).await;
+            send_error(c, status, e.reason()).await;
             After::Close
         }
     }

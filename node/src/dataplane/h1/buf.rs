@@ -28,12 +28,6 @@ impl std::fmt::Debug for Buf {
     }
 }
 
-impl Default for Buf {
-    fn default() -> Self {
-        Buf::take()
-    }
-}
-
 impl Buf {
     /// A pooled buffer (a fresh one when the pool is empty).
     pub fn take() -> Buf {
@@ -122,11 +116,6 @@ fn give_back(data: Box<[u8]>) {
     });
 }
 
-/// Free buffers of this worker (for tests).
-pub fn free_count() -> usize {
-    FREE.with(|f| f.borrow().len())
-}
-
 /// Appends to a `Buf` with `write!`.
 impl std::fmt::Write for Buf {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
@@ -138,6 +127,11 @@ impl std::fmt::Write for Buf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Free buffers of this thread: shows a buffer went back to the pool.
+    fn free_count() -> usize {
+        FREE.with(|f| f.borrow().len())
+    }
 
     #[test]
     fn buffers_go_back_to_the_pool_and_keep_their_bytes_when_grown() {

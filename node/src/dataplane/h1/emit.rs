@@ -74,12 +74,24 @@ fn forwarding(out: &mut Buf, src: &[u8], head: &ReqHead, id: ClientId) {
             out.put(b", ");
         }
     }
-    let _ = write!(out, "{}\r\nX-Forwarded-Proto: {}\r\nX-Real-IP: {}\r\n", id.ip, id.proto(), id.ip);
+    let ip = IpText::of(id.ip);
+    let proto = id.proto().as_bytes();
+    out.put(ip.bytes());
+    out.put(b"\r\nX-Forwarded-Proto: ");
+    out.put(proto);
+    out.put(b"\r\nX-Real-IP: ");
+    out.put(ip.bytes());
+    out.put(b"\r\nForwarded: for=");
     // RFC 7239 §6: an IPv6 node is bracketed and, having colons, quoted.
-    let _ = match id.ip {
-        IpAddr::V4(ip) => write!(out, "Forwarded: for={ip};proto={}", id.proto()),
-        IpAddr::V6(ip) => write!(out, "Forwarded: for=\"[{ip}]\";proto={}", id.proto()),
-    };
+    if id.ip.is_ipv6() {
+        out.put(b"\"[");
+        out.put(ip.bytes());
+        out.put(b"]\"");
+    } else {
+        out.put(ip.bytes());
+    }
+    out.put(b";proto=");
+    out.put(proto);
     let quotable = |h: &[u8]| h.iter().all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
     if let Some(host) = head.host.map(|h| h.of(src)).filter(|h| !h.is_empty() && quotable(h)) {
         out.put(b";host=\"");
@@ -87,6 +99,34 @@ fn forwarding(out: &mut Buf, src: &[u8], head: &ReqHead, id: ClientId) {
         out.put(b"\"");
     }
     out.put(b"\r\n");
+}
+
+/// The client's address as text, formatted once for the three headers that carry it.
+struct IpText {
+    /// Room for the longest address text (45 bytes, `INET6_ADDRSTRLEN` less its NUL).
+    buf: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    fn of(ip: IpAddr) -> IpText {
+        let mut text = IpText { buf: [0; 45], len: 0 };
+        let _ = write!(text, "{ip}");
+        text
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Write for IpText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 /// How the response body travels to the client.
@@ -205,6 +245,12 @@ mod tests {
         let out = emitted("GET / HTTP/1.0\r\n\r\n", "2001:db8::5", true);
         assert!(out.contains("\r\nHost: 10.0.0.1:80\r\n"), "{out}");
         assert!(out.contains("Forwarded: for=\"[2001:db8::5]\";proto=https\r\n"), "{out}");
+        // The longest address texts fit whole in every header.
+        for ip in ["1111:2222:3333:4444:5555:6666:7777:8888", "::ffff:255.255.255.255"] {
+            let out = emitted("GET / HTTP/1.1\r\nHost: a\r\n\r\n", ip, false);
+            let want = format!("X-Forwarded-For: {ip}\r\nX-Forwarded-Proto: http\r\nX-Real-IP: {ip}\r\n");
+            assert!(out.contains(&want) && out.contains(&format!("for=\"[{ip}]\";")), "{out}");
+        }
     }
 
     #[test]

@@ -142,6 +142,14 @@ impl Upstream {
         }
     }
 
+    /// True while the runtime has not seen the socket readable since a read last drained it.
+    /// A backend never speaks first, so a quiet idle connection is open, up to a close the
+    /// runtime has yet to take in (which the exchange's replay covers). No system call.
+    pub fn quiet(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.tcp().poll_read_ready(&mut cx).is_pending()
+    }
+
     /// A pooled connection is alive when a non-blocking peek finds nothing: a backend never
     /// speaks first, so data or EOF means it is closing (or broken). Peeking leaves a TLS
     /// stream's bytes where they are.
