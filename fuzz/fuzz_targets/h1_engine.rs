@@ -10,8 +10,8 @@
 //!   depend on how much of the stream has arrived: a prefix that ends before the head does is
 //!   `Ok(None)` (or refused when its first bytes cannot start a request, and then the whole
 //!   input is refused too; or `HeadTooLarge`/`UriTooLong` once past the limit, the whole
-//!   input's verdict too), any longer prefix gives exactly the whole input's result; `head_end` resumed from where a
-//!   previous read stopped finds the same end.
+//!   input's verdict too), any longer prefix gives exactly the whole input's result;
+//!   `head_end` resumed from where a previous read stopped finds the same end.
 //! - An accepted head has `len` = the head's end ≤ input length and ≤ the limit, every span
 //!   inside the head, and framing, Host and WebSocket verdicts that agree with its fields.
 //! - `body::Framer` for the head's framing gives the same payload, bytes used and done/error
@@ -85,7 +85,10 @@ fn check_prefixes(data: &[u8], limits: HeadLimits, whole: &Verdict, knob: u8) {
                 assert_eq!(shown(&got), whole_shown, "prefix of {p} bytes (head ends at {e}) parses differently")
             }
             _ if p > limits.max_bytes => {
-                assert!(matches!(got, Err(Reject::HeadTooLarge | Reject::UriTooLong)), "prefix of {p} > limit: {got:?}");
+                assert!(
+                    matches!(got, Err(Reject::HeadTooLarge | Reject::UriTooLong)),
+                    "prefix of {p} > limit: {got:?}"
+                );
                 assert_eq!(shown(&got), whole_shown, "prefix too large but whole is {whole:?}");
             }
             // Bytes that cannot start a request are refused early, and the whole head then too.
