@@ -8,9 +8,10 @@
 //! Properties:
 //! - `head::parse_request` (small and default limits) never panics, and its verdict does not
 //!   depend on how much of the stream has arrived: a prefix that ends before the head does is
-//!   `Ok(None)` (or `HeadTooLarge` once past the limit, which the whole input gets too), any
-//!   longer prefix gives exactly the whole input's result; `head_end` resumed from where a
-//!   previous read stopped finds the same end.
+//!   `Ok(None)` (or refused when its first bytes cannot start a request, and then the whole
+//!   input is refused too; or `HeadTooLarge`/`UriTooLong` once past the limit, the whole
+//!   input's verdict too), any longer prefix gives exactly the whole input's result;
+//!   `head_end` resumed from where a previous read stopped finds the same end.
 //! - An accepted head has `len` = the head's end ≤ input length and ≤ the limit, every span
 //!   inside the head, and framing, Host and WebSocket verdicts that agree with its fields.
 //! - `body::Framer` for the head's framing gives the same payload, bytes used and done/error
@@ -84,10 +85,17 @@ fn check_prefixes(data: &[u8], limits: HeadLimits, whole: &Verdict, knob: u8) {
                 assert_eq!(shown(&got), whole_shown, "prefix of {p} bytes (head ends at {e}) parses differently")
             }
             _ if p > limits.max_bytes => {
-                assert!(matches!(got, Err(Reject::HeadTooLarge)), "prefix of {p} > limit: {got:?}");
-                assert!(matches!(whole, Err(Reject::HeadTooLarge)), "prefix too large but whole is {whole:?}");
+                assert!(
+                    matches!(got, Err(Reject::HeadTooLarge | Reject::UriTooLong)),
+                    "prefix of {p} > limit: {got:?}"
+                );
+                assert_eq!(shown(&got), whole_shown, "prefix too large but whole is {whole:?}");
             }
-            _ => assert!(matches!(got, Ok(None)), "prefix of {p} bytes before the head's end: {got:?}"),
+            // Bytes that cannot start a request are refused early, and the whole head then too.
+            _ => assert!(
+                matches!(got, Ok(None)) || (got.is_err() && whole.is_err()),
+                "prefix of {p} bytes before the head's end: {got:?}, whole: {whole:?}"
+            ),
         }
         // The driver resumes the search where the last read ended.
         if head_end(part, 0).is_none() {
@@ -331,8 +339,8 @@ fn check_stream(data: &[u8], limits: HeadLimits, knob: u8) {
             Ok(Some(h)) => h,
             Ok(None) => return,
             Err(e) => {
-                assert!(matches!(e.status(), 400 | 405 | 431) && !e.reason().is_empty());
-                if e == Reject::HeadTooLarge {
+                assert!(matches!(e.status(), 400 | 405 | 414 | 431 | 505) && !e.reason().is_empty());
+                if matches!(e, Reject::HeadTooLarge | Reject::UriTooLong) {
                     assert!(head_end(rest, 0).map_or(rest.len(), |e| e) > limits.max_bytes);
                 }
                 return;

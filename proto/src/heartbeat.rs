@@ -43,7 +43,7 @@ pub enum Malformed {
     NotText,
     #[error("expected OK, AUTH, NONCE or two addresses")]
     BadShape,
-    #[error("not a socket address")]
+    #[error("not a socket address with a port")]
     BadAddr,
 }
 
@@ -70,9 +70,12 @@ pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, Malformed> {
         (NONCE, None) => return Ok(Datagram::Nonce(b)),
         _ => {}
     }
-    let first = a.parse().map_err(|_| Malformed::BadAddr)?;
-    let second = b.parse().map_err(|_| Malformed::BadAddr)?;
-    Ok(Datagram::Id { first, second, auth })
+    Ok(Datagram::Id { first: address(a)?, second: address(b)?, auth })
+}
+
+/// An address a backend can be reached at: port 0 names no TCP or UDP endpoint.
+fn address(text: &str) -> Result<SocketAddr, Malformed> {
+    text.parse().ok().filter(|a: &SocketAddr| a.port() != 0).ok_or(Malformed::BadAddr)
 }
 
 /// Encodes an identification the way backends send it: TCP address first.
@@ -120,6 +123,8 @@ mod tests {
         assert_eq!(decode(b"ok"), Err(Malformed::BadShape));
         assert_eq!(decode(&[0xff, 0xfe]), Err(Malformed::NotText));
         assert_eq!(decode(b"1.2.3.4:5 nope"), Err(Malformed::BadAddr));
+        assert_eq!(decode(b"0.0.0.0:0 127.0.0.1:7001"), Err(Malformed::BadAddr), "port 0");
+        assert_eq!(decode(b"127.0.0.1:7000 [::1]:0"), Err(Malformed::BadAddr), "port 0");
         assert_eq!(decode(b"a b c d"), Err(Malformed::BadShape));
         assert_eq!(decode(b"OK -1 ab"), Err(Malformed::BadShape));
         assert_eq!(decode(b"OK 1"), Err(Malformed::BadAddr));
@@ -134,7 +139,7 @@ mod tests {
         }
 
         #[test]
-        fn id_round_trips(ia in any::<std::net::IpAddr>(), pa: u16, ib in any::<std::net::IpAddr>(), pb: u16) {
+        fn id_round_trips(ia in any::<std::net::IpAddr>(), pa in 1u16.., ib in any::<std::net::IpAddr>(), pb in 1u16..) {
             let (a, b) = (SocketAddr::new(ia, pa), SocketAddr::new(ib, pb));
             let bytes = encode_id(a, b, None);
             prop_assert_eq!(decode(&bytes), Ok(Datagram::Id { first: a, second: b, auth: None }));

@@ -18,7 +18,7 @@ use super::h1::client::Client;
 use super::h1::emit::{self, Local};
 use super::h1::error::{ProxyError, Reject};
 use super::h1::exchange::{self, Next, TunnelStart, Via};
-use super::h1::head::{Framing, HeadLimits, Method, ReqHead, head_end, parse_request};
+use super::h1::head::{Framing, HeadLimits, Method, ReqHead, head_end, invalid_start, parse_request};
 use super::h1::io::Transport;
 use super::h1::{tunnel, upstream};
 use super::mux::Route;
@@ -108,6 +108,9 @@ async fn next_head<T: Transport>(
                 && let Some(head) = parse_request(pending, limits)?
             {
                 return Ok(Some(head));
+            }
+            if let Some(reject) = invalid_start(pending) {
+                return Err(reject);
             }
             searched = pending.len();
             make_room(c, limits.max_bytes);

@@ -9,6 +9,10 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reject {
     HeadTooLarge,
+    /// The request line alone is longer than the head limit.
+    UriTooLong,
+    /// HTTP/2.0 or later in an HTTP/1 request line.
+    Version,
     TooManyHeaders,
     BareLf,
     Malformed(&'static str),
@@ -25,6 +29,8 @@ impl Reject {
     pub fn status(&self) -> u16 {
         match self {
             Reject::HeadTooLarge | Reject::TooManyHeaders => 431,
+            Reject::UriTooLong => 414,
+            Reject::Version => 505,
             Reject::Connect => 405,
             Reject::HeadTimeout => 408,
             _ => 400,
@@ -34,6 +40,8 @@ impl Reject {
     pub fn reason(&self) -> &'static str {
         match self {
             Reject::HeadTooLarge => "request head too large",
+            Reject::UriTooLong => "request target too long",
+            Reject::Version => "HTTP version not supported",
             Reject::TooManyHeaders => "too many header fields",
             Reject::BareLf => "bare LF line ending in the request head",
             Reject::Connect => "CONNECT is not supported",

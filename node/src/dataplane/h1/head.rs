@@ -191,10 +191,13 @@ pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 /// Parses a request head from the start of `buf`. `Ok(None)`: not complete yet.
 pub fn parse_request(buf: &[u8], limits: HeadLimits) -> Result<Option<ReqHead>, Reject> {
     let Some(end) = head_end(buf, 0) else {
-        return if buf.len() > limits.max_bytes { Err(Reject::HeadTooLarge) } else { Ok(None) };
+        if buf.len() > limits.max_bytes {
+            return Err(too_large(buf, limits.max_bytes));
+        }
+        return invalid_start(buf).map_or(Ok(None), Err);
     };
     if end > limits.max_bytes {
-        return Err(Reject::HeadTooLarge);
+        return Err(too_large(buf, limits.max_bytes));
     }
     let buf = &buf[..end];
     if has_bare_lf(buf) {
@@ -207,6 +210,7 @@ pub fn parse_request(buf: &[u8], limits: HeadLimits) -> Result<Option<ReqHead>, 
         Ok(httparse::Status::Complete(n)) if n == end => {}
         Ok(_) => return Err(Reject::Malformed("incomplete head")),
         Err(httparse::Error::TooManyHeaders) => return Err(Reject::TooManyHeaders),
+        Err(httparse::Error::Version) if newer_major_version(buf) => return Err(Reject::Version),
         Err(e) => return Err(Reject::Malformed(parse_error(e))),
     }
     let method = req.method.unwrap_or("");
@@ -225,6 +229,45 @@ fn parse_error(e: httparse::Error) -> &'static str {
         httparse::Error::Version => "unsupported HTTP version",
         _ => "malformed request head",
     }
+}
+
+/// RFC 9112 §3: a request line that does not fit in the head limit has a target longer than
+/// the proxy parses (414, a MUST); a longer head with a short request line has too many or too
+/// large fields (431).
+fn too_large(buf: &[u8], max_bytes: usize) -> Reject {
+    let line = &buf[..max_bytes.min(buf.len())][line_start(buf).min(max_bytes)..];
+    if line.contains(&b'\n') { Reject::HeadTooLarge } else { Reject::UriTooLong }
+}
+
+/// Where the request line begins: after any empty lines (RFC 9112 §2.2 lets a server skip
+/// them, and httparse does).
+fn line_start(buf: &[u8]) -> usize {
+    buf.iter().position(|b| !matches!(b, b'\r' | b'\n')).unwrap_or(buf.len())
+}
+
+/// Bytes that cannot begin a request line whatever follows (a TLS ClientHello, binary noise):
+/// refused at once instead of holding the connection until the head timeout. Never stricter
+/// than httparse on the whole head: empty lines may come first (RFC 9112 §2.2), then the
+/// method is a token up to its space.
+pub fn invalid_start(buf: &[u8]) -> Option<Reject> {
+    let line = &buf[line_start(buf)..];
+    let method = line.iter().position(|&b| b == b' ').map_or(line, |sp| &line[..sp]);
+    let bad = (method.is_empty() && line.len() > method.len()) || !method.iter().all(|&b| is_tchar(b));
+    bad.then_some(Reject::Malformed("invalid method or request line"))
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// `HTTP/2.0` and later in an HTTP/1 request line: the version, not the request, is refused
+/// (RFC 9110 §15.6.6, 505). Anything else httparse calls a bad version is a 400.
+fn newer_major_version(head: &[u8]) -> bool {
+    let line = head[line_start(head)..].split(|&b| b == b'\r').next().unwrap_or(&[]);
+    let version = line.rsplit(|&b| b == b' ').next().unwrap_or(&[]);
+    matches!(version, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+        if (b'2'..=b'9').contains(major) && minor.is_ascii_digit())
 }
 
 /// A LF not preceded by CR: some parsers end lines there and others do not.
@@ -399,10 +442,41 @@ fn single_host(buf: &[u8], fields: &[Field], minor: u8) -> Result<Option<Span>, 
     }
 }
 
-/// `host[:port]` with a reg-name, IPv4 or bracketed IPv6 host.
+/// RFC 9112 §3.2 `Host = uri-host [ ":" port ]`: a reg-name or IPv4 address, or an IPv6
+/// address in brackets, then at most one port of digits that names a TCP port (`x:y`, `a:b:c`
+/// and `x:99999` are refused: a proxy must not route by a Host it cannot read one way).
 fn valid_host(v: &[u8]) -> bool {
-    let allowed = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:%[]".contains(b);
-    !v.is_empty() && v.len() <= 255 && v.iter().all(allowed)
+    if v.is_empty() || v.len() > 255 {
+        return false;
+    }
+    let (host, port) = if v[0] == b'[' {
+        let Some(close) = v.iter().position(|&b| b == b']') else { return false };
+        let literal = std::str::from_utf8(&v[1..close]).ok();
+        if literal.and_then(|l| l.parse::<std::net::Ipv6Addr>().ok()).is_none() {
+            return false;
+        }
+        (&v[..=close], &v[close + 1..])
+    } else {
+        let colon = v.iter().position(|&b| b == b':').unwrap_or(v.len());
+        let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
+        if colon == 0 || !v[..colon].iter().all(reg_name) {
+            return false;
+        }
+        (&v[..colon], &v[colon..])
+    };
+    !host.is_empty() && valid_port(port)
+}
+
+/// Empty, or `:` and digits up to 65535 (`port = *DIGIT`, so `host:` is allowed).
+fn valid_port(port: &[u8]) -> bool {
+    match port {
+        [] | [b':'] => true,
+        [b':', digits @ ..] => {
+            digits.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(digits).ok().and_then(|d| d.parse::<u16>().ok()).is_some()
+        }
+        _ => false,
+    }
 }
 
 /// The target in origin form: the path and query, from an absolute-form URI after checking its
@@ -602,7 +676,20 @@ mod tests {
                 "POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Key: k\r\n\r\n",
                 400,
             ),
-            ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a:b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: [zz]\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: :80\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a]\r\n\r\n", 400),
+            ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+            ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+            ("\r\nGET / HTTP/3.0\r\nHost: a\r\n\r\n", 505),
+            ("GET / HTTP/1.2\r\nHost: a\r\n\r\n", 400),
+            ("GET / http/1.1\r\nHost: a\r\n\r\n", 400),
+            ("GET / HTTP/2\r\nHost: a\r\n\r\n", 400),
+            ("GET /\r\n\r\n", 400),
         ];
         for (raw, status) in cases {
             assert_eq!(refused(raw), status, "{raw:?}");
@@ -667,6 +754,57 @@ mod tests {
         let raw = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
         assert_eq!(refused(&raw), 431);
         assert!(parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n", LIMITS).expect("partial").is_none());
+    }
+
+    #[test]
+    fn hosts_follow_the_uri_grammar() {
+        for ok in ["a", "a.example:80", "a:", "127.0.0.1:65535", "[::1]", "[::1]:8080", "[::ffff:1.2.3.4]", "x_y~z"] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        let bad = [
+            "",
+            "a b",
+            ":80",
+            "a:b",
+            "a:1:2",
+            "a:65536",
+            "a:-1",
+            "a:+1",
+            "[::1",
+            "[]",
+            "[1::2::3]",
+            "[::1]x",
+            "a/b",
+            "a@b",
+        ];
+        for bad in bad {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_request_line_beyond_the_limit_is_414_and_other_large_heads_431() {
+        let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
+        assert_eq!(parse_request(long.as_bytes(), LIMITS).expect_err("too long").status(), 414);
+        assert_eq!(parse_request(&long.as_bytes()[..8200], LIMITS).expect_err("too long so far").status(), 414);
+        let after_empty_line = format!("\r\n{long}");
+        assert_eq!(parse_request(after_empty_line.as_bytes(), LIMITS).expect_err("too long").status(), 414);
+        let fields = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "a".repeat(9000));
+        assert_eq!(parse_request(fields.as_bytes(), LIMITS).expect_err("too large").status(), 431);
+    }
+
+    #[test]
+    fn bytes_that_cannot_start_a_request_are_refused_before_the_head_ends() {
+        for bad in
+            [&b"\x16\x03\x01\x02\x00\x01"[..], b"\x00", b" GET", b"\r\n GET", b"GE(T / HTTP/1.1\r\n", b"GET\r\nHost"]
+        {
+            let got = parse_request(bad, LIMITS);
+            assert_eq!(got.expect_err("refused early").status(), 400, "{:?}", String::from_utf8_lossy(bad));
+        }
+        for fine in [&b""[..], b"\r\n", b"G", b"GET", b"GET /", b"BREW /x HTTP/1.1\r\nHost", b"\r\nget / HTTP/1.1\r\n"]
+        {
+            assert!(parse_request(fine, LIMITS).expect("may still be a request").is_none(), "{fine:?}");
+        }
     }
 
     #[test]
