@@ -16,11 +16,13 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use shoal_proto::State;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::RaftNode;
-use super::channel::OtherCluster;
+use super::channel::{Channel, OtherCluster};
 use super::ident::{AT_HANDSHAKE, AT_RPC};
 use super::network::{Envelope, KIND_REPLY, KIND_REQUEST, Reply, Request};
 use crate::control::pki::NodeIdentity;
@@ -151,34 +153,100 @@ async fn serve_conn(stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics
             return;
         }
     };
+    let mut deny = node.wire.state.clone();
     loop {
-        let (kind, env): (u8, Envelope) = match stream.recv().await {
-            Ok(frame) => frame,
-            Err(e) => {
-                if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::PermissionDenied) {
-                    metrics.rejected_inputs.with_label_values(&["raft_frame"]).inc();
-                    tracing::debug!(?peer, error = %e, "dropping a connection that sent an invalid Raft frame");
-                }
+        let (kind, env) = match next_frame(&mut stream, &node, &who.serial, &mut deny).await {
+            Next::Frame(kind, env) => (kind, *env),
+            Next::Revoked => {
+                // The deny list applies to live connections too, idle ones included.
+                metrics.rejected_inputs.with_label_values(&["raft_revoked"]).inc();
                 return;
             }
+            Next::Invalid(e) => {
+                metrics.rejected_inputs.with_label_values(&["raft_frame"]).inc();
+                tracing::debug!(?peer, error = %e, "dropping a connection that sent an invalid Raft frame");
+                return;
+            }
+            Next::Closed => return,
         };
-        if node.wire.revoked(&who.serial) {
-            // Revoked while connected: the deny list applies to live connections too.
-            metrics.rejected_inputs.with_label_values(&["raft_revoked"]).inc();
-            return;
-        }
-        let reply = if kind != KIND_REQUEST {
-            Reply::Refused("expected a request frame".into())
-        } else if let Err(why) = sender_is(&node, &env, &who) {
-            metrics.rejected_inputs.with_label_values(&["raft_identity"]).inc();
-            Reply::Refused(why)
-        } else {
-            dispatch(&node, env).await
+        let reply = match admissible(&node, kind, &env, &who) {
+            Err((counted, why)) => {
+                metrics.rejected_inputs.with_label_values(&[counted]).inc();
+                Reply::Refused(why)
+            }
+            Ok(()) => dispatch(&node, env).await,
         };
         if stream.send(KIND_REPLY, &reply).await.is_err() {
             return;
         }
     }
+}
+
+/// What an authenticated connection brought next.
+enum Next {
+    Frame(u8, Box<Envelope>),
+    /// The deny list took the peer's certificate (counted as `raft_revoked`).
+    Revoked,
+    /// A frame that is not a Raft envelope (counted as `raft_frame`).
+    Invalid(std::io::Error),
+    /// The peer went away.
+    Closed,
+}
+
+/// Waits for the next frame, ending early when the deny list takes `serial`: the read is
+/// kept across state changes (a frame half read is not lost), and dropped only on revocation.
+async fn next_frame<S>(
+    stream: &mut Channel<S>,
+    node: &RaftNode,
+    serial: &str,
+    deny: &mut watch::Receiver<Arc<State>>,
+) -> Next
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if node.wire.revoked(serial) {
+        return Next::Revoked;
+    }
+    let recv = stream.recv::<Envelope>();
+    tokio::pin!(recv);
+    let frame = loop {
+        tokio::select! {
+            frame = &mut recv => break frame,
+            changed = deny.changed() => match changed {
+                Ok(()) if node.wire.revoked(serial) => return Next::Revoked,
+                Ok(()) => {}
+                // The node is stopping: no more deny-list changes to wait for.
+                Err(_) => break (&mut recv).await,
+            },
+        }
+    };
+    match frame {
+        // Revoked while the frame arrived: refused rather than served.
+        Ok(_) if node.wire.revoked(serial) => Next::Revoked,
+        Ok((kind, env)) => Next::Frame(kind, Box::new(env)),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::PermissionDenied) => {
+            Next::Invalid(e)
+        }
+        Err(_) => Next::Closed,
+    }
+}
+
+/// Refuses, with the `shoal_rejected_inputs_total` kind to count, a frame that is not a
+/// request, a request claiming a member's Raft id the certificate does not name
+/// (`raft_identity`), or one meant for another cluster or node (`raft_misdirected`: a peer
+/// with a stale address book, or a probe).
+fn admissible(node: &RaftNode, kind: u8, env: &Envelope, who: &NodeIdentity) -> Result<(), (&'static str, String)> {
+    if kind != KIND_REQUEST {
+        return Err(("raft_frame", "expected a request frame".into()));
+    }
+    sender_is(node, env, who).map_err(|why| ("raft_identity", why))?;
+    if env.cluster != node.wire.cluster {
+        return Err(("raft_misdirected", format!("this node belongs to cluster {:?}", node.wire.cluster)));
+    }
+    if env.to != node.id {
+        return Err(("raft_misdirected", format!("this is node {}, not {}", node.id, env.to)));
+    }
+    Ok(())
 }
 
 /// A member's Raft id may be claimed only by the node its certificate names; an id the
@@ -193,13 +261,8 @@ fn sender_is(node: &RaftNode, env: &Envelope, who: &NodeIdentity) -> Result<(), 
     }
 }
 
+/// Answers an admissible request.
 async fn dispatch(node: &RaftNode, env: Envelope) -> Reply {
-    if env.cluster != node.wire.cluster {
-        return Reply::Refused(format!("this node belongs to cluster {:?}", node.wire.cluster));
-    }
-    if env.to != node.id {
-        return Reply::Refused(format!("this is node {}, not {}", node.id, env.to));
-    }
     if !node.wire.filter.as_ref().is_none_or(|f| f(env.from, node.id)) {
         return Reply::Refused("link blocked".into());
     }
