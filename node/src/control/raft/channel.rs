@@ -26,8 +26,8 @@ use super::ident::{ClusterId, compatible};
 use crate::control::pki::{self, NodeIdentity, PkiError};
 
 /// Frame kinds of the identity exchange (requests and replies use the callers' kinds).
-const KIND_HELLO: u8 = 10;
-const KIND_HELLO_ACK: u8 = 11;
+pub const KIND_HELLO: u8 = 10;
+pub const KIND_HELLO_ACK: u8 = 11;
 
 /// The files a node's channel is made of.
 #[derive(Clone, Debug)]
@@ -260,14 +260,15 @@ fn same_cluster(ours: Option<ClusterId>, theirs: Option<ClusterId>) -> io::Resul
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct Hello {
+/// The body of both identity-exchange frames.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Hello {
     /// The sender's cluster identity (`None`: not initialized yet).
-    id: Option<ClusterId>,
+    pub id: Option<ClusterId>,
 }
 
 /// Largest frame of the identity exchange.
-const MAX_HELLO: usize = 256;
+pub const MAX_HELLO: usize = 256;
 
 /// Codec frames over an authenticated stream.
 pub struct Channel<S> {
