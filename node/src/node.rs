@@ -82,7 +82,7 @@ impl ClusterOptions {
             join,
             expect,
             name: creds.tls.me().cluster.clone(),
-            gossip_interval: Duration::from_millis(500),
+            gossip_interval: Duration::from_millis(200),
             probe_replicas: 2,
             policy: Policy::default(),
             raft: RaftTiming::default(),

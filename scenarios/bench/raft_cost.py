@@ -68,6 +68,8 @@ class Cluster:
                     "--join", seeds, "--expect", "3", "--admin", self.admins[i - 1],
                     "--listen-ip", ip(round_no, i), "--http-port", str(HTTP_PORT),
                     "--data-dir", str(self.work / node), "--token-file", str(token), "--threads", "1",
+                    # The same Raft timing for both binaries: only the channel differs.
+                    "--raft-heartbeat-ms", "100", "--election-timeout-ms", "400",
                     *creds(binary, self.work, node)]
             log = open(self.work / f"{node}.log", "w")
             self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL))

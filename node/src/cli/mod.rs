@@ -215,14 +215,15 @@ pub struct NodeArgs {
     /// Seconds a voter must be unreachable before the leader removes it.
     #[arg(long, default_value_t = 120)]
     pub dead_voter_grace: u64,
-    /// Gossip round interval in milliseconds.
-    #[arg(long, default_value_t = 500, hide = true)]
+    /// Gossip round interval in milliseconds (a silent node is marked dead after about eight
+    /// mean intervals between its heartbeats).
+    #[arg(long, default_value_t = 200, hide = true)]
     pub gossip_interval_ms: u64,
     /// Raft heartbeat interval in milliseconds.
-    #[arg(long, default_value_t = 200, hide = true)]
+    #[arg(long, default_value_t = 100, hide = true)]
     pub raft_heartbeat_ms: u64,
-    /// Raft minimum election timeout in milliseconds (the maximum is twice that).
-    #[arg(long, default_value_t = 800, hide = true)]
+    /// Raft minimum election timeout in milliseconds (the maximum is 1.5 times that).
+    #[arg(long, default_value_t = 400, hide = true)]
     pub election_timeout_ms: u64,
 }
 
@@ -311,11 +312,10 @@ impl NodeArgs {
         c.probe_replicas = self.probe_replicas.max(1);
         c.policy.dead_grace = Duration::from_secs(self.dead_voter_grace);
         c.gossip_interval = Duration::from_millis(self.gossip_interval_ms.max(10));
-        c.raft = RaftTiming {
-            heartbeat: Duration::from_millis(self.raft_heartbeat_ms.max(10)),
-            election_min: Duration::from_millis(self.election_timeout_ms.max(self.raft_heartbeat_ms + 1)),
-            election_max: Duration::from_millis(2 * self.election_timeout_ms.max(self.raft_heartbeat_ms + 1)),
-        };
+        c.raft = RaftTiming::new(
+            Duration::from_millis(self.raft_heartbeat_ms.max(10)),
+            Duration::from_millis(self.election_timeout_ms),
+        );
         Ok(Some(c))
     }
 
