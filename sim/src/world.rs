@@ -430,9 +430,8 @@ impl World {
         let Some(node) = self.nodes.get(&leader) else { return };
         let m = node.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        if membership.get_joint_config().len() > 1 {
-            return;
-        }
+        let configs = membership.get_joint_config();
+        let joint = (configs.len() > 1).then(|| configs.last().cloned().unwrap_or_default());
         let now = Instant::now();
         let view = View {
             me: leader,
@@ -442,6 +441,7 @@ impl World {
             absent: self.gone_since.iter().map(|(id, t)| (*id, now - *t)).collect(),
             matched: m.replication.iter().flatten().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect(),
             last_log_index: m.last_log_index.unwrap_or(0),
+            joint,
             ..View::default()
         };
         let policy = Policy {
@@ -650,6 +650,9 @@ async fn execute(r: &Raft, action: Action) -> Result<(), String> {
         }
         Action::RemoveLearner(id) => {
             r.change_membership(ChangeMembers::RemoveNodes([id].into()), false).await.map(|_| ())
+        }
+        Action::FinishJoint(goal) => {
+            r.change_membership(ChangeMembers::ReplaceAllVoters(goal), false).await.map(|_| ())
         }
     };
     result.map_err(|e| e.to_string())
