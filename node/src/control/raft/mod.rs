@@ -5,6 +5,7 @@
 pub mod channel;
 pub mod ident;
 pub mod network;
+pub mod rt;
 pub mod server;
 pub mod state_machine;
 pub mod store;
@@ -57,7 +58,8 @@ openraft::declare_raft_types!(
         Node = ShoalNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
+        // tokio; a seam lets the simulation seed the election-timeout draw.
+        AsyncRuntime = rt::ShoalRt,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;
@@ -134,6 +136,22 @@ pub fn load_or_create_id(dir: &Path) -> anyhow::Result<NodeId> {
     Ok(id)
 }
 
+/// openraft's configuration for a shoal node (the simulation uses the same).
+pub fn raft_config(cluster: &str, timing: &RaftTiming) -> anyhow::Result<Config> {
+    let config = Config {
+        cluster_name: cluster.to_string(),
+        heartbeat_interval: timing.heartbeat.as_millis() as u64,
+        election_timeout_min: timing.election_min.as_millis() as u64,
+        election_timeout_max: timing.election_max.as_millis() as u64,
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(500),
+        max_in_snapshot_log_to_keep: 500,
+        snapshot_max_chunk_size: 1024 * 1024,
+        ..Config::default()
+    };
+    Ok(config.validate()?)
+}
+
 impl RaftNode {
     /// Opens storage under `dir` and starts the Raft core.
     pub async fn start(dir: &Path, me: ShoalNode, net: RaftNet, timing: &RaftTiming) -> anyhow::Result<RaftNode> {
@@ -144,18 +162,7 @@ impl RaftNode {
         let db = Db::open(&dir.join("raft.redb"))?;
         let sm = StateMachine::open(db.clone())?;
         let ident = Identity::open(db.clone(), mismatches)?;
-        let config = Config {
-            cluster_name: cluster.to_string(),
-            heartbeat_interval: timing.heartbeat.as_millis() as u64,
-            election_timeout_min: timing.election_min.as_millis() as u64,
-            election_timeout_max: timing.election_max.as_millis() as u64,
-            install_snapshot_timeout: 10_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(500),
-            max_in_snapshot_log_to_keep: 500,
-            snapshot_max_chunk_size: 1024 * 1024,
-            ..Config::default()
-        }
-        .validate()?;
+        let config = raft_config(cluster, timing)?;
         let wire = Wire {
             cluster: cluster.to_string(),
             me: id,
