@@ -247,10 +247,18 @@ impl World {
     }
 
     /// Voters in the current leader's membership config.
+    /// The leader and its voters, only while its membership is uniform and applied: a fault
+    /// decided against a config still in flight could leave the config that stays with no
+    /// live majority (seed 476: two voters stopped for good under a lost config change).
     fn voters(&self) -> Option<(NodeId, BTreeSet<NodeId>)> {
         let leader = client::leader(&self.net)?;
         let m = self.nodes.get(&leader)?.raft.metrics().borrow().clone();
-        Some((leader, m.membership_config.membership().voter_ids().collect()))
+        let config = &m.membership_config;
+        let applied = config.log_id().map(|l| l.index) <= m.last_applied.map(|l| l.index);
+        if !applied || config.membership().get_joint_config().len() > 1 {
+            return None;
+        }
+        Some((leader, config.membership().voter_ids().collect()))
     }
 
     /// Whether stopping one more of the voters still leaves a live majority of them.

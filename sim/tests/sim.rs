@@ -33,7 +33,7 @@ fn fixed_seeds_pass() {
 }
 
 /// Seeds that once found a bug; more join the list as they are found.
-const REGRESSIONS: &[u64] = &[3];
+const REGRESSIONS: &[u64] = &[3, 476];
 
 /// Seeds that once found a bug, run for their full simulated minute.
 #[test]
