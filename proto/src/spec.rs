@@ -20,7 +20,8 @@ pub struct State {
     #[serde(default)]
     pub pools: BTreeMap<String, Pool>,
     /// Node certificates the cluster port refuses: serial (lower-case hex) → the node it named.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Always serialized: bincode (not self-describing) cannot skip a field.
+    #[serde(default)]
     pub revoked_certs: BTreeMap<String, String>,
 }
 
