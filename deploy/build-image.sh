@@ -5,7 +5,7 @@
 #   3. `docker build`s deploy/Dockerfile (FROM scratch: no base image is pulled);
 #   4. creates deploy/secrets/ for deploy/docker-compose.yml when missing (never overwritten: the
 #      nodes must keep their CA): the cluster CA (ca/), one --cluster-tls directory per node
-#      (shoal-1..3/: node certificate and key, CA certificate, gossip key) and admin.token.
+#      (shoal-1..5/: node certificate and key, CA certificate, gossip key) and admin.token.
 #
 # Usage: deploy/build-image.sh
 # Environment:
@@ -61,7 +61,8 @@ if [[ ! -s $secrets/ca/ca.key ]]; then
     "$bin" cert ca --cluster shoal --out "$secrets/ca" >/dev/null
     echo "created the cluster CA in $secrets/ca"
 fi
-for node in shoal-1 shoal-2 shoal-3; do
+# shoal-4 and shoal-5 are the compose profile "grow" (scenarios: a cluster grown to five).
+for node in shoal-1 shoal-2 shoal-3 shoal-4 shoal-5; do
     if [[ ! -s $secrets/$node/node.key ]]; then
         "$bin" cert node --ca "$secrets/ca" --id "$node" --out "$secrets/$node" >/dev/null
         echo "created $secrets/$node (certificate of node $node)"

@@ -25,7 +25,7 @@ use crate::control::gossip_auth::GossipFilter;
 use crate::control::membership::{self, Policy};
 use crate::control::raft::channel::{RaftTls, TlsFiles};
 use crate::control::raft::network::LinkFilter;
-use crate::control::raft::{RaftNet, RaftNode, RaftTiming, ShoalNode, server};
+use crate::control::raft::{RaftNet, RaftNode, RaftTiming, ShoalNode, quorum, server};
 use crate::control::secure::ClusterKey;
 use crate::dataplane::tls::{self, CertFiles, TlsStore};
 use crate::dataplane::{DataPlane, DpCtx, Limits, ListenerKind};
@@ -549,6 +549,8 @@ async fn start_cluster(
     tasks.push(tokio::spawn(membership::bootstrap(raft.clone(), gossip.clone(), expect, shutdown.clone())));
     tasks.push(tokio::spawn(membership::publish_identity(raft.clone(), gossip.clone(), shutdown.clone())));
     tasks.push(tokio::spawn(watch_cluster_certificate(c.creds.tls.clone(), metrics.clone())));
+    let limit = quorum::QuorumWatch::limit_for(c.raft.election_max);
+    tasks.push(tokio::spawn(quorum::run(raft.clone(), limit, shutdown.clone())));
     tasks.push(tokio::spawn(membership::reconcile(
         raft.clone(),
         gossip.members.clone(),

@@ -219,11 +219,14 @@ pub struct NodeArgs {
     /// mean intervals between its heartbeats).
     #[arg(long, default_value_t = 200, hide = true)]
     pub gossip_interval_ms: u64,
-    /// Raft heartbeat interval in milliseconds.
-    #[arg(long, default_value_t = 100, hide = true)]
+    /// Raft heartbeat interval in milliseconds; also the deadline of every replication RPC, so
+    /// it must exceed the round trip between nodes (raise it with --election-timeout-ms for
+    /// nodes farther apart than ~50 ms).
+    #[arg(long, default_value_t = 100)]
     pub raft_heartbeat_ms: u64,
-    /// Raft minimum election timeout in milliseconds (the maximum is 1.5 times that).
-    #[arg(long, default_value_t = 400, hide = true)]
+    /// Raft minimum election timeout in milliseconds (the maximum is 1.5 times that); keep it at
+    /// least four heartbeat intervals.
+    #[arg(long, default_value_t = 400)]
     pub election_timeout_ms: u64,
 }
 
@@ -312,6 +315,13 @@ impl NodeArgs {
         c.probe_replicas = self.probe_replicas.max(1);
         c.policy.dead_grace = Duration::from_secs(self.dead_voter_grace);
         c.gossip_interval = Duration::from_millis(self.gossip_interval_ms.max(10));
+        if self.election_timeout_ms < 3 * self.raft_heartbeat_ms.max(10) {
+            return Err(format!(
+                "--election-timeout-ms {} must be at least three times --raft-heartbeat-ms {} \
+                 (followers would elect while the leader is healthy)",
+                self.election_timeout_ms, self.raft_heartbeat_ms
+            ));
+        }
         c.raft = RaftTiming::new(
             Duration::from_millis(self.raft_heartbeat_ms.max(10)),
             Duration::from_millis(self.election_timeout_ms),

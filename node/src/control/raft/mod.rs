@@ -5,6 +5,7 @@
 pub mod channel;
 pub mod ident;
 pub mod network;
+pub mod quorum;
 pub mod rt;
 pub mod server;
 pub mod state_machine;
@@ -123,6 +124,8 @@ pub struct RaftNode {
     pub ident: Identity,
 }
 
+const STEPPING_DOWN: &str = "the leader has lost contact with a quorum and is stepping down";
+
 /// Reads the node's stable Raft id, creating a random one on first boot.
 pub fn load_or_create_id(dir: &Path) -> anyhow::Result<NodeId> {
     let path = dir.join("node_id");
@@ -171,6 +174,7 @@ impl RaftNode {
             ident: ident.clone(),
             state: sm.subscribe(),
             seen: Arc::default(),
+            stepping_down: quorum::SteppingDown::default(),
         };
         let network = Network { wire: wire.clone() };
         let raft = Raft::new(id, Arc::new(config), network, LogStore::new(db), sm.clone()).await?;
@@ -230,6 +234,9 @@ impl RaftNode {
     }
 
     async fn try_propose(&self, cmd: &Proposal) -> Attempt {
+        if self.wire.stepping_down.get() {
+            return Attempt::Retry(STEPPING_DOWN.into());
+        }
         match self.raft.client_write(cmd.clone()).await {
             Ok(resp) => Attempt::Done(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match (f.leader_id, f.leader_node) {
@@ -259,6 +266,9 @@ impl RaftNode {
 
     /// Runs a forwarded write on this node, which must be the leader.
     pub async fn write_as_leader(&self, cmd: Proposal) -> Result<(CommandResult, u64), String> {
+        if self.wire.stepping_down.get() {
+            return Err(STEPPING_DOWN.into());
+        }
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok((resp.data, resp.log_id.index)),
             Err(e) => Err(e.to_string()),

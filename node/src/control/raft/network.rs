@@ -1,5 +1,5 @@
 //! Raft RPC over mutual TLS (`channel.rs`): length-prefixed `proto::codec` frames, one request
-//! in flight per connection. Every request names the cluster (its configured name and its
+//! in flight per connection, each connection owned by a task of its own (see [`Conn`]). Every request names the cluster (its configured name and its
 //! identity, see `ident.rs`) and the target's Raft id, so a node reached at a stale address, or
 //! a node of another cluster, refuses instead of answering. The peer's certificate must name
 //! the node dialled, and a certificate the replicated deny list holds ends the connection.
@@ -18,7 +18,7 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 use shoal_proto::{Proposal, State};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::client::TlsStream;
 
 use super::channel::{Channel, OtherCluster, RaftTls};
@@ -96,6 +96,9 @@ pub struct Wire {
     pub state: watch::Receiver<Arc<State>>,
     /// The certificate serial each peer last presented (the leader removes revoked members).
     pub seen: Arc<std::sync::Mutex<std::collections::HashMap<NodeId, String>>>,
+    /// Set while this node leads without a quorum ([`super::quorum`]): it sends no appends or
+    /// snapshots, so the followers' election timers run out, and refuses proposals.
+    pub stepping_down: super::quorum::SteppingDown,
 }
 
 impl Wire {
@@ -118,13 +121,34 @@ impl Wire {
     }
 }
 
-/// One lazily connected TLS connection to a peer.
+/// Calls to one peer. A task of its own owns the TLS connection and runs the calls one after
+/// the other, each to the end: a caller that stops waiting (openraft gives an AppendEntries
+/// only the heartbeat interval) abandons the reply, not the connection, so the stream never
+/// desynchronizes and a slow link is not torn down and re-handshaken on every timeout. A
+/// request whose caller gave up before it was sent is not sent at all. Connecting has its own
+/// deadline, independent of the callers', so a link whose round trip exceeds an RPC deadline
+/// still gets connected and still delivers requests (a follower behind it keeps hearing its
+/// leader).
 pub struct Conn {
     wire: Wire,
     target: NodeId,
     node: ShoalNode,
-    stream: Option<(Channel<TlsStream<TcpStream>>, String)>,
+    pipe: Option<mpsc::Sender<Call>>,
 }
+
+/// One request for the connection task and where its reply goes.
+struct Call {
+    envelope: Envelope,
+    patience: Duration,
+    reply: oneshot::Sender<Result<Reply, CallError>>,
+}
+
+/// Calls waiting for a busy connection; beyond this a call fails at once.
+const QUEUE: usize = 8;
+/// How long the TCP connect, TLS handshake and hello may take together.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one exchange may take at least before the connection is given up as hung.
+const STREAM_PATIENCE: Duration = Duration::from_secs(5);
 
 fn unreachable(kind: io::ErrorKind, msg: &str) -> CallError {
     CallError::Unreachable(io::Error::new(kind, msg.to_string()))
@@ -132,7 +156,7 @@ fn unreachable(kind: io::ErrorKind, msg: &str) -> CallError {
 
 impl Conn {
     pub fn new(wire: Wire, target: NodeId, node: ShoalNode) -> Conn {
-        Conn { wire, target, node, stream: None }
+        Conn { wire, target, node, pipe: None }
     }
 
     /// Sends one request and waits for its reply within `timeout`.
@@ -140,30 +164,73 @@ impl Conn {
         if !self.wire.allowed(self.target) {
             return Err(CallError::Unreachable(io::Error::new(io::ErrorKind::ConnectionRefused, "link blocked")));
         }
-        let envelope = self.wire.envelope(self.target, body);
-        let result = tokio::time::timeout(timeout, self.exchange(&envelope)).await;
-        let result =
-            result.unwrap_or_else(|_| Err(CallError::Network(io::Error::new(io::ErrorKind::TimedOut, "rpc timeout"))));
-        if result.is_err() {
-            // Never read a late reply as the answer to the next request.
-            self.stream = None;
+        let (tx, rx) = oneshot::channel();
+        let call =
+            Call { envelope: self.wire.envelope(self.target, body), patience: timeout.max(STREAM_PATIENCE), reply: tx };
+        if self.pipe().try_send(call).is_err() {
+            return Err(unreachable(io::ErrorKind::WouldBlock, "too many calls queued for this peer"));
         }
-        result
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CallError::Network(io::Error::other("the connection task ended"))),
+            Err(_) => Err(CallError::Network(io::Error::new(io::ErrorKind::TimedOut, "rpc timeout"))),
+        }
     }
 
-    async fn exchange(&mut self, envelope: &Envelope) -> Result<Reply, CallError> {
-        if self.stream.as_ref().is_some_and(|(_, serial)| self.wire.revoked(serial)) {
-            self.stream = None;
+    /// The connection task's queue, started on first use (and again if it ended).
+    fn pipe(&mut self) -> &mpsc::Sender<Call> {
+        if self.pipe.as_ref().is_none_or(|p| p.is_closed()) {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let peer = Peer { wire: self.wire.clone(), target: self.target, node: self.node.clone() };
+            tokio::spawn(peer.serve(rx));
+            self.pipe = Some(tx);
+        }
+        self.pipe.as_ref().expect("set above")
+    }
+}
+
+/// The connection task's side: one peer, one stream at a time.
+struct Peer {
+    wire: Wire,
+    target: NodeId,
+    node: ShoalNode,
+}
+
+type Stream = (Channel<TlsStream<TcpStream>>, String);
+
+impl Peer {
+    /// Runs calls until every `Conn` handle is gone.
+    async fn serve(self, mut calls: mpsc::Receiver<Call>) {
+        let mut stream: Option<Stream> = None;
+        while let Some(call) = calls.recv().await {
+            if call.reply.is_closed() {
+                continue; // its caller gave up before it could be sent
+            }
+            let result = match tokio::time::timeout(call.patience, self.exchange(&mut stream, &call.envelope)).await {
+                Ok(r) => r,
+                Err(_) => Err(CallError::Network(io::Error::new(io::ErrorKind::TimedOut, "no reply: connection hung"))),
+            };
+            if result.is_err() {
+                stream = None; // an unfinished exchange leaves the stream unusable
+            }
+            let _ = call.reply.send(result);
+        }
+    }
+
+    async fn exchange(&self, stream: &mut Option<Stream>, envelope: &Envelope) -> Result<Reply, CallError> {
+        if stream.as_ref().is_some_and(|(_, serial)| self.wire.revoked(serial)) {
+            *stream = None;
             return Err(unreachable(io::ErrorKind::PermissionDenied, "the peer's certificate is revoked"));
         }
-        if self.stream.is_none() {
-            self.stream = Some(self.connect().await?);
+        if stream.is_none() {
+            let connecting = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connect()).await;
+            *stream = Some(connecting.map_err(|_| unreachable(io::ErrorKind::TimedOut, "handshake timeout"))??);
         }
-        let Some((stream, _)) = self.stream.as_mut() else {
+        let Some((channel, _)) = stream.as_mut() else {
             return Err(unreachable(io::ErrorKind::NotConnected, "no stream"));
         };
-        stream.send(KIND_REQUEST, envelope).await.map_err(CallError::Network)?;
-        let (kind, reply): (u8, Reply) = stream.recv().await.map_err(CallError::Network)?;
+        channel.send(KIND_REQUEST, envelope).await.map_err(CallError::Network)?;
+        let (kind, reply): (u8, Reply) = channel.recv().await.map_err(CallError::Network)?;
         if kind != KIND_REPLY {
             return Err(CallError::Network(io::Error::other("unexpected frame kind")));
         }
@@ -171,7 +238,7 @@ impl Conn {
     }
 
     /// TCP, then TLS naming the target node, then the cluster identity exchange.
-    async fn connect(&self) -> Result<(Channel<TlsStream<TcpStream>>, String), CallError> {
+    async fn connect(&self) -> Result<Stream, CallError> {
         let tls = self.wire.tls.as_ref().ok_or_else(|| unreachable(io::ErrorKind::NotConnected, "no cluster TLS"))?;
         // A dead peer's address often answers nothing: give up on connecting early, so a
         // forwarded write retries towards the new leader instead of waiting out the RPC.
@@ -227,12 +294,17 @@ fn unexpected<E: std::error::Error>(reply: Reply) -> RpcErr<E> {
     RPCError::Network(NetworkError::new(&io::Error::other(msg)))
 }
 
+const STEPPING_DOWN: &str = "stepping down: no appends until another node leads";
+
 impl RaftNetwork<TypeConfig> for Conn {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        if self.wire.stepping_down.get() {
+            return Err(RPCError::Unreachable(Unreachable::new(&io::Error::other(STEPPING_DOWN))));
+        }
         match self.call(Request::Append(rpc), option.hard_ttl()).await {
             Ok(Reply::Append(Ok(r))) => Ok(r),
             Ok(Reply::Append(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
@@ -246,6 +318,9 @@ impl RaftNetwork<TypeConfig> for Conn {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        if self.wire.stepping_down.get() {
+            return Err(RPCError::Unreachable(Unreachable::new(&io::Error::other(STEPPING_DOWN))));
+        }
         match self.call(Request::Snapshot(rpc), option.hard_ttl()).await {
             Ok(Reply::Snapshot(Ok(r))) => Ok(r),
             Ok(Reply::Snapshot(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
