@@ -25,7 +25,7 @@ use crate::control::gossip_auth::GossipFilter;
 use crate::control::membership::{self, Policy};
 use crate::control::raft::channel::{RaftTls, TlsFiles};
 use crate::control::raft::network::LinkFilter;
-use crate::control::raft::{RaftNet, RaftNode, RaftTiming, ShoalNode, quorum, server};
+use crate::control::raft::{CoreFailure, RaftNet, RaftNode, RaftTiming, ShoalNode, quorum, server};
 use crate::control::secure::ClusterKey;
 use crate::dataplane::tls::{self, CertFiles, TlsStore};
 use crate::dataplane::{DataPlane, DpCtx, Limits, ListenerKind};
@@ -288,6 +288,12 @@ impl NodeHandle {
         self.shared.http_addr()
     }
 
+    /// Resolves if the Raft core stops without a shutdown having asked (a storage error): the
+    /// process must then exit, see `cli::run_node`.
+    pub fn raft_failure(&self) -> impl Future<Output = CoreFailure> + Send + 'static {
+        self.shared.raft.failure()
+    }
+
     /// Staged shutdown: un-ready, stop accepting, let connections finish (bounded), stop.
     pub async fn shutdown(self) {
         tracing::info!(node = %self.shared.id, "shutting down: draining connections");
@@ -524,7 +530,6 @@ async fn start_cluster(
     let rpc = tokio::net::TcpListener::bind(c.addr)
         .await
         .with_context(|| format!("cannot bind the cluster address {} (TCP)", c.addr))?;
-    tasks.push(tokio::spawn(server::serve(rpc, raft.clone(), metrics.clone())));
     let keys = vec![
         ("raft_id".to_string(), raft.id.to_string()),
         ("raft_addr".to_string(), c.addr.to_string()),
@@ -545,6 +550,8 @@ async fn start_cluster(
         filter: c.gossip_filter.clone(),
     };
     let gossip = Arc::new(Gossip::start(&gopts, keys, metrics.clone()).await?);
+    // Peers' connections wait in the backlog until gossip, which forwarded removals need, runs.
+    tasks.push(tokio::spawn(server::serve(rpc, raft.clone(), metrics.clone(), gossip.members.clone())));
     let expect = if c.expect == 0 && c.join.is_empty() { 1 } else { c.expect };
     tasks.push(tokio::spawn(membership::bootstrap(raft.clone(), gossip.clone(), expect, shutdown.clone())));
     tasks.push(tokio::spawn(membership::publish_identity(raft.clone(), gossip.clone(), shutdown.clone())));

@@ -128,6 +128,20 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
 }
 
+/// Answer to `DELETE /v1/cluster/nodes/{id}`: who left the Raft membership, and the
+/// membership once the change was committed. Also a Raft RPC reply (bincode): no skipped fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedNode {
+    /// The node's name.
+    pub node: String,
+    pub raft_id: u64,
+    /// It was a voter (else a learner).
+    pub voter: bool,
+    /// Voters and learners after the change, by name.
+    pub voters: Vec<String>,
+    pub learners: Vec<String>,
+}
+
 /// One member of the cluster.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
@@ -143,7 +157,8 @@ pub struct NodeView {
     pub live: bool,
     /// Has the cluster's verdicts and serves traffic.
     pub ready: bool,
-    /// "leader", "follower", "candidate", "learner" or "unknown".
+    /// "leader", "follower", "candidate", "learner", "joining" (live in gossip, not yet a
+    /// member) or "gone" (neither live nor a member: stopped, or removed).
     pub role: String,
     pub voter: bool,
 }

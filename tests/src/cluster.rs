@@ -32,6 +32,13 @@ pub struct ProcNode {
     log: PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Logs reach the log file through a pipe copied by the test process, so they are kept
+    /// when the node may no longer write files (a file-size limit set with `prlimit`).
+    pub pipe_logs: bool,
+    /// A command the node is started through (e.g. `prlimit --fsize=0 --`); empty: none.
+    pub wrapper: Vec<String>,
+    /// The threads copying piped logs, done once the process has exited.
+    copiers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ProcNode {
@@ -60,6 +67,37 @@ impl ProcNode {
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
+
+    /// The process id while the node has a process (running or exited, not yet restarted).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// How the node's process ended, waiting for it up to `within` (`None`: still running).
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                // Its last lines may still be in the pipe.
+                for copier in self.copiers.drain(..) {
+                    let _ = copier.join();
+                }
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Copies a child's output into its log file (a thread per stream, ending at EOF).
+fn copy_to_log(mut from: impl std::io::Read + Send + 'static, log: &std::fs::File) -> std::thread::JoinHandle<()> {
+    let mut to = log.try_clone().expect("log");
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+    })
 }
 
 /// A cluster of node processes sharing one temporary directory.
@@ -136,6 +174,9 @@ impl ProcCluster {
             log: self.dir.path().join(format!("{name}.log")),
             child: None,
             extra,
+            pipe_logs: false,
+            wrapper: Vec::new(),
+            copiers: Vec::new(),
         };
         self.nodes.push(node);
         let idx = self.nodes.len() - 1;
@@ -148,7 +189,14 @@ impl ProcCluster {
         let n = &mut self.nodes[idx];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log).expect("log file");
         let ip = n.ip.to_string();
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match n.wrapper.split_first() {
+            Some((wrapper, args)) => {
+                let mut cmd = Command::new(wrapper);
+                cmd.args(args).arg(&self.bin);
+                cmd
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.args(["node", "--id", &n.name, "--listen-ip", &ip, "--http-port", &HTTP_PORT.to_string()])
             .args(["--admin", &SocketAddr::new(n.ip, ADMIN_PORT).to_string()])
             .args(["--cluster", &SocketAddr::new(n.ip, CLUSTER_PORT).to_string(), "--join", &seeds])
@@ -156,10 +204,17 @@ impl ProcCluster {
             .args(overridden(&self.common, &n.extra))
             .args(&n.extra)
             .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        n.child = Some(cmd.spawn().expect("spawn shoal node"));
+            .stdin(Stdio::null());
+        if n.pipe_logs {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        } else {
+            cmd.stdout(log.try_clone().expect("log")).stderr(log.try_clone().expect("log"));
+        }
+        let mut child = cmd.spawn().expect("spawn shoal node");
+        if let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) {
+            n.copiers = vec![copy_to_log(out, &log), copy_to_log(err, &log)];
+        }
+        n.child = Some(child);
     }
 
     /// SIGKILL: no goodbye, no flush beyond what was already fsynced.
@@ -170,19 +225,21 @@ impl ProcCluster {
         }
     }
 
-    /// SIGTERM and wait for the node to exit.
-    pub fn stop(&mut self, idx: usize) {
-        if let Some(mut c) = self.nodes[idx].child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-            for _ in 0..200 {
-                if !matches!(c.try_wait(), Ok(None)) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+    /// SIGTERM and wait for the node to exit; how it exited (`None`: it had to be killed, or
+    /// was not running).
+    pub fn stop(&mut self, idx: usize) -> Option<std::process::ExitStatus> {
+        let mut c = self.nodes[idx].child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        for _ in 0..200 {
+            match c.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Ok(Some(status)) => return Some(status),
+                Err(_) => break,
             }
-            let _ = c.kill();
-            let _ = c.wait();
         }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
     }
 
     /// Starts a stopped node again on its data directory.

@@ -22,6 +22,8 @@ async fn bad_requests_get_4xx_json_errors() {
         (Method::PUT, "/v1/pools/missing/backends/not-an-addr", Some("{}"), StatusCode::BAD_REQUEST, "not an ip:port"),
         (Method::GET, "/v1/nope", None, StatusCode::NOT_FOUND, "no such endpoint"),
         (Method::POST, "/v1/pools", None, StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        (Method::DELETE, "/v1/cluster/nodes/nobody", None, StatusCode::NOT_FOUND, "no member"),
+        (Method::DELETE, "/v1/cluster/nodes/admin-1", None, StatusCode::CONFLICT, "stop it first"),
     ];
     for (method, path, body, status, needle) in cases {
         let (got, json) = node.call(method.clone(), path, *body).await;

@@ -8,13 +8,14 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
-use shoal_proto::admin::{ClusterView, NodeView, PoolHealth, WriteResult};
+use shoal_proto::admin::{ClusterView, NodeView, PoolHealth, RemovedNode, WriteResult};
 use shoal_proto::{Applied, BackendSpec, CheckKind, Command, Pool, PoolSpec, State};
 
 use super::json::{ApiError, Body};
 use super::tokens::Scope;
 use crate::control::ProposeError;
 use crate::control::gossip::Members;
+use crate::control::membership;
 use crate::control::raft::{RaftStatus, ShoalNode};
 use crate::health::probe;
 use crate::node::NodeShared;
@@ -307,6 +308,14 @@ pub async fn revoke(AxState(node): Node, Body(req): Body<RevokeRequest>) -> Resu
     write(&node, Command::RevokeCert { serial: req.serial.to_ascii_lowercase().replace(':', ""), node: req.node }).await
 }
 
+/// `DELETE /v1/cluster/nodes/{id}`: removes a member (name or Raft id) from the Raft
+/// membership now, instead of after `--dead-voter-grace`. Refused (409) while it is live in
+/// gossip or when the voters left would lack a live majority; 404 when it is no member.
+/// Answers once the change is committed; a follower has the leader decide and make it.
+pub async fn remove_node(AxState(node): Node, Path(id): Path<String>) -> Result<Json<RemovedNode>, ApiError> {
+    Ok(Json(membership::remove(&node.raft, || node.members(), &id).await?))
+}
+
 /// `POST /v1/tls/reload`: reloads this node's certificate files now.
 pub async fn tls_reload(AxState(node): Node) -> Result<Json<serde_json::Value>, ApiError> {
     let store = node.tls.as_ref().ok_or_else(|| ApiError::not_found("this node has no HTTPS listener"))?;
@@ -332,7 +341,8 @@ pub async fn cluster(AxState(node): Node) -> Json<ClusterView> {
             zone: m.zone.clone(),
             live: m.live,
             ready: m.live && m.ready,
-            role: "joining".into(),
+            // Gossip remembers dead nodes for an hour: a removed one is "gone", not joining.
+            role: if m.live { "joining" } else { "gone" }.into(),
             voter: false,
         });
     }

@@ -161,5 +161,9 @@ mod tests {
         assert!(!allows(&join, &Method::DELETE, backend, Some("web")), "remove is not leave");
         assert!(!allows(&join, &Method::GET, "/v1/pools", None), "not even reads");
         assert!(!allows(&join, &Method::PUT, "/v1/pools/{pool}", Some("web")));
+        let member = "/v1/cluster/nodes/{id}";
+        assert!(allows(&Scope::Admin, &Method::DELETE, member, None));
+        assert!(!allows(&Scope::Read, &Method::DELETE, member, None), "removing a member is an admin's call");
+        assert!(!allows(&join, &Method::DELETE, member, None));
     }
 }

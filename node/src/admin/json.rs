@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use shoal_proto::admin::ErrorBody;
 
 use crate::control::ProposeError;
+use crate::control::membership::RemoveError;
 
 /// Largest admin request body.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -35,6 +36,13 @@ impl IntoResponse for ApiError {
 
 impl From<ProposeError> for ApiError {
     fn from(e: ProposeError) -> ApiError {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<RemoveError> for ApiError {
+    fn from(e: RemoveError) -> ApiError {
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError(status, e.to_string())
     }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -50,6 +50,7 @@ fn json_router(node: Arc<NodeShared>) -> Router {
         .route("/v1/cluster", get(api::cluster))
         .route("/v1/cluster/probes", get(api::probes))
         .route("/v1/cluster/revoke", post(api::revoke))
+        .route("/v1/cluster/nodes/{id}", delete(api::remove_node))
         .route("/v1/pools", get(api::list_pools))
         .route("/v1/pools/{pool}", get(api::get_pool).put(api::put_pool).delete(api::delete_pool))
         .route("/v1/pools/{pool}/health", get(api::pool_health))

@@ -69,7 +69,7 @@ fn leading_flag(arg: &OsStr) -> Option<Flag> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Command, PoolCmd};
+    use crate::cli::{ClusterCmd, Command, PoolCmd};
 
     fn hoist(line: &str) -> Vec<String> {
         let args = line.split(' ').map(OsString::from);
@@ -102,6 +102,14 @@ mod tests {
             assert_eq!(client.admin, "http://h:1");
             assert!(client.json);
         }
+    }
+
+    #[test]
+    fn cluster_remove_takes_a_name_or_id_and_the_client_flags() {
+        let cli = Cli::try_parse_from(hoist("shoal --admin http://h:1 cluster remove lb-3 --json")).expect("parses");
+        let Command::Cluster(ClusterCmd::Remove { id, client }) = cli.command else { panic!("not cluster remove") };
+        assert_eq!((id.as_str(), client.admin.as_str(), client.json), ("lb-3", "http://h:1", true));
+        assert!(Cli::try_parse_from(hoist("shoal cluster remove")).is_err(), "the node is required");
     }
 
     #[test]

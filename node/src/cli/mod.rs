@@ -1,5 +1,5 @@
 //! The `shoal` command line: `node`, `dev`, `check-config`, `demo-backend`, and the admin
-//! verbs (`pool`, `backend`, `status`) that talk to any node's admin API.
+//! verbs (`pool`, `backend`, `status`, `cluster`, `revoke`) that talk to any node's admin API.
 
 mod args;
 pub mod cert;
@@ -15,10 +15,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use http::Method;
 use serde_json::{Value, json};
-use shoal_proto::admin::{ClusterView, PoolHealth, WriteResult};
+use shoal_proto::admin::{ClusterView, PoolHealth, RemovedNode, WriteResult};
 use shoal_proto::{Algorithm, Pool};
 
-use crate::control::raft::RaftTiming;
+use crate::control::raft::{CoreFailure, RaftTiming};
 use crate::dataplane::Limits;
 use crate::dataplane::tls::CertFiles;
 use crate::node::{ClusterCreds, ClusterOptions, NodeOptions};
@@ -53,6 +53,9 @@ pub enum Command {
     /// Manage backends.
     #[command(subcommand)]
     Backend(BackendCmd),
+    /// Manage the cluster's Raft membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Show the cluster: nodes, roles, leader, indexes.
     Status {
         #[command(flatten)]
@@ -476,6 +479,19 @@ pub enum CheckArg {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Remove a stopped node from the Raft membership now, instead of after
+    /// --dead-voter-grace. Refused while the node is live in gossip (stop it first) or when
+    /// the voters left would lack a live majority. A removed node rejoins by starting again.
+    Remove {
+        /// The node's name or Raft id (`shoal status` shows both).
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum BackendCmd {
     /// Add a backend (refused if its first health check fails, unless --force).
     Add(BackendAddArgs),
@@ -561,25 +577,69 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("shoal-control").enable_all().build()
 }
 
+/// Exit status of a node whose Raft storage failed while it ran (sysexits' `EX_IOERR`): it
+/// exits at once so clients fail over and its supervisor restarts it from its data directory.
+pub const EXIT_STORAGE_FAILED: u8 = 74;
+/// Exit status of a node whose Raft core stopped for another reason, a panic (`EX_SOFTWARE`).
+pub const EXIT_RAFT_STOPPED: u8 = 70;
+
 fn run_node(args: NodeArgs) -> ExitCode {
     init_logging(args.log_format);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(2, format!("cannot start runtime: {e}")),
     };
+    catch_file_size_signal(&rt);
     let opts = match args.options() {
         Ok(o) => o,
         Err(e) => return fail(2, e),
     };
-    rt.block_on(async {
+    let data_dir = opts.data_dir.clone();
+    let failed = rt.block_on(async {
         let node = match crate::node::start(opts).await {
             Ok(n) => n,
-            Err(e) => return fail(1, format!("{e:#}")),
+            Err(e) => return Err(fail(1, format!("{e:#}"))),
         };
-        wait_for_signal().await;
-        node.shutdown().await;
-        ExitCode::SUCCESS
-    })
+        let failed = tokio::select! {
+            _ = wait_for_signal() => None,
+            failure = node.raft_failure() => Some(failure),
+        };
+        if failed.is_none() {
+            node.shutdown().await;
+        }
+        Ok(failed)
+    });
+    match failed {
+        Ok(None) => ExitCode::SUCCESS,
+        Err(code) => code,
+        Ok(Some(failure)) => {
+            // No drain: the control plane is gone and the in-memory view can't be trusted.
+            let code = match failure {
+                CoreFailure::Storage(_) => EXIT_STORAGE_FAILED,
+                CoreFailure::Stopped(_) => EXIT_RAFT_STOPPED,
+            };
+            tracing::error!(
+                data_dir = %data_dir.display(),
+                exit_code = code,
+                "{failure}; exiting so the supervisor restarts the node from its data directory"
+            );
+            rt.shutdown_background();
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Writing past a file-size limit (`ulimit -f`, systemd's `LimitFSIZE=`) raises SIGXFSZ, which
+/// kills the process by default; with it caught the write fails with EFBIG instead, and Raft's
+/// storage error path handles it as it handles a full disk (PostgreSQL ignores it likewise).
+fn catch_file_size_signal(rt: &tokio::runtime::Runtime) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let _in_runtime = rt.enter();
+    match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+        // tokio keeps the handler installed for the life of the process.
+        Ok(stream) => drop(stream),
+        Err(e) => tracing::warn!(error = %e, "cannot catch SIGXFSZ: a file-size limit would kill the node"),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -679,6 +739,11 @@ async fn client_verb(cmd: Command) -> anyhow::Result<()> {
             let r: WriteResult = connect(&client)?.call(Method::PUT, &path, Some(json!({ "drain": !undo }))).await?;
             let what = if undo { "back in rotation" } else { "draining" };
             output::written(&client, &r, &format!("backend {addr} of {pool} {what}"))
+        }
+        Command::Cluster(ClusterCmd::Remove { id, client }) => {
+            let path = format!("/v1/cluster/nodes/{}", seg(&id));
+            let r: RemovedNode = connect(&client)?.call(Method::DELETE, &path, None).await?;
+            output::removed(&client, &r)
         }
         Command::Status { client } => {
             let v: ClusterView = connect(&client)?.get("/v1/cluster").await?;

@@ -1,7 +1,7 @@
 //! What the CLI prints: aligned tables like seed 003's `poolHealth`, or raw JSON with `--json`.
 
 use serde::Serialize;
-use shoal_proto::admin::{ClusterView, PoolHealth, WriteResult};
+use shoal_proto::admin::{ClusterView, PoolHealth, RemovedNode, WriteResult};
 use shoal_proto::{Pool, Protocol};
 
 use super::ClientArgs;
@@ -108,6 +108,17 @@ pub fn pools(c: &ClientArgs, pools: &[Pool]) -> anyhow::Result<()> {
         rows.push(vec![p.name.clone(), frontend, algorithm, check, p.backends.len().to_string()]);
     }
     print!("{}", table(&rows));
+    Ok(())
+}
+
+pub fn removed(c: &ClientArgs, r: &RemovedNode) -> anyhow::Result<()> {
+    if c.json {
+        return json(r);
+    }
+    let role = if r.voter { "voter" } else { "learner" };
+    let names = |v: &[String]| if v.is_empty() { "(none)".to_string() } else { v.join(", ") };
+    println!("{} (Raft id {}, {role}) removed from the membership", r.node, r.raft_id);
+    println!("voters: {}  learners: {}", names(&r.voters), names(&r.learners));
     Ok(())
 }
 

@@ -12,13 +12,23 @@
 //!   number); a voter dead for `dead_grace` is removed only while the remaining live voters keep
 //!   a majority; dead learners are removed after the same grace.
 //!
-//! The decisions are pure functions ([`plan`], [`should_bootstrap`]); the loops only do I/O.
+//! An operator can remove a member at once (`shoal cluster remove`, [`remove`]): the leader
+//! refuses while the node is live in gossip (the reconciler would add it back as a learner),
+//! and when the voters left would lack a live majority. The reconciler adds only live nodes,
+//! so a removed node stays out until it comes back live, which is how it rejoins.
+//!
+//! The decisions are pure functions ([`plan`], [`removal`], [`should_bootstrap`]); the loops
+//! only do I/O. Membership changes on a leader are serialized (`RaftNode::membership_change`),
+//! so an operator's removal and the reconciler never decide on the same stale view.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ChangeMembers;
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+use shoal_proto::admin::RemovedNode;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -124,9 +134,96 @@ pub fn plan(v: &View, p: &Policy) -> Option<Action> {
 
 /// Whether the voters left after removing `victim` still have a live (and unrevoked) majority.
 fn keeps_majority(v: &View, victim: NodeId) -> bool {
+    let (live, remaining) = voters_after(v, victim);
+    live * 2 > remaining
+}
+
+/// The voters left after removing `victim`: how many are live (and unrevoked), how many in all.
+fn voters_after(v: &View, victim: NodeId) -> (usize, usize) {
     let remaining: Vec<&NodeId> = v.voters.iter().filter(|id| **id != victim).collect();
-    let live_remaining = remaining.iter().filter(|id| v.live.contains_key(id) && !v.revoked.contains(id)).count();
-    live_remaining * 2 > remaining.len()
+    let live = remaining.iter().filter(|id| v.live.contains_key(id) && !v.revoked.contains(id)).count();
+    (live, remaining.len())
+}
+
+/// Why a member cannot be removed now (`shoal cluster remove`). Also a Raft RPC reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RemoveError {
+    #[error("no member of the Raft cluster is {0:?} (give a node name or Raft id from `shoal status`)")]
+    NotMember(String),
+    #[error("{target:?} names more than one member (Raft ids {ids:?}): give the Raft id")]
+    Ambiguous { target: String, ids: Vec<NodeId> },
+    #[error(
+        "node {name} (Raft id {id}) is live in gossip: stop it first (the leader adds a live node back as a learner)"
+    )]
+    Live { name: String, id: NodeId },
+    #[error("removing node {name} (Raft id {id}) would leave {live} live of {remaining} voters: no majority")]
+    NoMajority { name: String, id: NodeId, live: usize, remaining: usize },
+    /// Retried until the deadline: a change (often the reconciler's) is being committed.
+    #[error("a membership change is in progress")]
+    InProgress,
+    /// Retried until the deadline: no leader known, or the leader changed under the request.
+    #[error("no leader: {0}")]
+    NoLeader(String),
+    #[error("not committed: {0}")]
+    Unavailable(String),
+}
+
+impl RemoveError {
+    /// The admin API's status for this refusal.
+    pub fn status(&self) -> u16 {
+        match self {
+            RemoveError::NotMember(_) => 404,
+            RemoveError::Ambiguous { .. } | RemoveError::Live { .. } | RemoveError::NoMajority { .. } => 409,
+            RemoveError::InProgress | RemoveError::NoLeader(_) | RemoveError::Unavailable(_) => 503,
+        }
+    }
+
+    fn transient(&self) -> bool {
+        matches!(self, RemoveError::InProgress | RemoveError::NoLeader(_))
+    }
+}
+
+/// A member the leader may remove now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removal {
+    pub id: NodeId,
+    pub name: String,
+    pub voter: bool,
+}
+
+/// Whether `target` (a member's name or Raft id; `names` maps members to names) may leave the
+/// membership now: it must be a member, not live (else the reconciler adds it back), and the
+/// voters left must keep a live majority. A leftover joint configuration is finished first.
+pub fn removal(target: &str, names: &BTreeMap<NodeId, String>, v: &View) -> Result<Removal, RemoveError> {
+    if v.joint.is_some() {
+        return Err(RemoveError::InProgress);
+    }
+    let id = resolve(target, names)?;
+    let name = names.get(&id).cloned().unwrap_or_default();
+    if id == v.me || v.live.contains_key(&id) {
+        return Err(RemoveError::Live { name, id });
+    }
+    let (live, remaining) = voters_after(v, id);
+    if live * 2 <= remaining {
+        return Err(RemoveError::NoMajority { name, id, live, remaining });
+    }
+    Ok(Removal { id, name, voter: v.voters.contains(&id) })
+}
+
+/// The member `target` names: its Raft id, else its name (a wiped node that came back has the
+/// old name under a new id, so a name can name two members).
+fn resolve(target: &str, names: &BTreeMap<NodeId, String>) -> Result<NodeId, RemoveError> {
+    if let Ok(id) = target.parse::<NodeId>()
+        && names.contains_key(&id)
+    {
+        return Ok(id);
+    }
+    let ids: Vec<NodeId> = names.iter().filter(|(_, n)| n.as_str() == target).map(|(id, _)| *id).collect();
+    match ids.as_slice() {
+        [] => Err(RemoveError::NotMember(target.to_string())),
+        [id] => Ok(*id),
+        _ => Err(RemoveError::Ambiguous { target: target.to_string(), ids }),
+    }
 }
 
 fn promotable(v: &View, p: &Policy, id: &NodeId) -> bool {
@@ -214,6 +311,8 @@ pub async fn reconcile(
             _ = tick.tick() => {}
         }
         adopt_legacy_identity(&raft).await;
+        // One change at a time with an operator's removal, each decided on a fresh view.
+        let _one_change = raft.membership_change.lock().await;
         let now = Instant::now();
         let view = seen.view(&raft, &members.borrow(), now);
         let Some(view) = view else { continue };
@@ -270,30 +369,22 @@ struct Seen {
 impl Seen {
     /// The leader's view, or `None` when this node does not lead or a change is in flight.
     fn view(&mut self, raft: &RaftNode, members: &Members, now: Instant) -> Option<View> {
-        let live: BTreeMap<NodeId, ShoalNode> = members
-            .live()
-            .filter(|m| m.raft_id != 0 && !m.raft_addr.is_empty())
-            .map(|m| {
-                (m.raft_id, ShoalNode { name: m.name.clone(), raft_addr: m.raft_addr.clone(), admin: m.admin.clone() })
-            })
-            .collect();
+        let live = live_nodes(members);
         self.live_since.retain(|id, _| live.contains_key(id));
         for id in live.keys() {
             self.live_since.entry(*id).or_insert(now);
             self.absent_since.remove(id);
         }
-        let metrics = raft.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
+        let membership = raft.raft.metrics().borrow().membership_config.membership().clone();
+        // Only members are counted absent: a removed node is forgotten until it comes back.
+        self.absent_since.retain(|id, _| membership.get_node(id).is_some());
         for id in membership.nodes().map(|(id, _)| *id).filter(|id| !live.contains_key(id)) {
             self.absent_since.entry(id).or_insert(now);
         }
-        if metrics.state != openraft::ServerState::Leader {
-            return None;
-        }
-        // Our own changes are awaited before the next plan, so a joint config seen here is a
-        // leftover (found by the simulation, seed 3: a leader change mid-change left it forever).
-        let configs = membership.get_joint_config();
-        let joint = (configs.len() > 1).then(|| configs.last().cloned().unwrap_or_default());
+        let live_for = |id: &NodeId| self.live_since.get(id).map(|t| now.duration_since(*t)).unwrap_or_default();
+        let live = live.into_iter().map(|(id, n)| (id, (n, live_for(&id)))).collect();
+        let absent = self.absent_since.iter().map(|(id, t)| (*id, now.duration_since(*t))).collect();
+        let view = leader_view(raft, members, live, absent)?;
         let foreign = foreign(raft.ident.get(), members);
         self.foreign_counted.retain(|id| foreign.contains_key(id));
         for (id, theirs) in &foreign {
@@ -301,27 +392,165 @@ impl Seen {
                 raft.ident.refused(AT_GOSSIP, ours, *theirs);
             }
         }
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
-        let matched = metrics
-            .replication
-            .as_ref()
-            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
-            .unwrap_or_default();
-        let revoked = revoked_members(raft, &voters.union(&learners).copied().collect());
-        Some(View {
-            me: raft.id,
-            voters,
-            learners,
-            live: live.into_iter().map(|(id, n)| (id, (n, now.duration_since(self.live_since[&id])))).collect(),
-            absent: self.absent_since.iter().map(|(id, t)| (*id, now.duration_since(*t))).collect(),
-            matched,
-            last_log_index: metrics.last_log_index.unwrap_or(0),
-            foreign: foreign.into_keys().collect(),
-            revoked,
-            joint,
-        })
+        Some(view)
     }
+}
+
+/// Live nodes that gossip a Raft id and address (the ones the reconciler would add).
+fn live_nodes(members: &Members) -> BTreeMap<NodeId, ShoalNode> {
+    members
+        .live()
+        .filter(|m| m.raft_id != 0 && !m.raft_addr.is_empty())
+        .map(|m| {
+            (m.raft_id, ShoalNode { name: m.name.clone(), raft_addr: m.raft_addr.clone(), admin: m.admin.clone() })
+        })
+        .collect()
+}
+
+/// What the leader knows, with how long nodes have been live (`live`) or absent (`absent`);
+/// `None` when this node does not lead.
+fn leader_view(
+    raft: &RaftNode,
+    members: &Members,
+    live: BTreeMap<NodeId, (ShoalNode, Duration)>,
+    absent: HashMap<NodeId, Duration>,
+) -> Option<View> {
+    let metrics = raft.raft.metrics().borrow().clone();
+    if metrics.state != openraft::ServerState::Leader {
+        return None;
+    }
+    let membership = metrics.membership_config.membership();
+    // Our own changes are awaited before the next plan, so a joint config seen here is a
+    // leftover (found by the simulation, seed 3: a leader change mid-change left it forever).
+    let configs = membership.get_joint_config();
+    let joint = (configs.len() > 1).then(|| configs.last().cloned().unwrap_or_default());
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+    let matched = metrics
+        .replication
+        .as_ref()
+        .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
+        .unwrap_or_default();
+    let revoked = revoked_members(raft, &voters.union(&learners).copied().collect());
+    Some(View {
+        me: raft.id,
+        voters,
+        learners,
+        live,
+        absent,
+        matched,
+        last_log_index: metrics.last_log_index.unwrap_or(0),
+        foreign: foreign(raft.ident.get(), members).into_keys().collect(),
+        revoked,
+        joint,
+    })
+}
+
+/// How long an operator's removal may take, retries included, before it answers 503.
+const REMOVE_DEADLINE: Duration = Duration::from_secs(15);
+/// How long the leader waits for a removal to commit.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Removes the member `target` names (name or Raft id) through the leader, wherever it is;
+/// returns once the change is committed (and this node has seen it). `members` is this node's
+/// gossip view, used when this node leads.
+pub async fn remove(
+    raft: &RaftNode,
+    members: impl Fn() -> Arc<Members>,
+    target: &str,
+) -> Result<RemovedNode, RemoveError> {
+    let deadline = Instant::now() + REMOVE_DEADLINE;
+    loop {
+        let leader = {
+            let m = raft.raft.metrics();
+            let m = m.borrow();
+            m.current_leader.map(|id| (id, m.membership_config.membership().get_node(&id).cloned()))
+        };
+        let attempt = match leader {
+            Some((id, _)) if id == raft.id => remove_as_leader(raft, &members(), target).await,
+            Some((id, Some(node))) => forward_remove(raft, id, node, target).await,
+            _ => Err(RemoveError::NoLeader("election in progress".into())),
+        };
+        match attempt {
+            Ok(removed) => {
+                wait_gone(raft, removed.raft_id).await;
+                return Ok(removed);
+            }
+            Err(e) if e.transient() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) if e.transient() => {
+                return Err(RemoveError::Unavailable(format!("not done within {REMOVE_DEADLINE:?}: {e}")));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Decides and commits a removal on this node, which must lead.
+pub async fn remove_as_leader(raft: &RaftNode, members: &Members, target: &str) -> Result<RemovedNode, RemoveError> {
+    let _one_change = raft.membership_change.lock().await;
+    let live = live_nodes(members).into_iter().map(|(id, n)| (id, (n, Duration::ZERO))).collect();
+    let view = leader_view(raft, members, live, HashMap::new())
+        .ok_or_else(|| RemoveError::NoLeader("this node no longer leads".into()))?;
+    let names: BTreeMap<NodeId, String> = {
+        let m = raft.raft.metrics();
+        let m = m.borrow();
+        m.membership_config.membership().nodes().map(|(id, n)| (*id, n.name.clone())).collect()
+    };
+    let r = removal(target, &names, &view)?;
+    tracing::info!(node = %r.name, raft_id = r.id, voter = r.voter, "removing a member at an operator's request");
+    let change =
+        if r.voter { ChangeMembers::RemoveVoters([r.id].into()) } else { ChangeMembers::RemoveNodes([r.id].into()) };
+    let resp = match tokio::time::timeout(CHANGE_TIMEOUT, raft.raft.change_membership(change, false)).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+            return Err(RemoveError::NoLeader("leadership moved during the change".into()));
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_))))) => {
+            return Err(RemoveError::InProgress);
+        }
+        Ok(Err(e)) => return Err(RemoveError::Unavailable(e.to_string())),
+        Err(_) => {
+            return Err(RemoveError::Unavailable(format!(
+                "not committed within {CHANGE_TIMEOUT:?}; the removal may still take effect"
+            )));
+        }
+    };
+    let after = resp.membership.unwrap_or_default();
+    let name_of = |id: NodeId| after.get_node(&id).map(|n| n.name.clone()).unwrap_or_else(|| id.to_string());
+    Ok(RemovedNode {
+        node: r.name,
+        raft_id: r.id,
+        voter: r.voter,
+        voters: after.voter_ids().map(name_of).collect(),
+        learners: after.learner_ids().map(name_of).collect(),
+    })
+}
+
+/// Asks the leader to remove `target` (the Raft port, as forwarded writes).
+async fn forward_remove(
+    raft: &RaftNode,
+    leader: NodeId,
+    node: ShoalNode,
+    target: &str,
+) -> Result<RemovedNode, RemoveError> {
+    let mut conn = Conn::new(raft.wire.clone(), leader, node.clone());
+    match conn.call(Request::Remove(target.to_string()), CHANGE_TIMEOUT + Duration::from_secs(2)).await {
+        Ok(Reply::Remove(result)) => result,
+        Ok(Reply::Refused(why)) => Err(RemoveError::NoLeader(format!("{node} refused: {why}"))),
+        Ok(_) => Err(RemoveError::Unavailable(format!("{node} answered something else (an older version?)"))),
+        // Retried: when a reply was lost after the leader committed, the retry answers 404.
+        Err(e) => Err(RemoveError::NoLeader(format!("forwarding to {node}: {e}"))),
+    }
+}
+
+/// Waits (bounded) until this node's membership no longer holds `id`, so a `shoal status`
+/// asked here right after the removal shows it.
+async fn wait_gone(raft: &RaftNode, id: NodeId) {
+    let mut metrics = raft.raft.metrics();
+    let gone = metrics.wait_for(|m| m.membership_config.membership().get_node(&id).is_none());
+    let _ = tokio::time::timeout(Duration::from_secs(5), gone).await;
 }
 
 /// Members whose certificate, as they last presented it to this node, the deny list holds.
@@ -523,6 +752,73 @@ mod tests {
         }
         assert_eq!(foreign(Some(ClusterId(7)), &ms), BTreeMap::from([(2, ClusterId(8))]));
         assert!(foreign(None, &ms).is_empty(), "a node without identity refuses nobody");
+    }
+
+    fn names(ids: &[u64]) -> BTreeMap<NodeId, String> {
+        ids.iter().map(|id| (*id, format!("n{id}"))).collect()
+    }
+
+    #[test]
+    fn only_a_member_that_is_not_live_is_removed_and_by_name_or_id() {
+        let v = view(&[1, 2, 3], &[4], &[1, 2, 4]);
+        let all = names(&[1, 2, 3, 4]);
+        let three = Removal { id: 3, name: "n3".into(), voter: true };
+        assert_eq!(removal("n3", &all, &v), Ok(three.clone()));
+        assert_eq!(removal("3", &all, &v), Ok(three), "by Raft id");
+        assert_eq!(removal("n9", &all, &v), Err(RemoveError::NotMember("n9".into())));
+        assert_eq!(removal("9", &all, &v), Err(RemoveError::NotMember("9".into())));
+        assert_eq!(removal("n2", &all, &v), Err(RemoveError::Live { name: "n2".into(), id: 2 }), "stop it first");
+        assert_eq!(removal("n4", &all, &v), Err(RemoveError::Live { name: "n4".into(), id: 4 }), "a live learner too");
+        assert!(matches!(removal("n1", &all, &v), Err(RemoveError::Live { id: 1, .. })), "the leader itself");
+        let v = view(&[1, 2, 3], &[4], &[1, 2]);
+        assert_eq!(removal("n4", &all, &v), Ok(Removal { id: 4, name: "n4".into(), voter: false }), "a dead learner");
+    }
+
+    #[test]
+    fn a_removal_keeps_a_live_majority_of_the_voters_left() {
+        let all = names(&[1, 2, 3, 4, 5]);
+        let v = view(&[1, 2, 3], &[], &[1]);
+        assert_eq!(
+            removal("n3", &all, &v),
+            Err(RemoveError::NoMajority { name: "n3".into(), id: 3, live: 1, remaining: 2 }),
+            "{{1, 2}} with only 1 live cannot commit"
+        );
+        let v = view(&[1, 2, 3, 4, 5], &[], &[1, 2, 3]);
+        assert!(removal("n5", &all, &v).is_ok(), "5 voters, 3 live: 3 of 4 remain live");
+        let v = view(&[1, 2, 3, 4, 5], &[], &[1, 2]);
+        assert!(matches!(removal("n5", &all, &v), Err(RemoveError::NoMajority { live: 2, remaining: 4, .. })));
+        let mut v = view(&[1, 2, 3], &[4], &[1]);
+        v.voters.remove(&3);
+        assert!(
+            matches!(removal("n4", &all, &v), Err(RemoveError::NoMajority { .. })),
+            "a learner needs a live quorum too"
+        );
+    }
+
+    #[test]
+    fn a_name_of_two_members_needs_the_raft_id_and_joint_configs_wait() {
+        let mut all = names(&[1, 2, 3]);
+        all.insert(7, "n3".into());
+        let v = view(&[1, 2, 3, 7], &[], &[1, 2, 7]);
+        assert_eq!(removal("n3", &all, &v), Err(RemoveError::Ambiguous { target: "n3".into(), ids: vec![3, 7] }));
+        assert_eq!(removal("3", &all, &v).map(|r| r.id), Ok(3), "the wiped node's old id");
+        let v = View { joint: Some([1, 2].into()), ..view(&[1, 2, 3], &[], &[1, 2]) };
+        assert_eq!(removal("3", &names(&[1, 2, 3]), &v), Err(RemoveError::InProgress));
+        assert!(RemoveError::InProgress.transient() && !RemoveError::NotMember(String::new()).transient());
+        assert_eq!(RemoveError::Live { name: String::new(), id: 1 }.status(), 409);
+        assert_eq!(RemoveError::NotMember(String::new()).status(), 404);
+    }
+
+    #[test]
+    fn the_reconciler_leaves_a_removed_node_out_until_it_is_live_again() {
+        let p = Policy::default();
+        // n3 was removed while dead: nothing brings it back.
+        let mut v = view(&[1, 2], &[], &[1, 2]);
+        v.absent.insert(3, Duration::from_secs(5));
+        assert_eq!(plan(&v, &p), None);
+        // Started again, it is live: it joins as a learner, as a new node would.
+        let v = view(&[1, 2], &[], &[1, 2, 3]);
+        assert_eq!(plan(&v, &p), Some(Action::AddLearner(3, node(3))));
     }
 
     #[test]

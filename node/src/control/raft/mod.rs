@@ -17,8 +17,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
-use openraft::{Config, ServerState, SnapshotPolicy};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use openraft::error::{ClientWriteError, Fatal, RaftError};
+use openraft::{Config, RaftMetrics, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use shoal_proto::{Applied, ApplyError, Command, Proposal, State};
 use tokio::sync::watch;
@@ -122,6 +125,11 @@ pub struct RaftNode {
     pub wire: Wire,
     /// This cluster's identity (created at initialization or adopted from the leader).
     pub ident: Identity,
+    /// Held while a leader decides and makes a membership change (the reconciler's or an
+    /// operator's), so each is decided on the membership the previous one left.
+    pub membership_change: tokio::sync::Mutex<()>,
+    /// Set by [`RaftNode::shutdown`]: the core's stop was asked for, not a failure.
+    stop_requested: Arc<AtomicBool>,
 }
 
 const STEPPING_DOWN: &str = "the leader has lost contact with a quorum and is stepping down";
@@ -160,11 +168,12 @@ impl RaftNode {
     pub async fn start(dir: &Path, me: ShoalNode, net: RaftNet, timing: &RaftTiming) -> anyhow::Result<RaftNode> {
         let RaftNet { cluster, tls, filter, mismatches } = net;
         let cluster = cluster.as_str();
-        std::fs::create_dir_all(dir)?;
-        let id = load_or_create_id(dir)?;
+        let storage = || format!("Raft storage in {}", dir.display());
+        std::fs::create_dir_all(dir).with_context(storage)?;
+        let id = load_or_create_id(dir).with_context(storage)?;
         let db = Db::open(&dir.join("raft.redb"))?;
-        let sm = StateMachine::open(db.clone())?;
-        let ident = Identity::open(db.clone(), mismatches)?;
+        let sm = StateMachine::open(db.clone()).with_context(storage)?;
+        let ident = Identity::open(db.clone(), mismatches).with_context(storage)?;
         let config = raft_config(cluster, timing)?;
         let wire = Wire {
             cluster: cluster.to_string(),
@@ -177,8 +186,18 @@ impl RaftNode {
             stepping_down: quorum::SteppingDown::default(),
         };
         let network = Network { wire: wire.clone() };
-        let raft = Raft::new(id, Arc::new(config), network, LogStore::new(db), sm.clone()).await?;
-        Ok(RaftNode { id, me, raft, sm, wire, ident })
+        let raft =
+            Raft::new(id, Arc::new(config), network, LogStore::new(db), sm.clone()).await.with_context(storage)?;
+        Ok(RaftNode {
+            id,
+            me,
+            raft,
+            sm,
+            wire,
+            ident,
+            membership_change: tokio::sync::Mutex::new(()),
+            stop_requested: Arc::default(),
+        })
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
@@ -359,7 +378,72 @@ impl RaftNode {
     }
 
     pub async fn shutdown(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
         let _ = self.raft.shutdown().await;
+    }
+
+    /// Resolves if the Raft core stops without [`RaftNode::shutdown`] having asked: a storage
+    /// error (openraft stops at the first one) or a panic. The node must not go on without its
+    /// control plane; `cli` exits the process.
+    pub fn failure(&self) -> impl Future<Output = CoreFailure> + Send + 'static {
+        let requested = self.stop_requested.clone();
+        watch_core(self.raft.metrics(), move || requested.load(Ordering::SeqCst))
+    }
+}
+
+/// Why the Raft core stopped when nobody asked it to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CoreFailure {
+    /// Storage failed (a full disk, an I/O error): after a failed write or fsync, what the
+    /// node holds in memory may not be what it stored.
+    Storage(String),
+    /// The core panicked or ended for another reason.
+    Stopped(String),
+}
+
+impl std::fmt::Display for CoreFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CoreFailure::Storage(e) => write!(f, "raft storage failed: {e}"),
+            CoreFailure::Stopped(e) => write!(f, "raft stopped: {e}"),
+        }
+    }
+}
+
+/// What a stopped core means: `running` is its metrics' `running_state`, `gone` says its task
+/// ended (the metrics sender was dropped, as on a panic), `requested` that a shutdown asked for
+/// it. `None` while the core runs, and for a stop that was asked for.
+pub fn unexpected_stop(running: &Result<(), Fatal<NodeId>>, gone: bool, requested: bool) -> Option<CoreFailure> {
+    if requested {
+        return None;
+    }
+    match running {
+        Err(Fatal::StorageError(e)) => Some(CoreFailure::Storage(e.to_string())),
+        Err(Fatal::Panicked) => Some(CoreFailure::Stopped("the Raft core panicked".into())),
+        Err(Fatal::Stopped) => Some(CoreFailure::Stopped("the Raft core stopped unasked".into())),
+        Ok(()) if gone => Some(CoreFailure::Stopped("the Raft core ended".into())),
+        Ok(()) => None,
+    }
+}
+
+/// Watches the core's metrics until [`unexpected_stop`] finds a failure; a requested stop
+/// leaves it pending forever.
+async fn watch_core(
+    mut metrics: watch::Receiver<RaftMetrics<NodeId, ShoalNode>>,
+    requested: impl Fn() -> bool,
+) -> CoreFailure {
+    loop {
+        let running = metrics.borrow_and_update().running_state.clone();
+        if let Some(failure) = unexpected_stop(&running, false, requested()) {
+            return failure;
+        }
+        if metrics.changed().await.is_err() {
+            let running = metrics.borrow().running_state.clone();
+            return match unexpected_stop(&running, true, requested()) {
+                Some(failure) => failure,
+                None => std::future::pending().await,
+            };
+        }
     }
 }
 
@@ -380,4 +464,80 @@ enum Attempt {
     Done(CommandResult),
     Retry(String),
     Fatal(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{AnyError, StorageError, StorageIOError};
+
+    use super::*;
+
+    type Metrics = RaftMetrics<NodeId, ShoalNode>;
+
+    fn storage_error(msg: &str) -> Fatal<NodeId> {
+        Fatal::StorageError(StorageError::from(StorageIOError::write_logs(AnyError::error(msg))))
+    }
+
+    #[test]
+    fn only_a_stop_nobody_asked_for_is_a_failure() {
+        let full = storage_error("No space left on device (os error 28)");
+        match unexpected_stop(&Err(full.clone()), false, false) {
+            Some(CoreFailure::Storage(e)) => assert!(e.contains("No space left on device"), "{e}"),
+            other => panic!("a storage error: {other:?}"),
+        }
+        assert_eq!(unexpected_stop(&Err(full), true, true), None, "asked for: a shutdown");
+        assert_eq!(unexpected_stop(&Ok(()), false, false), None, "running");
+        assert!(matches!(unexpected_stop(&Err(Fatal::Panicked), true, false), Some(CoreFailure::Stopped(_))));
+        assert!(matches!(unexpected_stop(&Err(Fatal::Stopped), false, false), Some(CoreFailure::Stopped(_))));
+        assert!(matches!(unexpected_stop(&Ok(()), true, false), Some(CoreFailure::Stopped(_))), "the task died");
+        assert_eq!(unexpected_stop(&Err(Fatal::Stopped), true, true), None);
+    }
+
+    #[tokio::test]
+    async fn the_watch_ends_on_a_storage_error_in_the_metrics() {
+        let (tx, rx) = watch::channel(Metrics::new_initial(1));
+        let watching = tokio::spawn(watch_core(rx, || false));
+        tx.send_modify(|m| m.current_term = 3);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!watching.is_finished(), "a running core is no failure");
+        tx.send_modify(|m| {
+            m.state = ServerState::Shutdown;
+            m.running_state = Err(storage_error("No space left on device (os error 28)"));
+        });
+        let failure = tokio::time::timeout(Duration::from_secs(5), watching).await.expect("in time").expect("join");
+        assert!(matches!(&failure, CoreFailure::Storage(e) if e.contains("No space left")), "{failure:?}");
+        assert!(failure.to_string().starts_with("raft storage failed: "), "{failure}");
+    }
+
+    #[tokio::test]
+    async fn the_watch_ends_when_the_core_task_dies_and_never_after_a_shutdown() {
+        let (tx, rx) = watch::channel(Metrics::new_initial(1));
+        let watching = tokio::spawn(watch_core(rx, || false));
+        drop(tx);
+        let failure = tokio::time::timeout(Duration::from_secs(5), watching).await.expect("in time").expect("join");
+        assert!(matches!(failure, CoreFailure::Stopped(_)), "{failure:?}");
+
+        let requested = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = watch::channel(Metrics::new_initial(1));
+        let asked = requested.clone();
+        let watching = tokio::spawn(watch_core(rx, move || asked.load(Ordering::SeqCst)));
+        requested.store(true, Ordering::SeqCst);
+        tx.send_modify(|m| m.running_state = Err(Fatal::Stopped));
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!watching.is_finished(), "a requested stop is no failure");
+        watching.abort();
+    }
+
+    #[tokio::test]
+    async fn a_node_shut_down_normally_reports_no_failure() {
+        let dir = tempfile::tempdir().expect("dir");
+        let node = RaftNode::start(dir.path(), ShoalNode::default(), RaftNet::default(), &RaftTiming::default())
+            .await
+            .expect("start");
+        node.initialize_alone().await.expect("initialize");
+        let failure = node.failure();
+        node.shutdown().await;
+        assert!(tokio::time::timeout(Duration::from_millis(500), failure).await.is_err());
+    }
 }

@@ -3,7 +3,7 @@
 //! identity, see `ident.rs`) and the target's Raft id, so a node reached at a stale address, or
 //! a node of another cluster, refuses instead of answering. The peer's certificate must name
 //! the node dialled, and a certificate the replicated deny list holds ends the connection.
-//! Forwarded client writes and read-index requests travel the same way.
+//! Forwarded client writes, read-index requests and operators' removals travel the same way.
 
 use std::io;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use openraft::raft::{
     VoteResponse,
 };
 use serde::{Deserialize, Serialize};
+use shoal_proto::admin::RemovedNode;
 use shoal_proto::{Proposal, State};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -24,6 +25,7 @@ use tokio_rustls::client::TlsStream;
 use super::channel::{Channel, OtherCluster, RaftTls};
 use super::ident::{AT_HANDSHAKE, ClusterId, Identity};
 use super::{CommandResult, NodeId, ShoalNode, TypeConfig};
+use crate::control::membership::RemoveError;
 
 /// Frame kinds on the Raft port.
 pub const KIND_REQUEST: u8 = 1;
@@ -57,6 +59,8 @@ pub enum Request {
     ReadIndex,
     /// "Who are you?" (the leader asks before admitting a node gossip announced).
     Ping,
+    /// An operator's removal of a member (its name or Raft id), forwarded to the leader.
+    Remove(String),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,6 +73,8 @@ pub enum Reply {
     ReadIndex(Result<u64, String>),
     /// The answering node's Raft id and cluster identity.
     Pong(NodeId, Option<ClusterId>),
+    /// The committed removal, or why the leader did not make it.
+    Remove(Result<RemovedNode, RemoveError>),
     /// Wrong cluster, wrong node, or an undecodable request.
     Refused(String),
 }

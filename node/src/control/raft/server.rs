@@ -25,6 +25,8 @@ use super::RaftNode;
 use super::channel::{Channel, OtherCluster};
 use super::ident::{AT_HANDSHAKE, AT_RPC};
 use super::network::{Envelope, KIND_REPLY, KIND_REQUEST, Reply, Request};
+use crate::control::gossip::Members;
+use crate::control::membership;
 use crate::control::pki::NodeIdentity;
 use crate::control::ratelog::LogLimiter;
 use crate::metrics::Metrics;
@@ -88,8 +90,14 @@ impl Drop for Pass {
     }
 }
 
-/// Accepts Raft RPC connections until the task is aborted.
-pub async fn serve(listener: TcpListener, node: Arc<RaftNode>, metrics: Arc<Metrics>) {
+/// Accepts Raft RPC connections until the task is aborted. `members` is this node's gossip
+/// view (the leader decides forwarded removals on it).
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<RaftNode>,
+    metrics: Arc<Metrics>,
+    members: watch::Receiver<Arc<Members>>,
+) {
     let gate = Arc::new(Gate::new(MAX_PENDING, MAX_PENDING_PER_IP));
     let mut conns = JoinSet::new();
     loop {
@@ -105,7 +113,7 @@ pub async fn serve(listener: TcpListener, node: Arc<RaftNode>, metrics: Arc<Metr
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                conns.spawn(serve_conn(stream, node.clone(), metrics.clone(), pass));
+                conns.spawn(serve_conn(stream, node.clone(), metrics.clone(), members.clone(), pass));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
@@ -121,7 +129,13 @@ fn handshake_failed(peer: Option<std::net::SocketAddr>, error: &dyn std::fmt::Di
 
 /// Serves one connection; `pass` is its place among unauthenticated ones, given up once the
 /// handshake is over.
-async fn serve_conn(stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics>, pass: Pass) {
+async fn serve_conn(
+    stream: TcpStream,
+    node: Arc<RaftNode>,
+    metrics: Arc<Metrics>,
+    members: watch::Receiver<Arc<Members>>,
+    pass: Pass,
+) {
     let peer = stream.peer_addr().ok();
     let Some(tls) = node.wire.tls.clone() else { return };
     let handshake = async {
@@ -174,7 +188,7 @@ async fn serve_conn(stream: TcpStream, node: Arc<RaftNode>, metrics: Arc<Metrics
                 metrics.rejected_inputs.with_label_values(&[counted]).inc();
                 Reply::Refused(why)
             }
-            Ok(()) => dispatch(&node, env).await,
+            Ok(()) => dispatch(&node, env, &members).await,
         };
         if stream.send(KIND_REPLY, &reply).await.is_err() {
             return;
@@ -262,7 +276,7 @@ fn sender_is(node: &RaftNode, env: &Envelope, who: &NodeIdentity) -> Result<(), 
 }
 
 /// Answers an admissible request.
-async fn dispatch(node: &RaftNode, env: Envelope) -> Reply {
+async fn dispatch(node: &RaftNode, env: Envelope, members: &watch::Receiver<Arc<Members>>) -> Reply {
     if !node.wire.filter.as_ref().is_none_or(|f| f(env.from, node.id)) {
         return Reply::Refused("link blocked".into());
     }
@@ -279,6 +293,10 @@ async fn dispatch(node: &RaftNode, env: Envelope) -> Reply {
         Request::Write(cmd) => Reply::Write(node.write_as_leader(cmd).await),
         Request::ReadIndex => Reply::ReadIndex(node.read_index_as_leader().await),
         Request::Ping => Reply::Pong(node.id, node.ident.get()),
+        Request::Remove(target) => {
+            let members = members.borrow().clone();
+            Reply::Remove(membership::remove_as_leader(node, &members, &target).await)
+        }
     }
 }
 

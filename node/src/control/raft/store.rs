@@ -39,13 +39,15 @@ pub type StoredSnapshot = (SnapshotMeta<NodeId, super::ShoalNode>, Vec<u8>);
 pub struct Db(Arc<Database>);
 
 impl Db {
-    /// Opens (or creates) the database file.
+    /// Opens (or creates) the database file. Opening writes (a recovery, the tables), so a
+    /// full disk fails here, with the file named, rather than later.
     pub fn open(path: &Path) -> anyhow::Result<Db> {
-        let db = Database::create(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-        let txn = db.begin_write()?;
-        txn.open_table(LOG)?;
-        txn.open_table(META)?;
-        txn.commit()?;
+        let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot open the Raft store {}: {e}", path.display());
+        let db = Database::create(path).map_err(|e| fail(&e))?;
+        let txn = db.begin_write().map_err(|e| fail(&e))?;
+        txn.open_table(LOG).map_err(|e| fail(&e))?;
+        txn.open_table(META).map_err(|e| fail(&e))?;
+        txn.commit().map_err(|e| fail(&e))?;
         Ok(Db(Arc::new(db)))
     }
 
