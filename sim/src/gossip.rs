@@ -48,6 +48,13 @@ struct Known {
     heard_at: Instant,
 }
 
+impl Known {
+    /// The observer's failure detector: live while the heartbeat keeps rising.
+    fn live(&self, now: Instant) -> bool {
+        now.duration_since(self.heard_at) < DETECT
+    }
+}
+
 /// A running node's gossip state.
 struct Node {
     name: String,
@@ -117,7 +124,7 @@ impl Gossip {
         let mut nodes = BTreeMap::new();
         for (name, k) in &node.table {
             let mut m = (*k.rec.member).clone();
-            m.live = now.duration_since(k.heard_at) < DETECT;
+            m.live = k.live(now);
             m.generation = k.rec.generation;
             nodes.insert(name.clone(), m);
         }
@@ -227,7 +234,7 @@ impl Gossip {
             let mut live: Vec<String> = node
                 .table
                 .iter()
-                .filter(|(_, k)| now.duration_since(k.heard_at) < DETECT)
+                .filter(|(_, k)| k.live(now))
                 .map(|(name, _)| name.clone())
                 .chain([node.name.clone()])
                 .collect();
