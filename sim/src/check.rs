@@ -1,16 +1,20 @@
-//! Safety checkers, pure functions over what the run observed, so a self-test can feed them a
-//! doctored history and see them fail.
+//! Checkers, pure functions over what the run observed, so a self-test can feed them a
+//! doctored history and see them fail: the committed log and client history, one cluster
+//! identity, and routing verdicts against the backends' true health.
 //!
 //! The committed log is assembled from every node's applied prefix; `State.version` rises by
 //! exactly 1 per successful non-`Noop` command, so replaying that log through the same `apply`
 //! and dedup rule as the state machine tells, for each proposal, the version it produced: the
 //! history check is a set of order comparisons, no linearizability search.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
 
 use openraft::{Entry, EntryPayload, LogId};
+use shoal_node::control::raft::ident::ClusterId;
 use shoal_node::control::raft::{CommandResult, NodeId, TypeConfig};
-use shoal_proto::{ApplyError, Command, Proposal, State, apply};
+use shoal_node::health::{BackendId, Verdict};
+use shoal_proto::{ApplyError, CheckKind, Command, Proposal, State, apply};
 
 /// One client operation and how it ended.
 #[derive(Clone, Debug)]
@@ -176,6 +180,69 @@ fn check_real_time(ops: &[Op]) -> Vec<String> {
                 a.proposal, a.returned_ms, b.proposal, b.invoked_ms
             ));
         }
+    }
+    out
+}
+
+/// At most one cluster identity ever formed, and at most one node ever initialized a cluster:
+/// two would be two clusters that never merge (shoal refuses across identities by design).
+/// `created` lists each identity creation (node, identity); `initialized` each node whose
+/// `initialize` succeeded.
+pub fn check_one_cluster(created: &[(NodeId, ClusterId)], initialized: &[NodeId]) -> Vec<String> {
+    let mut out = Vec::new();
+    let distinct: BTreeSet<u128> = created.iter().map(|(_, c)| c.0).collect();
+    if distinct.len() > 1 {
+        let by: Vec<NodeId> = created.iter().map(|(n, _)| *n).collect();
+        out.push(format!("{} cluster identities formed (created by nodes {by:?})", distinct.len()));
+    }
+    let nodes: BTreeSet<NodeId> = initialized.iter().copied().collect();
+    if nodes.len() > 1 {
+        out.push(format!("{} nodes initialized a cluster: {nodes:?}", nodes.len()));
+    }
+    out
+}
+
+/// The routing verdicts every node must hold once health has settled: for each backend of
+/// `state`, up or down as `up` says for actively checked pools, up for unchecked ones.
+pub fn expected_routing(state: &State, up: impl Fn(SocketAddr) -> bool) -> HashMap<BackendId, Verdict> {
+    let mut out = HashMap::new();
+    for pool in state.pools.values() {
+        for b in pool.backends.values() {
+            let v = match pool.spec.check() {
+                CheckKind::None => Verdict::Up,
+                CheckKind::Http | CheckKind::Tcp if up(b.addr) => Verdict::Up,
+                CheckKind::Http | CheckKind::Tcp => Verdict::Down,
+                // Heartbeat pools are not simulated: whatever combine says.
+                CheckKind::Heartbeat => continue,
+            };
+            out.insert((pool.name.clone(), b.addr), v);
+        }
+    }
+    out
+}
+
+/// Every node's routing verdicts equal `expected` (hence each other); one line per node that
+/// differs, naming a few of its differences.
+pub fn check_routing(
+    expected: &HashMap<BackendId, Verdict>,
+    views: &BTreeMap<NodeId, HashMap<BackendId, Verdict>>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (node, view) in views {
+        let mut diffs: Vec<String> = expected
+            .iter()
+            .filter(|(id, v)| view.get(*id) != Some(*v))
+            .map(|(id, v)| format!("{}/{} {:?} (truth {v:?})", id.0, id.1, view.get(id).copied().unwrap_or_default()))
+            .chain(view.keys().filter(|id| !expected.contains_key(*id)).map(|id| format!("{}/{} extra", id.0, id.1)))
+            .collect();
+        if diffs.is_empty() {
+            continue;
+        }
+        diffs.sort();
+        let more = diffs.len().saturating_sub(4);
+        diffs.truncate(4);
+        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        out.push(format!("node {node} routes {}{more}", diffs.join(", ")));
     }
     out
 }

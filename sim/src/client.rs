@@ -110,3 +110,33 @@ pub async fn write_once(net: &SimNet, p: Proposal, deadline: Instant) -> Outcome
     }
     Outcome::Unknown
 }
+
+/// Writes `cmds` in order as client `c`, each retried (with a fresh proposal id) until acked
+/// or `stop` turns true: the world's own setup, e.g. the health-checked pool.
+pub async fn setup(
+    seed: u64,
+    c: usize,
+    cmds: Vec<Command>,
+    net: SimNet,
+    trace: Trace,
+    ops: Arc<Mutex<Vec<Op>>>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut attempt = 0u64;
+    for cmd in cmds {
+        while !*stop.borrow() {
+            attempt += 1;
+            let proposal = mix(seed ^ mix(0x5E7 ^ mix(attempt))) | 1;
+            let invoked_ms = trace.now_ms();
+            let outcome = write(&net, Proposal { id: proposal, cmd: cmd.clone() }).await;
+            trace.event(format!("setup write {attempt} {outcome:?}"));
+            let acked = matches!(outcome, Outcome::Acked(_));
+            let op = Op { client: c, proposal, cmd: cmd.clone(), invoked_ms, returned_ms: trace.now_ms(), outcome };
+            ops.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+            if acked {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

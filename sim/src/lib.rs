@@ -1,15 +1,19 @@
-//! Deterministic simulation of shoal's Raft control plane (issue 15, part 1): openraft with
-//! shoal's own redb `LogStore` and `StateMachine`, in one process on tokio's paused clock, every
-//! Raft message through a seeded simulated network, membership driven by `membership::plan`, and
-//! safety checkers over what the run observed. A seed replays exactly; the trace hash proves it.
+//! Deterministic simulation of shoal's control plane (issue 15): openraft with shoal's own redb
+//! `LogStore`, `StateMachine` and cluster `Identity`, in one process on tokio's paused clock,
+//! every Raft message and gossip datagram through a seeded simulated network, the cluster
+//! formed by shoal's bootstrap gate or directly, membership driven by `membership::plan` over
+//! each leader's gossip view, backend health combined by `health::combine`, and checkers over
+//! what the run observed. A seed replays exactly; the trace hash proves it.
 
 pub mod check;
 pub mod client;
+pub mod gossip;
+pub mod health;
 pub mod net;
 pub mod trace;
 pub mod world;
 
-pub use world::{Report, Settings, run};
+pub use world::{Report, Sabotage, Settings, run};
 
 /// Fault steps in one simulated minute.
 pub const MINUTE_STEPS: u64 = 3000;

@@ -2,6 +2,9 @@
 //! message, a pure function of `(seed, from, to, per-link sequence)` decides loss, delay,
 //! duplication (a delayed second copy, which also reorders) and reply loss; partitions are a set
 //! of cut directed links, so symmetric, one-way and bridge partitions are all just link sets.
+//! Every request carries its sender's cluster identity and passes the receiver's real
+//! `Identity::check` first, as shoal's RPC envelope does; gossip datagrams and the reconciler's
+//! ping take the same links, with their own sequence streams.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -15,6 +18,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
+use shoal_node::control::raft::ident::{AT_RPC, ClusterId, Identity};
 use shoal_node::control::raft::{NodeId, Raft, ShoalNode, TypeConfig};
 
 use crate::trace::{Trace, mix};
@@ -32,15 +36,30 @@ pub struct Faults {
     pub spike: u64,
 }
 
+/// A running node as the network reaches it.
+#[derive(Clone)]
+pub struct Peer {
+    pub raft: Raft,
+    pub ident: Identity,
+}
+
+/// Which sequence stream a message draws its fate from.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stream {
+    Raft,
+    Gossip,
+    Ping,
+}
+
 #[derive(Default)]
 struct State {
     seed: u64,
     /// Running nodes; a crashed node is absent (connection refused).
-    up: BTreeMap<NodeId, Raft>,
+    up: BTreeMap<NodeId, Peer>,
     /// Directed links that deliver nothing.
     cut: BTreeSet<(NodeId, NodeId)>,
     faults: Faults,
-    seq: BTreeMap<(NodeId, NodeId), u64>,
+    seq: BTreeMap<(Stream, NodeId, NodeId), u64>,
 }
 
 /// The network, shared by every node's factory and the world.
@@ -70,20 +89,28 @@ impl SimNet {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn set_up(&self, id: NodeId, raft: Option<Raft>) {
+    pub fn set_up(&self, id: NodeId, peer: Option<Peer>) {
         let mut s = self.lock();
-        match raft {
-            Some(r) => s.up.insert(id, r),
+        match peer {
+            Some(p) => s.up.insert(id, p),
             None => s.up.remove(&id),
         };
     }
 
     pub fn raft(&self, id: NodeId) -> Option<Raft> {
-        self.lock().up.get(&id).cloned()
+        self.lock().up.get(&id).map(|p| p.raft.clone())
+    }
+
+    pub fn ident(&self, id: NodeId) -> Option<Identity> {
+        self.lock().up.get(&id).map(|p| p.ident.clone())
+    }
+
+    pub fn is_up(&self, id: NodeId) -> bool {
+        self.lock().up.contains_key(&id)
     }
 
     pub fn up(&self) -> Vec<(NodeId, Raft)> {
-        self.lock().up.iter().map(|(id, r)| (*id, r.clone())).collect()
+        self.lock().up.iter().map(|(id, p)| (*id, p.raft.clone())).collect()
     }
 
     pub fn set_cut(&self, cut: BTreeSet<(NodeId, NodeId)>) {
@@ -94,17 +121,51 @@ impl SimNet {
         self.lock().faults = faults;
     }
 
-    fn is_cut(&self, from: NodeId, to: NodeId) -> bool {
+    pub fn is_cut(&self, from: NodeId, to: NodeId) -> bool {
         self.lock().cut.contains(&(from, to))
     }
 
-    fn fate(&self, from: NodeId, to: NodeId) -> Fate {
+    /// One gossip datagram from `from` to `to`: its one-way delay, or `None` when it is lost
+    /// (per the seed's loss rate, or a cut link).
+    pub fn datagram(&self, from: NodeId, to: NodeId) -> Option<Duration> {
+        let fate = self.fate(Stream::Gossip, from, to);
+        (!fate.lost && !self.is_cut(from, to)).then_some(fate.there)
+    }
+
+    /// The reconciler's admission ping (shoal's `verified`): the peer's answer, its identity,
+    /// or why there was none. Waits out `ttl` when nothing comes back, as a real timeout would.
+    pub async fn ping(&self, from: NodeId, to: NodeId, ttl: Duration) -> Result<Option<ClusterId>, String> {
+        let fate = self.fate(Stream::Ping, from, to);
+        if !self.is_up(to) {
+            return Err("refused (down)".into());
+        }
+        if fate.lost || fate.reply_lost || self.is_cut(from, to) || self.is_cut(to, from) {
+            tokio::time::sleep(ttl).await;
+            return Err("timed out".into());
+        }
+        tokio::time::sleep(fate.there).await;
+        // Read the answer now, holding nothing of the node across a wait (its store must
+        // reopen when it restarts).
+        let Some(theirs) = self.ident(to).map(|i| i.get()) else {
+            tokio::time::sleep(ttl.saturating_sub(fate.there)).await;
+            return Err("timed out".into());
+        };
+        tokio::time::sleep(fate.back).await;
+        Ok(theirs)
+    }
+
+    fn fate(&self, stream: Stream, from: NodeId, to: NodeId) -> Fate {
         let mut s = self.lock();
-        let seq = s.seq.entry((from, to)).or_default();
+        let seq = s.seq.entry((stream, from, to)).or_default();
         *seq += 1;
         let seq = *seq;
         let f = s.faults;
-        let roll = |k: u64| mix(s.seed ^ mix(from ^ mix(to.rotate_left(17) ^ mix(seq ^ mix(k)))));
+        let salt = match stream {
+            Stream::Raft => 0,
+            Stream::Gossip => 0x6055_1900,
+            Stream::Ping => 0x9196_0000,
+        };
+        let roll = |k: u64| mix(s.seed ^ mix(from ^ mix(to.rotate_left(17) ^ mix(seq ^ salt ^ mix(k)))));
         let delay = |k: u64| {
             if f.spike > 0 && roll(k) % 1000 < f.spike {
                 Duration::from_millis(200 + roll(k + 1) % 800)
@@ -139,8 +200,10 @@ impl SimNet {
         F: Fn(Raft, Req) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, RaftError<NodeId, E>>> + Send,
     {
-        let fate = self.fate(from, to);
+        let fate = self.fate(Stream::Raft, from, to);
         let tag = format!("{kind} {from}->{to}#{}", fate.seq);
+        // The envelope carries the sender's identity as it is when the request leaves.
+        let ours = self.ident(from).and_then(|i| i.get());
         if self.raft(to).is_none() {
             self.trace.event(format!("{tag} refused (down)"));
             return Err(RPCError::Unreachable(Unreachable::new(&AnyError::error("node down"))));
@@ -156,16 +219,22 @@ impl SimNet {
             let (net, call, copy) = (self.clone(), call.clone(), req.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(fate.there + extra).await;
-                if let Some(target) = net.raft(to).filter(|_| !net.is_cut(from, to)) {
+                if let Some(target) = net.admit(to, ours).filter(|_| !net.is_cut(from, to)) {
                     let _ = call(target, copy).await;
                 }
             });
         }
         tokio::time::sleep(fate.there).await;
-        let Some(target) = self.raft(to).filter(|_| !self.is_cut(from, to)) else {
+        if self.raft(to).is_none() || self.is_cut(from, to) {
             self.trace.event(format!("{tag} lost in flight"));
             tokio::time::sleep(ttl.saturating_sub(fate.there)).await;
             return Err(lost("request lost in flight"));
+        }
+        let Some(target) = self.admit(to, ours) else {
+            // Shoal answers `Refused`; the caller sees a failed call, like any other.
+            self.trace.event(format!("{tag} refused: another cluster"));
+            tokio::time::sleep(fate.back).await;
+            return Err(lost("peer refused: another cluster"));
         };
         let result = call(target, req).await;
         tokio::time::sleep(fate.back).await;
@@ -176,6 +245,15 @@ impl SimNet {
         }
         self.trace.event(format!("{tag} delivered{}", if result.is_ok() { "" } else { ", remote error" }));
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+    }
+}
+
+impl SimNet {
+    /// The receiver's side of shoal's `dispatch`: a node of another cluster is refused, a node
+    /// without an identity adopts the sender's (durably, before Raft sees the request).
+    fn admit(&self, to: NodeId, theirs: Option<ClusterId>) -> Option<Raft> {
+        let peer = self.lock().up.get(&to).cloned()?;
+        peer.ident.check(theirs, true, AT_RPC).ok().map(|()| peer.raft)
     }
 }
 

@@ -25,8 +25,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::ChangeMembers;
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, RaftMetrics};
 use serde::{Deserialize, Serialize};
 use shoal_proto::admin::RemovedNode;
 use tokio::sync::watch;
@@ -254,12 +254,36 @@ pub fn should_bootstrap(me: NodeId, expect: usize, members: &Members) -> Option<
     Some(nodes)
 }
 
-/// Initializes the cluster when [`should_bootstrap`] says so (twice in a row, one second
-/// apart, so views still converging do not make two nodes initialize), then publishes
-/// `raft_init=1`.
+/// How often the bootstrap loop looks at gossip.
+pub const BOOTSTRAP_TICK: Duration = Duration::from_millis(500);
+
+/// The bootstrap decision over time: [`should_bootstrap`] must name the same voters on two
+/// ticks in a row, so views still converging do not make two nodes initialize.
+#[derive(Debug, Default)]
+pub struct BootstrapGate {
+    agreed: Option<Vec<NodeId>>,
+}
+
+impl BootstrapGate {
+    /// One tick: the voters to initialize with, once agreed (and on every tick after that).
+    pub fn tick(&mut self, me: NodeId, expect: usize, members: &Members) -> Option<Vec<(NodeId, ShoalNode)>> {
+        let Some(nodes) = should_bootstrap(me, expect, members) else {
+            self.agreed = None;
+            return None;
+        };
+        let ids: Vec<NodeId> = nodes.iter().map(|(id, _)| *id).collect();
+        if self.agreed.as_ref() != Some(&ids) {
+            self.agreed = Some(ids);
+            return None;
+        }
+        Some(nodes)
+    }
+}
+
+/// Initializes the cluster when the [`BootstrapGate`] opens, then publishes `raft_init=1`.
 pub async fn bootstrap(raft: Arc<RaftNode>, gossip: Arc<Gossip>, expect: usize, mut shutdown: Shutdown) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut agreed: Option<Vec<NodeId>> = None;
+    let mut tick = tokio::time::interval(BOOTSTRAP_TICK);
+    let mut gate = BootstrapGate::default();
     loop {
         tokio::select! {
             _ = shutdown.wait() => return,
@@ -270,15 +294,7 @@ pub async fn bootstrap(raft: Arc<RaftNode>, gossip: Arc<Gossip>, expect: usize, 
             return;
         }
         let members = gossip.members.borrow().clone();
-        let Some(nodes) = should_bootstrap(raft.id, expect, &members) else {
-            agreed = None;
-            continue;
-        };
-        let ids: Vec<NodeId> = nodes.iter().map(|(id, _)| *id).collect();
-        if agreed.as_ref() != Some(&ids) {
-            agreed = Some(ids);
-            continue;
-        }
+        let Some(nodes) = gate.tick(raft.id, expect, &members) else { continue };
         let names: Vec<&str> = nodes.iter().map(|(_, n)| n.name.as_str()).collect();
         // The identity exists before the first request leaves, so every member adopts it.
         let ident = match raft.ident.get_or_create() {
@@ -357,9 +373,10 @@ pub fn foreign(ours: Option<ClusterId>, members: &Members) -> BTreeMap<NodeId, C
         .collect()
 }
 
-/// Liveness history the plan needs (since when live, since when absent).
-#[derive(Default)]
-struct Seen {
+/// Liveness history the plan needs (since when live, since when absent). Every node keeps
+/// one, leader or not, so a new leader already knows how long members have been away.
+#[derive(Debug, Default)]
+pub struct Seen {
     live_since: HashMap<NodeId, Instant>,
     absent_since: HashMap<NodeId, Instant>,
     /// Foreign nodes already counted (each is counted once, not once per tick).
@@ -369,30 +386,66 @@ struct Seen {
 impl Seen {
     /// The leader's view, or `None` when this node does not lead or a change is in flight.
     fn view(&mut self, raft: &RaftNode, members: &Members, now: Instant) -> Option<View> {
+        let metrics = raft.raft.metrics().borrow().clone();
+        let ours = raft.ident.get();
+        let mut view = self.observe(raft.id, &metrics, members, ours, now)?;
+        let foreign = foreign(ours, members);
+        self.foreign_counted.retain(|id| foreign.contains_key(id));
+        for (id, theirs) in &foreign {
+            if let (true, Some(ours)) = (self.foreign_counted.insert(*id), ours) {
+                raft.ident.refused(AT_GOSSIP, ours, *theirs);
+            }
+        }
+        view.revoked = revoked_members(raft, &view.voters.union(&view.learners).copied().collect());
+        Some(view)
+    }
+
+    /// The pure part of [`Seen::view`]: records who gossip shows live now, then, on the leader
+    /// only, the view to plan from (without revocations, which need the wire's certificates).
+    pub fn observe(
+        &mut self,
+        me: NodeId,
+        metrics: &RaftMetrics<NodeId, ShoalNode>,
+        members: &Members,
+        ours: Option<ClusterId>,
+        now: Instant,
+    ) -> Option<View> {
         let live = live_nodes(members);
         self.live_since.retain(|id, _| live.contains_key(id));
         for id in live.keys() {
             self.live_since.entry(*id).or_insert(now);
             self.absent_since.remove(id);
         }
-        let membership = raft.raft.metrics().borrow().membership_config.membership().clone();
+        let membership = metrics.membership_config.membership();
         // Only members are counted absent: a removed node is forgotten until it comes back.
         self.absent_since.retain(|id, _| membership.get_node(id).is_some());
         for id in membership.nodes().map(|(id, _)| *id).filter(|id| !live.contains_key(id)) {
             self.absent_since.entry(id).or_insert(now);
         }
-        let live_for = |id: &NodeId| self.live_since.get(id).map(|t| now.duration_since(*t)).unwrap_or_default();
-        let live = live.into_iter().map(|(id, n)| (id, (n, live_for(&id)))).collect();
-        let absent = self.absent_since.iter().map(|(id, t)| (*id, now.duration_since(*t))).collect();
-        let view = leader_view(raft, members, live, absent)?;
-        let foreign = foreign(raft.ident.get(), members);
-        self.foreign_counted.retain(|id| foreign.contains_key(id));
-        for (id, theirs) in &foreign {
-            if let (true, Some(ours)) = (self.foreign_counted.insert(*id), raft.ident.get()) {
-                raft.ident.refused(AT_GOSSIP, ours, *theirs);
-            }
+        if metrics.state != openraft::ServerState::Leader {
+            return None;
         }
-        Some(view)
+        // Our own changes are awaited before the next plan, so a joint config seen here is a
+        // leftover (found by the simulation, seed 3: a leader change mid-change left it forever).
+        let configs = membership.get_joint_config();
+        let joint = (configs.len() > 1).then(|| configs.last().cloned().unwrap_or_default());
+        let matched = metrics
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
+            .unwrap_or_default();
+        Some(View {
+            me,
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            live: live.into_iter().map(|(id, n)| (id, (n, now.duration_since(self.live_since[&id])))).collect(),
+            absent: self.absent_since.iter().map(|(id, t)| (*id, now.duration_since(*t))).collect(),
+            matched,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            foreign: foreign(ours, members).into_keys().collect(),
+            revoked: BTreeSet::new(),
+            joint,
+        })
     }
 }
 
@@ -714,6 +767,24 @@ mod tests {
         adopted.cluster_id = Some(ClusterId(5));
         ms.nodes.insert("n9".into(), adopted);
         assert_eq!(should_bootstrap(3, 3, &ms), None, "a node with an identity: join its cluster instead");
+    }
+
+    #[test]
+    fn the_gate_opens_only_when_two_ticks_in_a_row_name_the_same_voters() {
+        let mut ms = Members::default();
+        for id in [1, 2, 3] {
+            ms.nodes.insert(format!("n{id}"), member(id, false));
+        }
+        let mut gate = BootstrapGate::default();
+        assert_eq!(gate.tick(1, 3, &ms), None, "first sighting");
+        ms.nodes.insert("n4".into(), member(4, false));
+        assert_eq!(gate.tick(1, 3, &ms), None, "the set changed: start over");
+        assert_eq!(gate.tick(1, 3, &ms).map(|n| n.len()), Some(4));
+        assert_eq!(gate.tick(1, 3, &ms).map(|n| n.len()), Some(4), "stays open, so a failed initialize is retried");
+        ms.nodes.insert("n4".into(), member(4, true));
+        assert_eq!(gate.tick(1, 3, &ms), None, "a cluster appeared");
+        ms.nodes.insert("n4".into(), member(4, false));
+        assert_eq!(gate.tick(1, 3, &ms), None, "and agreement starts over");
     }
 
     #[test]

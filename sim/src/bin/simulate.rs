@@ -72,7 +72,7 @@ fn main() {
                         return;
                     }
                     let t = Instant::now();
-                    let r = run(&Settings { seed, steps, verbose });
+                    let r = run(&Settings { verbose, ..Settings::new(seed, steps) });
                     print_one(&r, t.elapsed().as_secs_f64(), steps);
                     reports.lock().unwrap_or_else(|p| p.into_inner()).push(r);
                 }
@@ -104,8 +104,13 @@ fn main() {
 
 fn print_one(r: &Report, secs: f64, steps: u64) {
     let verdict = if r.passed() { "pass" } else { "FAIL" };
+    let formed = match r.bootstrap {
+        Some((n, expect)) => format!("bootstrap {n}/{expect}"),
+        None => "direct".to_string(),
+    };
+    let routing = r.routing_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "-".into());
     println!(
-        "seed {} {verdict} hash {:016x} events {} acked {} refused {} unknown {} version {} leaders {} ({} multi-leader terms) {:.1} s",
+        "seed {} {verdict} hash {:016x} events {} {formed} acked {} refused {} unknown {} version {} leaders {} ({} multi-leader terms) routing {routing} {:.1} s",
         r.seed, r.hash, r.events, r.acked, r.refused, r.unknown, r.final_version, r.leaders, r.multi_leader_terms, secs
     );
     if !r.passed() {
