@@ -6,10 +6,12 @@
 //! - [`control`]: desired state and how it changes;
 //! - [`admin`]: the JSON admin API; [`cli`]: the `shoal` command line;
 //! - [`node`]: start and shutdown order; [`config`]: config files, kept in force by
-//!   [`config_watch`]; [`metrics`]: Prometheus; [`files`]: private secrets, atomic writes.
+//!   [`config_watch`]; [`metrics`]: Prometheus; [`files`]: private secrets, atomic writes;
+//!   [`clock`]: the wall clock shoal reads (with the fault-injection offset).
 
 pub mod admin;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod config_watch;
 pub mod control;

@@ -143,6 +143,8 @@ pub struct NodeOptions {
     pub public_metrics: bool,
     /// Accept gRPC control calls without the token (`--grpc-allow-unauthenticated`).
     pub grpc_allow_unauthenticated: bool,
+    /// Serve the fault-injection endpoints (`--fault-injection`, chaos tests only).
+    pub fault_injection: bool,
 }
 
 impl NodeOptions {
@@ -173,6 +175,7 @@ impl NodeOptions {
             admin_tls: None,
             public_metrics: false,
             grpc_allow_unauthenticated: false,
+            fault_injection: false,
         }
     }
 }
@@ -207,6 +210,8 @@ pub struct NodeShared {
     pub admin_tls: Option<Arc<TlsStore>>,
     pub public_metrics: bool,
     pub grpc_allow_unauthenticated: bool,
+    /// `PUT /v1/debug/clock` is served (`--fault-injection`).
+    pub fault_injection: bool,
     http_addr: Mutex<Option<SocketAddr>>,
     https_addr: Mutex<Option<SocketAddr>>,
 }
@@ -381,6 +386,13 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     if let Some(c) = &opts.cluster {
         check_identity(&opts.id, c)?;
     }
+    if opts.fault_injection {
+        tracing::warn!(
+            node = %opts.id,
+            clock_offset_ms = crate::clock::offset_ms(),
+            "--fault-injection: the admin API can move this node's wall clock (PUT /v1/debug/clock); for chaos tests only"
+        );
+    }
     let metrics = Arc::new(Metrics::new(&opts.id));
     let (trigger, shutdown) = shutdown::channel();
     let config_file = opts
@@ -477,6 +489,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         admin_tls,
         public_metrics: opts.public_metrics,
         grpc_allow_unauthenticated: opts.grpc_allow_unauthenticated,
+        fault_injection: opts.fault_injection,
         http_addr: Mutex::new(None),
         https_addr: Mutex::new(None),
     });
@@ -548,6 +561,7 @@ async fn start_cluster(
         interval: c.gossip_interval,
         key: c.creds.key.clone(),
         filter: c.gossip_filter.clone(),
+        state_file: Some(opts.data_dir.join(crate::control::incarnation::FILE)),
     };
     let gossip = Arc::new(Gossip::start(&gopts, keys, metrics.clone()).await?);
     // Peers' connections wait in the backlog until gossip, which forwarded removals need, runs.

@@ -247,6 +247,14 @@ impl ProcCluster {
         self.launch(idx);
     }
 
+    /// Starts a stopped node again on its data directory with `args` added for this start only.
+    pub fn restart_with(&mut self, idx: usize, args: &[&str]) {
+        let kept = self.nodes[idx].extra.clone();
+        self.nodes[idx].extra.extend(args.iter().map(|a| a.to_string()));
+        self.launch(idx);
+        self.nodes[idx].extra = kept;
+    }
+
     /// The `/v1/cluster` view of node `idx`.
     pub async fn view(&self, idx: usize) -> Option<Value> {
         self.nodes[idx].admin().get("/v1/cluster").await.ok()

@@ -302,7 +302,7 @@ async fn gossip_replays_reflections_and_stale_stamps_are_refused_by_reason() {
     let target = SocketAddr::new(c.nodes[0].ip, CLUSTER_PORT);
     let udp = tokio::net::UdpSocket::bind((LOCALHOST, 0)).await.expect("udp");
     let me = udp.local_addr().expect("addr");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    let now = shoal_node::clock::unix_ms();
     let other_node = SocketAddr::new(c.nodes[1].ip, CLUSTER_PORT);
     let cases: [(&str, Stamp, usize); 4] = [
         ("replay", Stamp { from: me, seq: 1, at_ms: now }, 2),

@@ -316,6 +316,29 @@ pub async fn remove_node(AxState(node): Node, Path(id): Path<String>) -> Result<
     Ok(Json(membership::remove(&node.raft, || node.members(), &id).await?))
 }
 
+/// Body of `PUT /v1/debug/clock`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockRequest {
+    offset_ms: Option<i64>,
+}
+
+/// `PUT /v1/debug/clock` (`--fault-injection` only): moves this node's wall clock `offset_ms`
+/// from the system clock (0: back to it); answers the offset in force.
+pub async fn set_clock(Body(req): Body<ClockRequest>) -> Result<Json<serde_json::Value>, ApiError> {
+    let ms = req.offset_ms.ok_or_else(|| ApiError::bad_request("the body must be {\"offset_ms\": <integer>}"))?;
+    crate::clock::set_offset_ms(ms).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    tracing::warn!(offset_ms = ms, "fault injection: this node's wall clock moved");
+    Ok(Json(serde_json::json!({ "offset_ms": crate::clock::offset_ms() })))
+}
+
+/// Every fault-injection route of a node started without `--fault-injection`.
+pub async fn fault_injection_off() -> ApiError {
+    ApiError::not_found(
+        "fault injection is off: only a node started with --fault-injection (chaos tests only) serves this",
+    )
+}
+
 /// `POST /v1/tls/reload`: reloads this node's certificate files now.
 pub async fn tls_reload(AxState(node): Node) -> Result<Json<serde_json::Value>, ApiError> {
     let store = node.tls.as_ref().ok_or_else(|| ApiError::not_found("this node has no HTTPS listener"))?;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post, put};
+use axum::routing::{MethodRouter, any, delete, get, post, put};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -59,6 +59,7 @@ fn json_router(node: Arc<NodeShared>) -> Router {
         .route("/v1/pools/{pool}/backends/{addr}/drain", put(api::drain_backend))
         .route("/v1/pools/{pool}/backends/{addr}/leave", post(api::leave_backend))
         .route("/v1/tls/reload", post(api::tls_reload))
+        .route("/v1/debug/clock", fault_route(&node, put(api::set_clock)))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here".into())
@@ -67,6 +68,11 @@ fn json_router(node: Arc<NodeShared>) -> Router {
         .layer(DefaultBodyLimit::max(json::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(node.clone(), auth::require_token))
         .with_state(node)
+}
+
+/// A fault-injection route: `handler` with `--fault-injection`, else a 404 for every method.
+fn fault_route(node: &NodeShared, handler: MethodRouter<Arc<NodeShared>>) -> MethodRouter<Arc<NodeShared>> {
+    if node.fault_injection { handler } else { any(api::fault_injection_off) }
 }
 
 /// Serves the admin API on `listener` until the node is fully stopped.

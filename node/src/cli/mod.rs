@@ -231,6 +231,14 @@ pub struct NodeArgs {
     /// least four heartbeat intervals.
     #[arg(long, default_value_t = 400)]
     pub election_timeout_ms: u64,
+    /// For chaos tests only, never in production: the admin API serves PUT /v1/debug/clock
+    /// (admin token), which moves this node's wall clock by an offset.
+    #[arg(long)]
+    pub fault_injection: bool,
+    /// For chaos tests only: start with the wall clock moved by this many milliseconds
+    /// (negative: behind).
+    #[arg(long, requires = "fault_injection", allow_negative_numbers = true, value_name = "MS")]
+    pub fault_clock_offset_ms: Option<i64>,
 }
 
 impl NodeArgs {
@@ -300,6 +308,7 @@ impl NodeArgs {
             },
             public_metrics: self.public_metrics,
             grpc_allow_unauthenticated: self.grpc_allow_unauthenticated,
+            fault_injection: self.fault_injection,
         })
     }
 
@@ -594,6 +603,13 @@ fn run_node(args: NodeArgs) -> ExitCode {
         Ok(o) => o,
         Err(e) => return fail(2, e),
     };
+    // The clock is the process's: set here, before anything reads it (a node's first gossip
+    // generation and sequence come from it).
+    if let Some(ms) = args.fault_clock_offset_ms
+        && let Err(e) = crate::clock::set_offset_ms(ms)
+    {
+        return fail(2, format!("--fault-clock-offset-ms: {e}"));
+    }
     let data_dir = opts.data_dir.clone();
     let failed = rt.block_on(async {
         let node = match crate::node::start(opts).await {

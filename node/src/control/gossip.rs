@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig
 use tokio::sync::watch;
 
 use super::gossip_auth::{AuthTransport, GossipFilter};
+use super::incarnation::{self, Recorded, Sequence};
 use super::raft::ident::ClusterId;
 use super::secure::ClusterKey;
 use crate::health::combine::PeerObs;
@@ -37,6 +39,9 @@ pub struct GossipOptions {
     pub key: ClusterKey,
     /// Test seam: which peers' gossip gets through (`None`: all).
     pub filter: Option<GossipFilter>,
+    /// Where this node records its generation and datagram sequence (`incarnation`), so a
+    /// restart starts above them whatever its clock says; `None`: from the clock alone.
+    pub state_file: Option<PathBuf>,
 }
 
 /// A live (or dead) node as gossip describes it.
@@ -60,7 +65,8 @@ pub struct Member {
     pub active: HashMap<BackendId, Counts>,
 }
 
-/// Everyone gossip knows about, by node name (the highest generation wins).
+/// Everyone gossip knows about, by node name (a live generation over dead ones, then the
+/// highest).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Members {
     pub nodes: BTreeMap<String, Member>,
@@ -90,10 +96,14 @@ impl Gossip {
         keys: Vec<(String, String)>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Gossip> {
-        let generation = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
+        let now = crate::clock::wall_now();
+        let (generation, seq) = match &opts.state_file {
+            Some(file) => incarnation::begin(file, now)?,
+            None => {
+                let (generation, start, _) = incarnation::next(Recorded::default(), now, 0);
+                (generation, Sequence::unrecorded(start))
+            }
+        };
         let config = ChitchatConfig {
             chitchat_id: ChitchatId::new(opts.name.clone(), generation, opts.addr),
             cluster_id: opts.cluster_id.clone(),
@@ -111,7 +121,8 @@ impl Gossip {
             extra_liveness_predicate: Some(Box::new(|ns: &NodeState| ns.contains_key("raft_id"))),
             protocol_version: chitchat::ProtocolVersion::V0,
         };
-        let transport = AuthTransport { key: opts.key.clone(), metrics, filter: opts.filter.clone() };
+        let transport =
+            AuthTransport { key: opts.key.clone(), metrics, filter: opts.filter.clone(), seq: Arc::new(seq) };
         let handle = spawn_chitchat(config, keys, &transport)
             .await
             .map_err(|e| anyhow::anyhow!("cannot start gossip on {}: {e}", opts.addr))?;
@@ -212,12 +223,16 @@ async fn watch_members(chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>, tx
     }
 }
 
+/// One member per node name. A live generation wins over dead ones whatever the numbers say:
+/// generations come from the clock, and a node restarted with its clock behind (or from a
+/// wiped data directory) has a lower one than the incarnation it replaced, which stays in
+/// chitchat's dead list for an hour.
 fn build_members(live: &BTreeMap<ChitchatId, NodeState>, dead: &[(ChitchatId, NodeState)]) -> Members {
     let mut nodes: BTreeMap<String, Member> = BTreeMap::new();
     let all = live.iter().map(|(id, s)| (id, s, true)).chain(dead.iter().map(|(id, s)| (id, s, false)));
     for (id, state, is_live) in all {
         let m = parse_member(id, state, is_live);
-        let newer = nodes.get(&m.name).is_none_or(|old| (m.generation, m.live) > (old.generation, old.live));
+        let newer = nodes.get(&m.name).is_none_or(|old| (m.live, m.generation) > (old.live, old.generation));
         if newer {
             nodes.insert(m.name.clone(), m);
         }
@@ -295,5 +310,20 @@ mod tests {
         assert_eq!(m.obs.heard[&hb], Heard { up: true, udp: "[::1]:7001".parse().expect("addr"), dynamic: true });
         assert_eq!(m.active[&web], Counts { active: 3, upgraded: 2, pinned: 1 });
         assert_eq!(m.obs.verdicts.len() + m.obs.heard.len(), 2, "garbage ignored");
+    }
+
+    #[test]
+    fn a_live_generation_wins_over_a_dead_higher_one() {
+        let addr: SocketAddr = "127.0.0.3:7946".parse().expect("addr");
+        let id = |generation: u64| ChitchatId::new("n3", generation, addr);
+        let state = NodeState::for_test();
+        // Restarted with the clock 90 s behind: the new generation is the lower one.
+        let (old, new) = (id(2_000), id(1_910));
+        let live: BTreeMap<ChitchatId, NodeState> = [(new.clone(), state.clone())].into();
+        let m = build_members(&live, &[(old.clone(), state.clone())]);
+        assert_eq!((m.nodes["n3"].generation, m.nodes["n3"].live), (1_910, true));
+        let both: BTreeMap<ChitchatId, NodeState> = [(new, state.clone()), (old, state.clone())].into();
+        assert_eq!(build_members(&both, &[]).nodes["n3"].generation, 2_000, "among live ones, the highest");
+        assert!(!build_members(&BTreeMap::new(), &[(id(5), state)]).nodes["n3"].live);
     }
 }

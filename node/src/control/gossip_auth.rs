@@ -10,9 +10,14 @@
 //! The sender is the gossip address the sending node advertises; a receiver refuses a datagram
 //! whose UDP source is not that address (only the port is compared when the sender bound a
 //! wildcard address), so a captured datagram cannot be reflected from elsewhere. The sequence
-//! grows by one per datagram a node sends and starts at its clock in microseconds, so a restarted
-//! node starts above what it sent before; a receiver remembers, per sender, the highest sequence
-//! and which of the [`REORDER`] below it it has seen, and refuses repeats and older ones.
+//! grows by one per datagram a node sends and starts at its clock in microseconds, but never
+//! below the block its data directory records (`incarnation`), so a restarted node starts above
+//! what it sent before even when its clock went back; a receiver remembers, per sender, the
+//! highest sequence and which of the [`REORDER`] below it it has seen, and refuses repeats and
+//! older ones. Stamps more than [`MAX_SKEW`] from the receiver's clock (either way) are
+//! refused before the sequence is looked at (counted as `stale`, the skew logged rate-limited
+//! with the peer), so a peer's clock jump leaves no state behind: it is heard again as soon as
+//! its clock is back in the window.
 //!
 //! chitchat sends to a peer through a per-peer proxy socket on loopback, so the relay knows the
 //! destination, and receives a peer's datagrams from that same proxy, so chitchat sees one
@@ -21,9 +26,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chitchat::ChitchatEnvelope;
@@ -31,6 +35,7 @@ use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket
 use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 
+use super::incarnation::Sequence;
 use super::ratelog::LogLimiter;
 use super::secure::ClusterKey;
 use crate::metrics::Metrics;
@@ -47,6 +52,8 @@ const HEADER: usize = MAC_AT + 32;
 const MAX_SKEW: Duration = Duration::from_secs(60);
 /// A skew beyond this is logged (before datagrams start being refused at [`MAX_SKEW`]).
 const WARN_SKEW: Duration = Duration::from_secs(30);
+/// At most one skew warning per peer per this period.
+const SKEW_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How far below the highest sequence seen a datagram may arrive (UDP reorders).
 pub const REORDER: u64 = 64;
 /// Most peers the relay keeps a proxy socket (one file descriptor, one task) for.
@@ -55,7 +62,7 @@ const MAX_PEERS: usize = 512;
 const MAX_SENDERS: usize = 4096;
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    crate::clock::unix_ms()
 }
 
 /// What the header of a datagram claims: who sent it, its place in the sender's sequence, when.
@@ -95,6 +102,7 @@ pub fn seal(key: &ClusterKey, stamp: &Stamp, payload: &[u8]) -> Vec<u8> {
 pub enum Refused {
     Malformed,
     Forged,
+    /// Stamped more than [`MAX_SKEW`] from our clock, either way.
     Stale,
     /// The UDP source is not the sender the header names.
     Address,
@@ -216,6 +224,8 @@ pub struct AuthTransport {
     pub key: ClusterKey,
     pub metrics: Arc<Metrics>,
     pub filter: Option<GossipFilter>,
+    /// This node's datagram sequence (see `incarnation`).
+    pub seq: Arc<Sequence>,
 }
 
 /// One peer's proxy socket and the task relaying what chitchat sends through it.
@@ -265,27 +275,35 @@ struct Relay {
     public_addr: SocketAddr,
     inner_addr: SocketAddr,
     proxies: Mutex<Proxies>,
-    /// Sequence of the next datagram this node sends.
-    seq: AtomicU64,
+    /// Numbers the datagrams this node sends.
+    seq: Arc<Sequence>,
     guard: Mutex<Guard>,
     metrics: Arc<Metrics>,
     filter: Option<GossipFilter>,
-    skew_log: LogLimiter,
+    /// Peers whose clock is off by more than [`WARN_SKEW`] now, each with its own log limit
+    /// (only key holders get here; at most [`MAX_SENDERS`]).
+    skewed: Mutex<HashMap<SocketAddr, LogLimiter>>,
 }
 
 impl Relay {
-    fn new(key: ClusterKey, public: Arc<UdpSocket>, inner_addr: SocketAddr, metrics: Arc<Metrics>) -> Relay {
+    fn new(
+        key: ClusterKey,
+        public: Arc<UdpSocket>,
+        inner_addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        seq: Arc<Sequence>,
+    ) -> Relay {
         Relay {
             key,
             public_addr: public.local_addr().unwrap_or_else(|_| (Ipv4Addr::UNSPECIFIED, 0).into()),
             public,
             inner_addr,
             proxies: Mutex::new(Proxies::new(MAX_PEERS)),
-            seq: AtomicU64::new(now_ms().saturating_mul(1000)),
+            seq,
             guard: Mutex::new(Guard::new(MAX_SENDERS)),
             metrics,
             filter: None,
-            skew_log: LogLimiter::new(Duration::from_secs(10)),
+            skewed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -330,7 +348,7 @@ impl Relay {
 
     /// Stamps a payload as this node's next datagram.
     fn seal(&self, payload: &[u8]) -> Vec<u8> {
-        let stamp = Stamp { from: self.public_addr, seq: self.seq.fetch_add(1, Ordering::Relaxed), at_ms: now_ms() };
+        let stamp = Stamp { from: self.public_addr, seq: self.seq.next(), at_ms: now_ms() };
         seal(&self.key, &stamp, payload)
     }
 
@@ -353,14 +371,23 @@ impl Relay {
         Ok(payload)
     }
 
-    /// Publishes a peer's skew, warning (rate-limited) once it nears the refusal window.
+    /// Publishes a peer's skew, warning (at most every [`SKEW_LOG_EVERY`] per peer) while it
+    /// is beyond [`WARN_SKEW`], and saying so once it is back.
     fn observe_skew(&self, peer: SocketAddr, skew: i64) {
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         self.metrics.gossip_clock_skew.with_label_values(&[&peer.to_string()]).set(skew as f64 / 1000.0);
+        let mut skewed = self.skewed.lock().unwrap_or_else(|e| e.into_inner());
         if skew.unsigned_abs() <= WARN_SKEW.as_millis() as u64 {
+            if skewed.remove(&peer).is_some() {
+                tracing::info!(%peer, skew_ms = skew, "gossip peer's clock is back within ±30 s");
+            }
             return;
         }
-        if let Some(suppressed) = self.skew_log.allow() {
+        if !skewed.contains_key(&peer) && skewed.len() >= MAX_SENDERS {
+            return; // the gauge still shows it
+        }
+        let limiter = skewed.entry(peer).or_insert_with(|| LogLimiter::new(SKEW_LOG_EVERY));
+        if let Some(suppressed) = limiter.allow() {
             let refused = skew.unsigned_abs() > MAX_SKEW.as_millis() as u64;
             tracing::warn!(
                 %peer,
@@ -426,7 +453,8 @@ impl Transport for AuthTransport {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
         let public = Arc::new(UdpSocket::bind(listen_addr).await?);
         let inner = ChitchatSocket::open((Ipv4Addr::LOCALHOST, 0).into()).await?;
-        let mut relay = Relay::new(self.key.clone(), public, inner.local_addr()?, self.metrics.clone());
+        let mut relay =
+            Relay::new(self.key.clone(), public, inner.local_addr()?, self.metrics.clone(), self.seq.clone());
         relay.filter = self.filter.clone();
         let relay = Arc::new(relay);
         let public_addr = relay.public_addr;
@@ -541,7 +569,8 @@ mod tests {
     }
 
     fn test_relay(public: UdpSocket, inner: SocketAddr, max_peers: usize) -> Arc<Relay> {
-        let mut relay = Relay::new(ClusterKey::generate(), Arc::new(public), inner, Arc::new(Metrics::new("t")));
+        let seq = Arc::new(Sequence::unrecorded(1));
+        let mut relay = Relay::new(ClusterKey::generate(), Arc::new(public), inner, Arc::new(Metrics::new("t")), seq);
         relay.proxies = Mutex::new(Proxies::new(max_peers));
         Arc::new(relay)
     }
@@ -553,7 +582,8 @@ mod tests {
     #[tokio::test]
     async fn relay_maps_peers_to_stable_proxies() {
         let key = ClusterKey::generate();
-        let t = AuthTransport { key, metrics: Arc::new(Metrics::new("t")), filter: None };
+        let seq = Arc::new(Sequence::unrecorded(1));
+        let t = AuthTransport { key, metrics: Arc::new(Metrics::new("t")), filter: None, seq };
         let socket = t.open((Ipv4Addr::LOCALHOST, 0).into()).await.expect("open");
         assert!(socket.local_addr().expect("addr").port() != 0);
         drop(socket);
@@ -639,5 +669,14 @@ mod tests {
             assert!((seen - skew as f64 / 1000.0).abs() < 1e-9, "{from}: {seen}");
         }
         assert_eq!(dropped(&relay, "stale"), 0, "admit leaves counting to the inbound loop");
+        let skewed = |relay: &Relay| {
+            let mut v: Vec<SocketAddr> = relay.skewed.lock().expect("lock").keys().copied().collect();
+            v.sort();
+            v
+        };
+        assert_eq!(skewed(&relay), [addr("127.0.0.2:7946"), addr("127.0.0.3:7946")], "each warned on its own");
+        let back = seal(&relay.key, &stamp("127.0.0.3:7946", 2, now), b"x");
+        relay.admit(&back, addr("127.0.0.3:7946"), now).expect("in the window again");
+        assert_eq!(skewed(&relay), [addr("127.0.0.2:7946")], "a peer back in range is forgotten");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod gossip;
 pub mod gossip_auth;
+pub mod incarnation;
 pub mod membership;
 pub mod pki;
 pub mod propose;

@@ -5,7 +5,7 @@
 //! (the relay let it through). Cases run in order: the sender's sequence window builds up.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::Method;
 use serde_json::json;
@@ -52,7 +52,7 @@ pub struct Ctx {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    shoal_node::clock::unix_ms()
 }
 
 impl Ctx {

@@ -110,7 +110,8 @@ fn configs(pem: TlsPem, names: &TlsFiles) -> Result<(NodeIdentity, Configs), Pki
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| invalid(&names.ca, e))?;
-    let mut server = ServerConfig::builder_with_provider(provider.clone())
+    // Certificate validity follows shoal's wall clock (`clock`: a fault-injected jump too).
+    let mut server = ServerConfig::builder_with_details(provider.clone(), Arc::new(crate::clock::WallTime))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| invalid(&names.cert, e))?
         .with_client_cert_verifier(verifier)
@@ -119,7 +120,7 @@ fn configs(pem: TlsPem, names: &TlsFiles) -> Result<(NodeIdentity, Configs), Pki
     server.alpn_protocols = vec![pki::ALPN.to_vec()];
     server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     server.send_tls13_tickets = 0;
-    let mut client = ClientConfig::builder_with_provider(provider)
+    let mut client = ClientConfig::builder_with_details(provider, Arc::new(crate::clock::WallTime))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| invalid(&names.cert, e))?
         .with_root_certificates(roots)
@@ -139,7 +140,9 @@ fn configs(pem: TlsPem, names: &TlsFiles) -> Result<(NodeIdentity, Configs), Pki
 /// Refuses, at startup, a certificate the CA did not sign or that is not valid now.
 fn verify_own(leaf: &CertificateDer<'_>, roots: &RootCertStore, path: &Path) -> Result<(), PkiError> {
     let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| invalid(path, e))?;
-    let now = rustls::pki_types::UnixTime::now();
+    let now = rustls::pki_types::UnixTime::since_unix_epoch(
+        crate::clock::wall_now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default(),
+    );
     let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
     cert.verify_for_usage(algs.all, &roots.roots, &[], now, webpki::KeyUsage::client_auth(), None, None)
         .map(|_| ())
