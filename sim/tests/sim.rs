@@ -61,7 +61,7 @@ fn routing_that_ignores_peers_is_caught() {
 }
 
 /// Seeds that once found a bug; more join the list as they are found.
-const REGRESSIONS: &[u64] = &[3, 476];
+const REGRESSIONS: &[u64] = &[3, 182, 476];
 
 /// Seeds that once found a bug, run for their full simulated minute.
 #[test]
