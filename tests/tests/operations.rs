@@ -119,6 +119,17 @@ async fn a_stopped_node_is_removed_at_once_and_rejoins_when_started_again() {
     c.put(via, "/v1/pools/rejoined", json!({"pattern": "/rejoined/"})).await;
 }
 
+/// Creates pool `name` through `leader` and waits until node `f` has applied it.
+async fn write_and_catch_up(c: &ProcCluster, leader: usize, f: usize, name: &str) {
+    let v = c.put(leader, &format!("/v1/pools/{name}"), json!({"pattern": format!("/{name}/")})).await;
+    let version = v["version"].as_u64().expect("version");
+    eventually(Duration::from_secs(30), &format!("node {f} caught up with {name}"), || async {
+        let st = c.nodes[f].admin().get::<Value>("/v1/state").await.ok()?;
+        (st["version"].as_u64()? >= version).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_raft_storage_fails_exits_and_does_not_start_on_a_full_disk() {
     let mut c = ProcCluster::start(BIN, 3, &[]).await;
@@ -128,13 +139,7 @@ async fn a_node_whose_raft_storage_fails_exits_and_does_not_start_on_a_full_disk
     c.stop(f);
     c.nodes[f].pipe_logs = true;
     c.restart(f);
-    let v = c.put(leader, "/v1/pools/before", json!({"pattern": "/before/"})).await;
-    let version = v["version"].as_u64().expect("version");
-    eventually(Duration::from_secs(30), "the follower is back and caught up", || async {
-        let st = c.nodes[f].admin().get::<Value>("/v1/state").await.ok()?;
-        (st["version"].as_u64()? >= version).then_some(())
-    })
-    .await;
+    write_and_catch_up(&c, leader, f, "before").await;
 
     // Every file write of the follower now fails (EFBIG), as on a full disk (ENOSPC).
     let pid = c.nodes[f].pid().expect("pid").to_string();
@@ -168,11 +173,5 @@ async fn a_node_whose_raft_storage_fails_exits_and_does_not_start_on_a_full_disk
     // With room again it starts from its data directory and catches up.
     c.nodes[f].wrapper.clear();
     c.restart(f);
-    let v = c.put(leader, "/v1/pools/back", json!({"pattern": "/back/"})).await;
-    let version = v["version"].as_u64().expect("version");
-    eventually(Duration::from_secs(30), "the node is back and caught up", || async {
-        let st = c.nodes[f].admin().get::<Value>("/v1/state").await.ok()?;
-        (st["version"].as_u64()? >= version).then_some(())
-    })
-    .await;
+    write_and_catch_up(&c, leader, f, "back").await;
 }
