@@ -83,6 +83,7 @@ fn env() -> &'static Env {
             reporter: Reporter::detached(),
             limits,
             shutdown,
+            accepting: tokio::sync::watch::channel(true).1,
             tls: None,
             backend_tls: None,
             https_redirect: None,

@@ -25,3 +25,4 @@ pub mod node;
 pub mod reconcile;
 pub mod routing;
 pub mod shutdown;
+pub mod upgrade;

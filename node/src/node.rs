@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::reconcile::{self, NodeCtx};
 use crate::routing::{Counts, SharedTable, Table};
 use crate::shutdown::{self, Phase, Shutdown, Trigger};
+use crate::upgrade::Inherited;
 
 /// How a node joins a cluster (`--cluster`, `--join`, `--expect`).
 #[derive(Clone)]
@@ -278,9 +279,16 @@ pub struct NodeHandle {
     pub shared: Arc<NodeShared>,
     trigger: Trigger,
     dataplane: Arc<DataPlane>,
+    /// The data plane's own shutdown: after a handover it outlives the control plane.
+    dp_trigger: Trigger,
+    /// Opens the accept loops (held shut while a node taking over is not ready yet).
+    accepting: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// The admin server: it closes its connections itself at `Phase::Stopped`.
     admin: JoinHandle<()>,
+    /// A duplicate of the admin listening socket and the address it was asked for, to hand over.
+    admin_socket: std::net::TcpListener,
+    admin_requested: SocketAddr,
     drain_timeout: Duration,
 }
 
@@ -306,8 +314,10 @@ impl NodeHandle {
             g.set("ready", Some("0".into())).await;
         }
         self.trigger.advance(Phase::Draining);
-        let _ = tokio::time::timeout(self.drain_timeout, self.wait_drained()).await;
+        self.dp_trigger.advance(Phase::Draining);
+        let _ = tokio::time::timeout(self.drain_timeout, wait_drained(&self.shared.metrics, &self.dataplane)).await;
         self.trigger.advance(Phase::Stopped);
+        self.dp_trigger.advance(Phase::Stopped);
         for t in &self.tasks {
             t.abort();
         }
@@ -329,10 +339,124 @@ impl NodeHandle {
         tracing::info!(node = %self.shared.id, "stopped");
     }
 
-    async fn wait_drained(&self) {
-        while open_connections(&self.shared.metrics) > 0 || self.dataplane.tunnels() > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    /// Opens the accept loops once the node is ready (or after `max`): a node that took
+    /// over sockets must not answer from an empty table while the old one still serves.
+    pub async fn accept_when_ready(&self, max: Duration) -> bool {
+        let ready = tokio::time::timeout(max, async {
+            while !self.shared.is_ready() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .is_ok();
+        self.accepting.send_replace(true);
+        ready
+    }
+
+    /// Hands over (see `upgrade`): stops the control plane and frees the data directory and
+    /// the cluster ports, keeping the data plane serving on its last routing table.
+    pub async fn release(self) -> Released {
+        let id = self.shared.id.clone();
+        tracing::info!(node = %id, "handing over: stopping the control plane; connections go on");
+        self.trigger.advance(Phase::Draining);
+        self.trigger.advance(Phase::Stopped);
+        for t in &self.tasks {
+            t.abort();
         }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let mut admin = self.admin;
+        if tokio::time::timeout(Duration::from_secs(2), &mut admin).await.is_err() {
+            admin.abort();
+        }
+        self.shared.raft.shutdown().await;
+        let metrics = self.shared.metrics.clone();
+        release_shared(self.shared).await;
+        Released {
+            id,
+            metrics,
+            dataplane: self.dataplane,
+            dp_trigger: self.dp_trigger,
+            admin_socket: self.admin_socket,
+            admin_requested: self.admin_requested,
+        }
+    }
+}
+
+/// Drops the control plane's shared state, which closes the Raft store (redb allows one
+/// process) and gossip's socket, once the tasks that held it are gone.
+async fn release_shared(shared: Arc<NodeShared>) {
+    for _ in 0..100 {
+        if Arc::strong_count(&shared) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match Arc::try_unwrap(shared) {
+        Ok(shared) => {
+            if let Some(g) = shared.gossip.and_then(Arc::into_inner) {
+                g.shutdown().await;
+            }
+        }
+        Err(shared) => {
+            tracing::error!(refs = Arc::strong_count(&shared), "the control plane is still referenced after its stop")
+        }
+    }
+}
+
+/// A node that handed its control plane over: its data plane serves until drained.
+pub struct Released {
+    id: String,
+    metrics: Arc<Metrics>,
+    dataplane: Arc<DataPlane>,
+    dp_trigger: Trigger,
+    admin_socket: std::net::TcpListener,
+    admin_requested: SocketAddr,
+}
+
+impl Released {
+    /// Calls `f` with every listening socket, to send them.
+    pub fn with_sockets<R>(&self, f: impl FnOnce(&[crate::upgrade::Outgoing<'_>]) -> R) -> R {
+        use std::os::fd::AsFd;
+        self.dataplane.export(|listeners| {
+            let mut out = crate::upgrade::Outgoing::from_dataplane(listeners);
+            out.push(crate::upgrade::Outgoing {
+                role: crate::upgrade::Role::Admin,
+                addr: self.admin_requested,
+                sockets: vec![self.admin_socket.as_fd()],
+            });
+            f(&out)
+        })
+    }
+
+    /// Stops accepting and serves the connections open until they end or `deadline` passes
+    /// (then upgraded ones get their close frames), then stops. Once `shorten` resolves (a
+    /// SIGTERM) they get only `rest` more.
+    pub async fn drain(self, deadline: Duration, shorten: impl Future<Output = ()>, rest: Duration) {
+        let open = open_connections(&self.metrics);
+        tracing::info!(node = %self.id, open, tunnels = self.dataplane.tunnels(), deadline_s = deadline.as_secs(), "no longer accepting; serving the connections open");
+        self.dp_trigger.advance(Phase::Draining);
+        let cut = async {
+            shorten.await;
+            tracing::info!(node = %self.id, rest_s = rest.as_secs(), "asked to stop: the open connections get the drain timeout");
+            tokio::time::sleep(rest).await;
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(deadline, wait_drained(&self.metrics, &self.dataplane)) => {}
+            _ = cut => {}
+        }
+        self.dp_trigger.advance(Phase::Stopped);
+        if let Some(dp) = Arc::into_inner(self.dataplane) {
+            let _ = tokio::task::spawn_blocking(move || dp.join()).await;
+        }
+        tracing::info!(node = %self.id, "stopped after the handover");
+    }
+}
+
+async fn wait_drained(metrics: &Metrics, dp: &DataPlane) {
+    while open_connections(metrics) > 0 || dp.tunnels() > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -383,6 +507,12 @@ fn check_identity(id: &str, c: &ClusterOptions) -> anyhow::Result<()> {
 
 /// Starts a node on the current tokio runtime (data-plane workers get their own threads).
 pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
+    start_with(opts, None).await
+}
+
+/// Starts a node; with `inherited`, on the sockets of the process it takes over from, and
+/// with its accept loops shut until [`NodeHandle::accept_when_ready`].
+pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> anyhow::Result<NodeHandle> {
     if let Some(c) = &opts.cluster {
         check_identity(&opts.id, c)?;
     }
@@ -402,9 +532,16 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
         .transpose()?;
     let listen_ip =
         opts.listen_ip.or(config_file.as_ref().and_then(|f| f.listen_ip)).unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let admin_listener = tokio::net::TcpListener::bind(opts.admin)
-        .await
-        .with_context(|| format!("cannot bind the admin address {}", opts.admin))?;
+    let admin_listener = match inherited.as_mut().and_then(|i| i.take_admin(opts.admin)) {
+        Some(l) => tokio::net::TcpListener::from_std(l)?,
+        None => tokio::net::TcpListener::bind(opts.admin)
+            .await
+            .with_context(|| format!("cannot bind the admin address {}", opts.admin))?,
+    };
+    let admin_socket = {
+        use std::os::fd::AsFd;
+        std::net::TcpListener::from(admin_listener.as_fd().try_clone_to_owned()?)
+    };
     let admin_addr = admin_listener.local_addr()?;
     let me = ShoalNode {
         name: opts.id.clone(),
@@ -454,12 +591,15 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     };
     let (tokens, admin_token) = admin_tokens(&opts)?;
     let admin_tls = opts.admin_tls.as_ref().map(admin_tls_store).transpose()?;
+    let (dp_trigger, dp_shutdown) = shutdown::channel();
+    let (accepting, accepting_rx) = watch::channel(inherited.is_none());
     let dp_ctx = DpCtx {
         table: table.clone(),
         metrics: metrics.clone(),
         reporter,
         limits: opts.limits.clone(),
-        shutdown: shutdown.clone(),
+        shutdown: dp_shutdown,
+        accepting: accepting_rx,
         tls: tls.clone(),
         backend_tls: backend_tls.clone(),
         https_redirect: opts.https_redirect.clone(),
@@ -468,6 +608,9 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     };
     let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
     let dataplane = Arc::new(DataPlane::start(threads, dp_ctx).context("cannot start data-plane workers")?);
+    if let Some(i) = inherited {
+        dataplane.inherit(i.into_dataplane());
+    }
     let shared = Arc::new(NodeShared {
         id: opts.id.clone(),
         zone: opts.zone.clone(),
@@ -525,7 +668,18 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
     wait_first_table(&shared).await;
     let admin = tokio::spawn(crate::admin::serve(admin_listener, shared.clone(), shutdown.clone()));
     tracing::info!(node = %opts.id, raft_id = shared.raft.id, admin = %admin_addr, http = ?shared.http_addr(), cluster = ?shared.cluster_addr, threads, "node started");
-    Ok(NodeHandle { shared, trigger, dataplane, tasks, admin, drain_timeout: opts.drain_timeout })
+    Ok(NodeHandle {
+        shared,
+        trigger,
+        dataplane,
+        dp_trigger,
+        accepting,
+        tasks,
+        admin,
+        admin_socket,
+        admin_requested: opts.admin,
+        drain_timeout: opts.drain_timeout,
+    })
 }
 
 /// Starts gossip, the Raft RPC server, bootstrap and the membership loop.

@@ -39,6 +39,8 @@ pub struct ProcNode {
     pub wrapper: Vec<String>,
     /// The threads copying piped logs, done once the process has exited.
     copiers: Vec<std::thread::JoinHandle<()>>,
+    /// The process a seamless upgrade replaced, while it drains.
+    previous: Option<Child>,
 }
 
 impl ProcNode {
@@ -177,6 +179,7 @@ impl ProcCluster {
             pipe_logs: false,
             wrapper: Vec::new(),
             copiers: Vec::new(),
+            previous: None,
         };
         self.nodes.push(node);
         let idx = self.nodes.len() - 1;
@@ -240,6 +243,27 @@ impl ProcCluster {
         let _ = c.kill();
         let _ = c.wait();
         None
+    }
+
+    /// Starts a second process of a running node on its data directory: a seamless upgrade,
+    /// the new process takes over from the running one, which drains and exits.
+    pub fn take_over(&mut self, idx: usize) {
+        self.nodes[idx].previous = self.nodes[idx].child.take();
+        self.launch(idx);
+    }
+
+    /// How the process replaced by [`ProcCluster::take_over`] ended, waiting up to `within`.
+    pub async fn wait_previous_exit(&mut self, idx: usize, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.nodes[idx].previous.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Starts a stopped node again on its data directory.
@@ -326,6 +350,10 @@ impl Drop for ProcCluster {
         }
         for i in 0..self.nodes.len() {
             self.kill(i);
+            if let Some(mut c) = self.nodes[i].previous.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod cert;
 pub mod client;
 pub mod dev;
 mod output;
+mod takeover;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -150,6 +151,10 @@ pub struct NodeArgs {
     /// Seconds established connections get to finish on shutdown.
     #[arg(long, default_value_t = 10)]
     pub drain_timeout: u64,
+    /// Seconds the old process of a seamless upgrade (a new `shoal node` on the same data
+    /// directory, or SIGUSR2) serves its established connections, WebSockets included.
+    #[arg(long, default_value_t = 4 * 3600)]
+    pub upgrade_drain: u64,
     /// Largest request head in bytes (431 beyond).
     #[arg(long, default_value_t = 65536)]
     pub max_header_bytes: usize,
@@ -611,19 +616,26 @@ fn run_node(args: NodeArgs) -> ExitCode {
         return fail(2, format!("--fault-clock-offset-ms: {e}"));
     }
     let data_dir = opts.data_dir.clone();
+    let upgrade_drain = Duration::from_secs(args.upgrade_drain);
+    let drain_timeout = Duration::from_secs(args.drain_timeout);
+    takeover::remember_executable();
     let failed = rt.block_on(async {
-        let node = match crate::node::start(opts).await {
+        let node = match takeover::start(opts).await {
             Ok(n) => n,
             Err(e) => return Err(fail(1, format!("{e:#}"))),
         };
-        let failed = tokio::select! {
-            _ = wait_for_signal() => None,
-            failure = node.raft_failure() => Some(failure),
+        let offer = match crate::upgrade::Offer::bind(&data_dir) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(error = %e, "no upgrade socket in the data directory: seamless upgrades are off");
+                None
+            }
         };
-        if failed.is_none() {
-            node.shutdown().await;
+        let result = takeover::serve(node, offer.as_ref(), upgrade_drain, drain_timeout).await;
+        if let Some(o) = &offer {
+            o.remove();
         }
-        Ok(failed)
+        Ok(result)
     });
     match failed {
         Ok(None) => ExitCode::SUCCESS,

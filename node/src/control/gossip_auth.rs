@@ -445,6 +445,11 @@ pub struct AuthSocket {
 impl Drop for AuthSocket {
     fn drop(&mut self) {
         self.inbound.abort();
+        // The proxies' tasks hold the relay, and so the public socket: a process handing over
+        // to its successor must free the gossip port.
+        let mut p = self.relay.lock_proxies();
+        p.by_peer.drain().for_each(|(_, proxy)| proxy.task.abort());
+        p.by_proxy.clear();
     }
 }
 

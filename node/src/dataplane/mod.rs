@@ -81,6 +81,10 @@ pub struct DpCtx {
     pub tunnels: AtomicUsize,
     /// Log one line per proxied HTTP request.
     pub access_log: bool,
+    /// Accept loops wait until this is true: a node taking over from a running one (a
+    /// seamless upgrade) holds the inherited sockets until it is ready, while the old
+    /// process goes on accepting from them.
+    pub accepting: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What a listener serves.
@@ -102,11 +106,31 @@ enum WorkerCmd {
     Close(ListenerKey),
 }
 
+/// An open listener: its bound address and a duplicate of every worker's socket, kept so a
+/// seamless upgrade can hand the very sockets (and the connections queued on them) over.
+struct Open {
+    bound: SocketAddr,
+    v6_only: bool,
+    sockets: Vec<std::net::TcpListener>,
+}
+
+/// A listener being handed over: what it serves, as requested, and its sockets.
+pub struct Exported<'a> {
+    pub addr: SocketAddr,
+    pub kind: ListenerKind,
+    pub bound: SocketAddr,
+    pub v6_only: bool,
+    pub sockets: Vec<std::os::fd::BorrowedFd<'a>>,
+}
+
 /// Handle on the worker threads.
 pub struct DataPlane {
     workers: Vec<(mpsc::UnboundedSender<WorkerCmd>, JoinHandle<()>)>,
     ctx: Arc<DpCtx>,
-    open: Mutex<HashMap<ListenerKey, SocketAddr>>,
+    open: Mutex<HashMap<ListenerKey, Open>>,
+    /// Sockets received from the process this one took over, used instead of new ones when
+    /// the same listener is wanted (dropped, and so closed, after the first `set_listeners`).
+    inherited: Mutex<Option<HashMap<ListenerKey, Vec<std::net::TcpListener>>>>,
     /// Listeners that could not be opened, with the reason (shown by the admin API).
     pub errors: Mutex<BTreeMap<String, String>>,
 }
@@ -124,7 +148,29 @@ impl DataPlane {
                 .spawn(move || worker_main(id, rx, wctx))?;
             workers.push((tx, thread));
         }
-        Ok(DataPlane { workers, ctx, open: Mutex::default(), errors: Mutex::default() })
+        Ok(DataPlane { workers, ctx, open: Mutex::default(), inherited: Mutex::default(), errors: Mutex::default() })
+    }
+
+    /// Sockets taken over from a running process, to be used by `set_listeners`.
+    pub fn inherit(&self, sockets: HashMap<ListenerKey, Vec<std::net::TcpListener>>) {
+        *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = Some(sockets);
+    }
+
+    /// Calls `f` with every open listener and its sockets (for a handover).
+    pub fn export<R>(&self, f: impl FnOnce(Vec<Exported<'_>>) -> R) -> R {
+        use std::os::fd::AsFd;
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let listeners = open
+            .iter()
+            .map(|((addr, kind), o)| Exported {
+                addr: *addr,
+                kind: kind.clone(),
+                bound: o.bound,
+                v6_only: o.v6_only,
+                sockets: o.sockets.iter().map(|s| s.as_fd()).collect(),
+            })
+            .collect();
+        f(listeners)
     }
 
     pub fn workers(&self) -> usize {
@@ -140,9 +186,10 @@ impl DataPlane {
     /// addresses of the listeners opened now (port 0 resolves to a real port).
     pub fn set_listeners(&self, wanted: &[(SocketAddr, ListenerKind)]) -> Vec<(ListenerKind, SocketAddr)> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inherited = self.inherited.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
         let closing: Vec<ListenerKey> = open.keys().filter(|k| !wanted.contains(k)).cloned().collect();
         for key in closing {
-            let bound = open.remove(&key);
+            let bound = open.remove(&key).map(|o| o.bound);
             self.broadcast(|| WorkerCmd::Close(key.clone()));
             tracing::info!(addr = ?bound, "listener closed; established connections continue");
         }
@@ -156,12 +203,14 @@ impl DataPlane {
             let v6_only = addr.is_ipv6()
                 && wanted.iter().any(|(a, k)| {
                     let port =
-                        if a.port() == 0 { open.get(&(*a, k.clone())).map(|b| b.port()) } else { Some(a.port()) };
+                        if a.port() == 0 { open.get(&(*a, k.clone())).map(|o| o.bound.port()) } else { Some(a.port()) };
                     a.is_ipv4() && k == kind && port == Some(addr.port())
                 });
-            match self.bind_all(*addr, kind, v6_only) {
-                Ok(bound) => {
-                    open.insert((*addr, kind.clone()), bound);
+            let taken = inherited.remove(&(*addr, kind.clone()));
+            match self.bind_all(*addr, kind, v6_only, taken) {
+                Ok(o) => {
+                    let bound = o.bound;
+                    open.insert((*addr, kind.clone()), o);
                     self.errors.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr.to_string());
                     opened.push((kind.clone(), bound));
                 }
@@ -171,24 +220,48 @@ impl DataPlane {
                 }
             }
         }
+        for ((addr, kind), sockets) in inherited {
+            // Connections queued on these are reset when they close: log what was let go.
+            tracing::warn!(%addr, ?kind, sockets = sockets.len(), "an inherited listener is no longer configured; closed");
+        }
         opened
     }
 
     /// Binds one `SO_REUSEPORT` socket per worker. A plain bind first makes sure nobody else
-    /// (another process, or another node on this IP) already holds the address.
-    fn bind_all(&self, addr: SocketAddr, kind: &ListenerKind, v6_only: bool) -> io::Result<SocketAddr> {
-        let probe = listener(addr, false, v6_only)?;
-        let bound = probe.local_addr()?;
-        drop(probe);
+    /// (another process, or another node on this IP) already holds the address. Sockets
+    /// inherited from the previous process come first; each worker accepts from at least
+    /// one socket and every inherited socket has a worker (none may be left unserved: the
+    /// kernel keeps queueing connections on it).
+    fn bind_all(
+        &self,
+        addr: SocketAddr,
+        kind: &ListenerKind,
+        v6_only: bool,
+        inherited: Option<Vec<std::net::TcpListener>>,
+    ) -> io::Result<Open> {
+        let mut sockets = inherited.unwrap_or_default();
+        let bound = match sockets.first() {
+            Some(s) => s.local_addr()?,
+            None => {
+                let probe = listener(addr, false, v6_only)?;
+                let bound = probe.local_addr()?;
+                drop(probe);
+                bound
+            }
+        };
+        let taken = sockets.len();
+        while sockets.len() < self.workers.len() {
+            sockets.push(listener(bound, true, v6_only)?);
+        }
         let name = listener_name(kind, bound);
         let metrics = self.ctx.metrics.listener(&name);
-        let sockets: Vec<std::net::TcpListener> =
-            (0..self.workers.len()).map(|_| listener(bound, true, v6_only)).collect::<io::Result<_>>()?;
-        for ((tx, _), socket) in self.workers.iter().zip(sockets) {
+        let copies = sockets.iter().map(|s| s.try_clone()).collect::<io::Result<Vec<_>>>()?;
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let (tx, _) = &self.workers[i % self.workers.len()];
             let _ = tx.send(WorkerCmd::Listen { key: (addr, kind.clone()), socket, metrics: metrics.clone() });
         }
-        tracing::info!(addr = %bound, listener = %name, "listening");
-        Ok(bound)
+        tracing::info!(addr = %bound, listener = %name, inherited = taken, "listening");
+        Ok(Open { bound, v6_only, sockets: copies })
     }
 
     fn broadcast(&self, cmd: impl Fn() -> WorkerCmd) {
@@ -292,7 +365,7 @@ fn worker_main(id: usize, rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx
 }
 
 async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>) {
-    let mut accepting: HashMap<ListenerKey, AbortHandle> = HashMap::new();
+    let mut accepting: HashMap<ListenerKey, Vec<AbortHandle>> = HashMap::new();
     let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -302,17 +375,13 @@ async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>)
                     match TcpListener::from_std(socket) {
                         Ok(listener) => {
                             let task = tokio::spawn(accept_loop(listener, key.1.clone(), ctx.clone(), slots.clone(), metrics));
-                            if let Some(old) = accepting.insert(key, task.abort_handle()) {
-                                old.abort();
-                            }
+                            accepting.entry(key).or_default().push(task.abort_handle());
                         }
                         Err(e) => tracing::error!(addr = %key.0, error = %e, "worker cannot adopt listener"),
                     }
                 }
                 Some(WorkerCmd::Close(key)) => {
-                    if let Some(task) = accepting.remove(&key) {
-                        task.abort();
-                    }
+                    accepting.remove(&key).into_iter().flatten().for_each(|t| t.abort());
                 }
                 None => break,
             },
@@ -320,7 +389,7 @@ async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>)
         }
     }
     // Stop accepting; connections in flight finish until the node moves to `Stopped`.
-    accepting.values().for_each(AbortHandle::abort);
+    accepting.values().flatten().for_each(AbortHandle::abort);
     let max = ctx.limits.max_connections as u32;
     tokio::select! {
         _ = slots.acquire_many(max) => {}
@@ -343,6 +412,11 @@ async fn accept_loop(
     slots: Arc<Semaphore>,
     lm: ListenerMetrics,
 ) {
+    let mut gate = ctx.accepting.clone();
+    let _ = gate.wait_for(|open| *open).await;
+    if !*gate.borrow() {
+        return;
+    }
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let (stream, peer) = match listener.accept().await {

@@ -171,7 +171,7 @@ impl RaftNode {
         let storage = || format!("Raft storage in {}", dir.display());
         std::fs::create_dir_all(dir).with_context(storage)?;
         let id = load_or_create_id(dir).with_context(storage)?;
-        let db = Db::open(&dir.join("raft.redb"))?;
+        let db = Db::open_waiting(&dir.join("raft.redb"), std::time::Duration::from_secs(10)).await?;
         let sm = StateMachine::open(db.clone()).with_context(storage)?;
         let ident = Identity::open(db.clone(), mismatches).with_context(storage)?;
         let config = raft_config(cluster, timing)?;

@@ -42,8 +42,26 @@ impl Db {
     /// Opens (or creates) the database file. Opening writes (a recovery, the tables), so a
     /// full disk fails here, with the file named, rather than later.
     pub fn open(path: &Path) -> anyhow::Result<Db> {
+        Self::init(path, Database::create(path))
+    }
+
+    /// Opens the store, waiting up to `patience` while another process still holds it: a
+    /// node handing over to this one (a seamless upgrade) closes it just before.
+    pub async fn open_waiting(path: &Path, patience: std::time::Duration) -> anyhow::Result<Db> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            match Database::create(path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                opened => return Self::init(path, opened),
+            }
+        }
+    }
+
+    fn init(path: &Path, opened: Result<Database, redb::DatabaseError>) -> anyhow::Result<Db> {
         let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot open the Raft store {}: {e}", path.display());
-        let db = Database::create(path).map_err(|e| fail(&e))?;
+        let db = opened.map_err(|e| fail(&e))?;
         let txn = db.begin_write().map_err(|e| fail(&e))?;
         txn.open_table(LOG).map_err(|e| fail(&e))?;
         txn.open_table(META).map_err(|e| fail(&e))?;
