@@ -318,18 +318,7 @@ impl NodeHandle {
         let _ = tokio::time::timeout(self.drain_timeout, wait_drained(&self.shared.metrics, &self.dataplane)).await;
         self.trigger.advance(Phase::Stopped);
         self.dp_trigger.advance(Phase::Stopped);
-        for t in &self.tasks {
-            t.abort();
-        }
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        // Admin connections hold the node (and its store) until the server has closed them.
-        let mut admin = self.admin;
-        if tokio::time::timeout(Duration::from_secs(2), &mut admin).await.is_err() {
-            admin.abort();
-        }
-        self.shared.raft.shutdown().await;
+        stop_control(self.tasks, self.admin, &self.shared.raft).await;
         if let Some(dp) = Arc::into_inner(self.dataplane) {
             let _ = tokio::task::spawn_blocking(move || dp.join()).await;
         }
@@ -360,17 +349,7 @@ impl NodeHandle {
         tracing::info!(node = %id, "handing over: stopping the control plane; connections go on");
         self.trigger.advance(Phase::Draining);
         self.trigger.advance(Phase::Stopped);
-        for t in &self.tasks {
-            t.abort();
-        }
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        let mut admin = self.admin;
-        if tokio::time::timeout(Duration::from_secs(2), &mut admin).await.is_err() {
-            admin.abort();
-        }
-        self.shared.raft.shutdown().await;
+        stop_control(self.tasks, self.admin, &self.shared.raft).await;
         let metrics = self.shared.metrics.clone();
         release_shared(self.shared).await;
         Released {
@@ -382,6 +361,21 @@ impl NodeHandle {
             admin_requested: self.admin_requested,
         }
     }
+}
+
+/// Ends the control plane's tasks and the admin server (its connections hold the node, and
+/// so the store, until it has closed them), then stops Raft. The `Stopped` phase must be set.
+async fn stop_control(tasks: Vec<JoinHandle<()>>, mut admin: JoinHandle<()>, raft: &RaftNode) {
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    if tokio::time::timeout(Duration::from_secs(2), &mut admin).await.is_err() {
+        admin.abort();
+    }
+    raft.shutdown().await;
 }
 
 /// Drops the control plane's shared state, which closes the Raft store (redb allows one

@@ -110,7 +110,6 @@ enum WorkerCmd {
 /// seamless upgrade can hand the very sockets (and the connections queued on them) over.
 struct Open {
     bound: SocketAddr,
-    v6_only: bool,
     sockets: Vec<std::net::TcpListener>,
 }
 
@@ -118,8 +117,6 @@ struct Open {
 pub struct Exported<'a> {
     pub addr: SocketAddr,
     pub kind: ListenerKind,
-    pub bound: SocketAddr,
-    pub v6_only: bool,
     pub sockets: Vec<std::os::fd::BorrowedFd<'a>>,
 }
 
@@ -165,8 +162,6 @@ impl DataPlane {
             .map(|((addr, kind), o)| Exported {
                 addr: *addr,
                 kind: kind.clone(),
-                bound: o.bound,
-                v6_only: o.v6_only,
                 sockets: o.sockets.iter().map(|s| s.as_fd()).collect(),
             })
             .collect();
@@ -261,7 +256,7 @@ impl DataPlane {
             let _ = tx.send(WorkerCmd::Listen { key: (addr, kind.clone()), socket, metrics: metrics.clone() });
         }
         tracing::info!(addr = %bound, listener = %name, inherited = taken, "listening");
-        Ok(Open { bound, v6_only, sockets: copies })
+        Ok(Open { bound, sockets: copies })
     }
 
     fn broadcast(&self, cmd: impl Fn() -> WorkerCmd) {
