@@ -24,7 +24,7 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 SECONDS_PER_TARGET=${1:-60}
 shift || true
-ALL_TARGETS=(heartbeat codec config http_request http_serve grpc h1_engine h1_differential)
+ALL_TARGETS=(heartbeat codec config proxy_header http_request http_serve grpc h1_engine h1_differential)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
 SANITIZER=${FUZZ_SANITIZER:-address}

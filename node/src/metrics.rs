@@ -28,6 +28,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub no_backend: IntCounterVec,
     pub upgrades_active: IntGaugeVec,
+    /// PROXY protocol headers on accepting listeners, by listener, result and version.
+    pub proxy_headers: IntCounterVec,
     // health
     pub backend_up: IntGaugeVec,
     pub health_checks: IntCounterVec,
@@ -156,6 +158,13 @@ impl Metrics {
                 "upgraded_connections_active",
                 "Upgraded (WebSocket) connections open",
                 &["pool"],
+            ),
+            proxy_headers: counter(
+                &r,
+                "proxy_protocol_headers_total",
+                "PROXY protocol headers on listeners that require one, by result (ok; refused: malformed, \
+                 untrusted source, timeout, closed) and version (none when refused before it was known)",
+                &["listener", "result", "version"],
             ),
             backend_up: gauge_vec(&r, "backend_up", "1 when this node routes to the backend", &["pool", "backend"]),
             health_checks: counter(&r, "health_checks_total", "Active health checks run by this node", &["pool"]),

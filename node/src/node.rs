@@ -132,6 +132,9 @@ pub struct NodeOptions {
     pub ec: Option<crate::ec::EcSetup>,
     /// One log line per proxied HTTP request.
     pub access_log: bool,
+    /// Sources allowed on the HTTP and HTTPS listeners, each connection starting with a
+    /// PROXY protocol header (`--accept-proxy-from`); empty: no header expected.
+    pub accept_proxy_from: Vec<shoal_proto::proxy::Cidr>,
     /// Bearer token of the admin API (admin scope), used when `admin_token_file` is `None`.
     pub admin_token: String,
     /// Scoped admin tokens (see `admin::tokens`), re-read when the file changes; replaces
@@ -171,6 +174,7 @@ impl NodeOptions {
             https_redirect: None,
             ec: None,
             access_log: false,
+            accept_proxy_from: Vec::new(),
             admin_token: crate::control::secure::hex(&rand::random::<[u8; 16]>()),
             admin_token_file: None,
             admin_tls: None,
@@ -599,6 +603,7 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
         https_redirect: opts.https_redirect.clone(),
         tunnels: AtomicUsize::new(0),
         access_log: opts.access_log,
+        accept_proxy_from: (!opts.accept_proxy_from.is_empty()).then(|| opts.accept_proxy_from.clone()),
     };
     let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
     let dataplane = Arc::new(DataPlane::start(threads, dp_ctx).context("cannot start data-plane workers")?);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use shoal_proto::admin::{BackendHealth, BackendStatus, Coverage, PoolHealth, PoolStatus};
 use std::sync::atomic::AtomicUsize;
 
+use shoal_proto::proxy::Cidr;
 use shoal_proto::{Algorithm, CheckKind, Pool, State};
 
 use crate::dataplane::balancer::Balancer;
@@ -94,10 +95,27 @@ fn build_pool(pool: &Pool, health: &HealthView, ctx: &NodeCtx, prev: Option<&Poo
         idle_timeout: (spec.idle_timeout_ms > 0).then(|| Duration::from_millis(spec.idle_timeout_ms)),
         backend_tls: spec.backend_tls,
         backend_tls_name: spec.backend_tls_name.clone(),
+        accept_proxy_from: proxy_sources(&pool.name, &spec.accept_proxy_from),
+        send_proxy: spec.send_proxy,
         pinning: spec.pinning,
         slots,
         rotation,
         metrics: prev.map(|p| p.metrics.clone()).unwrap_or_else(|| Arc::new(metrics.pool(&pool.name))),
+    }
+}
+
+/// A pool's trusted PROXY sources. Validation let the list in, so it parses; were it not to,
+/// nobody is trusted rather than everybody.
+fn proxy_sources(pool: &str, list: &[String]) -> Option<Arc<[Cidr]>> {
+    if list.is_empty() {
+        return None;
+    }
+    match shoal_proto::proxy::parse_cidrs(list) {
+        Ok(cidrs) => Some(cidrs.into()),
+        Err(e) => {
+            tracing::error!(pool, error = %e, "accept_proxy_from unusable; refusing every connection");
+            Some(Arc::from([]))
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use shoal_proto::Protocol;
+use shoal_proto::proxy::{Cidr, Version as ProxyVersion};
 
 use crate::dataplane::balancer::Balancer;
 use crate::dataplane::mux::Mux;
@@ -59,6 +60,11 @@ pub struct PoolRt {
     pub idle_timeout: Option<Duration>,
     pub backend_tls: bool,
     pub backend_tls_name: Option<String>,
+    /// TCP pools: connections must come from these sources with a PROXY header (`None`: no
+    /// header expected; an empty list trusts nobody).
+    pub accept_proxy_from: Option<Arc<[Cidr]>>,
+    /// The PROXY protocol version sent ahead of every backend connection.
+    pub send_proxy: Option<ProxyVersion>,
     /// Requests may pin a backend by slot.
     pub pinning: bool,
     /// Slots of every backend in scope, routable or not, sorted: a pin to one of them is kept

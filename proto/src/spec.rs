@@ -177,6 +177,11 @@ pub struct PoolSpec {
     /// Name to verify backend certificates against (and send as SNI) when `backend_tls` is on;
     /// without it the backend's IP address is verified.
     pub backend_tls_name: Option<String>,
+    /// TCP pools: sources (CIDR blocks) allowed to connect, each connection starting with a
+    /// PROXY protocol header (v1 or v2) that names the real client. Empty: no header expected.
+    pub accept_proxy_from: Vec<String>,
+    /// Send a PROXY protocol header of this version ahead of every backend connection.
+    pub send_proxy: Option<crate::proxy::Version>,
 }
 
 impl Default for PoolSpec {
@@ -198,6 +203,8 @@ impl Default for PoolSpec {
             panic_threshold: 50,
             pinning: false,
             backend_tls_name: None,
+            accept_proxy_from: Vec::new(),
+            send_proxy: None,
         }
     }
 }
@@ -262,6 +269,7 @@ impl PoolSpec {
         }
         self.validate_health()?;
         self.validate_timeouts()?;
+        self.validate_proxy()?;
         validate_scope(&self.scope)
     }
 
@@ -359,6 +367,27 @@ impl PoolSpec {
         Ok(())
     }
 }
+
+impl PoolSpec {
+    fn validate_proxy(&self) -> Result<(), ApplyError> {
+        if self.accept_proxy_from.is_empty() {
+            return Ok(());
+        }
+        if self.protocol != Protocol::Tcp {
+            return Err(invalid(
+                "accept_proxy_from",
+                "applies to TCP pools; HTTP pools share the node's listener (--accept-proxy-from)",
+            ));
+        }
+        if self.accept_proxy_from.len() > MAX_PROXY_SOURCES {
+            return Err(invalid("accept_proxy_from", "at most 256 blocks"));
+        }
+        crate::proxy::parse_cidrs(&self.accept_proxy_from).map(drop).map_err(|e| invalid("accept_proxy_from", &e))
+    }
+}
+
+/// Most blocks in a pool's `accept_proxy_from`.
+pub const MAX_PROXY_SOURCES: usize = 256;
 
 fn validate_scope(scope: &Scope) -> Result<(), ApplyError> {
     match scope {

@@ -208,7 +208,7 @@ pub(super) async fn first_check(node: &NodeShared, pool: &Pool, addr: SocketAddr
         (true, Some(c)) => Some((c, pool.spec.backend_tls_name.clone())),
         _ => None,
     };
-    probe::probe(kind, addr, &pool.spec.health, tls.as_ref()).await
+    probe::probe(kind, addr, &pool.spec.health, tls.as_ref(), pool.spec.send_proxy).await
 }
 
 pub async fn delete_backend(

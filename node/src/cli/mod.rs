@@ -179,6 +179,11 @@ pub struct NodeArgs {
     /// Log one line per proxied HTTP request (method, URI, status, pool, backend, duration).
     #[arg(long)]
     pub access_log: bool,
+    /// The HTTP and HTTPS listeners accept only these sources (CIDR blocks, comma separated),
+    /// each connection starting with a PROXY protocol header (v1 or v2) that names the client
+    /// [default: none, no header expected].
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub accept_proxy_from: Vec<shoal_proto::proxy::Cidr>,
     /// Join a cluster: this node's gossip address (UDP); Raft RPC uses TCP on the same address.
     #[arg(long)]
     pub cluster: Option<SocketAddr>,
@@ -293,6 +298,7 @@ impl NodeArgs {
             https_redirect: self.https_redirect.clone().or(redirect),
             ec,
             access_log: self.access_log,
+            accept_proxy_from: self.accept_proxy_from.clone(),
             threads: self.threads,
             zone: self.zone.clone(),
             limits: Limits {
@@ -466,8 +472,21 @@ pub struct PoolAddArgs {
     /// Require a 2xx status from health checks too.
     #[arg(long)]
     pub require_2xx: bool,
+    /// TCP pools: accept only these sources (CIDR blocks, comma separated), each connection
+    /// starting with a PROXY protocol header that names the client.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub accept_proxy_from: Vec<String>,
+    /// Send a PROXY protocol header of this version ahead of every backend connection.
+    #[arg(long, value_enum)]
+    pub send_proxy: Option<ProxyArg>,
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ProxyArg {
+    V1,
+    V2,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -860,6 +879,12 @@ async fn pool_add(a: PoolAddArgs) -> anyhow::Result<()> {
     }
     if let Some(l) = a.listen {
         body["listen"] = Value::from(l);
+    }
+    if !a.accept_proxy_from.is_empty() {
+        body["accept_proxy_from"] = Value::from(a.accept_proxy_from.clone());
+    }
+    if let Some(v) = a.send_proxy {
+        body["send_proxy"] = Value::from(format!("{v:?}").to_lowercase());
     }
     let path = format!("/v1/pools/{}", seg(&a.pool));
     let r: WriteResult = connect(&a.client)?.call(Method::PUT, &path, Some(body)).await?;

@@ -30,10 +30,12 @@ use crate::shutdown::{Phase, Shutdown};
 /// Most backends tried for one request (only retried when nothing was sent).
 const MAX_ATTEMPTS: usize = 3;
 
-/// Facts about the client connection a request arrived on.
+/// Facts about the client connection a request arrived on. `peer` and `local` are the
+/// client and the address it connected to: the socket's, or a PROXY protocol header's.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    pub local: SocketAddr,
     pub tls: bool,
 }
 
@@ -42,7 +44,7 @@ pub struct ConnInfo {
 /// itself, with no second copy of its arguments beside it.
 pub fn serve<T: Transport>(io: T, conn: ConnInfo, ctx: Arc<DpCtx>, lm: ListenerMetrics) -> impl Future<Output = ()> {
     let span = tracing::info_span!("conn", client = %conn.peer, listener = %lm.name, tls = conn.tls);
-    run(Client::new(io, conn.peer, conn.tls, lm), ctx).instrument(span)
+    run(Client::new(io, conn.peer, conn.tls, lm).at(conn.local), ctx).instrument(span)
 }
 
 /// What the connection does after a request.
@@ -260,7 +262,7 @@ async fn forward<T: Transport>(c: &mut Client<T>, head: ReqHead, ctx: &Arc<DpCtx
         }
         let guard = backend.shared.track();
         // A connect failure sent nothing: another backend may take the request.
-        let Ok((conn, reused)) = upstream::get(backend, pool, ctx).await else { continue };
+        let Ok((conn, reused)) = upstream::get(backend, pool, ctx, c.addrs()).await else { continue };
         let via = Via { backend, pool, ctx, conn, reused };
         let result = exchange::run(c, &head, vm_path.as_deref(), via, guard, pin.is_some()).await;
         let status = result.as_ref().map_or_else(|e| e.status().unwrap_or(0), |(s, _)| *s);

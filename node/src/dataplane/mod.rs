@@ -10,6 +10,7 @@ pub mod http;
 pub mod maglev;
 pub mod mux;
 pub mod pool;
+pub mod proxy;
 pub mod relay;
 pub mod splice;
 pub mod tcp;
@@ -81,6 +82,9 @@ pub struct DpCtx {
     pub tunnels: AtomicUsize,
     /// Log one line per proxied HTTP request.
     pub access_log: bool,
+    /// The HTTP and HTTPS listeners accept only these sources, each connection starting with
+    /// a PROXY protocol header (`--accept-proxy-from`); `None`: no header expected.
+    pub accept_proxy_from: Option<Vec<shoal_proto::proxy::Cidr>>,
     /// Accept loops wait until this is true: a node taking over from a running one (a
     /// seamless upgrade) holds the inherited sockets until it is ready, while the old
     /// process goes on accepting from them.
@@ -424,20 +428,23 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        // Where the client connected: a PROXY header sent to a backend names it.
+        let local = stream.local_addr().unwrap_or(peer);
+        let conn = http::ConnInfo { peer, local, tls: false };
         lm.accepted.inc();
         lm.active.inc();
         let (ctx, lm2) = (ctx.clone(), lm.clone());
         // One spawn per kind: a task is sized for its largest state, so a plain HTTP
         // connection must not carry room for a TLS handshake or an L4 relay.
         match kind {
-            ListenerKind::Http => {
-                let conn = http::ConnInfo { peer, tls: false };
+            ListenerKind::Http if ctx.accept_proxy_from.is_none() => {
                 spawn_conn(http::serve(stream, conn, ctx, lm2), lm.clone(), permit);
             }
+            ListenerKind::Http => spawn_conn(serve_proxied(stream, conn, ctx, lm2), lm.clone(), permit),
             ListenerKind::Https => {
-                spawn_conn(async move { serve_tls(stream, peer, ctx, &lm2).await }, lm.clone(), permit)
+                spawn_conn(async move { serve_tls(stream, conn, ctx, &lm2).await }, lm.clone(), permit)
             }
-            ListenerKind::Tcp(port) => spawn_conn(tcp::serve(stream, peer, port, ctx, lm2), lm.clone(), permit),
+            ListenerKind::Tcp(port) => spawn_conn(tcp::serve(stream, conn, port, ctx, lm2), lm.clone(), permit),
         }
     }
 }
@@ -455,12 +462,24 @@ fn spawn_conn(
     });
 }
 
-/// Completes the TLS handshake (bounded) and serves HTTP over it.
-async fn serve_tls(stream: TcpStream, peer: SocketAddr, ctx: Arc<DpCtx>, lm: &ListenerMetrics) {
+/// Plain HTTP behind a PROXY protocol header.
+async fn serve_proxied(mut stream: TcpStream, conn: http::ConnInfo, ctx: Arc<DpCtx>, lm: ListenerMetrics) {
+    let trusted = ctx.accept_proxy_from.as_deref();
+    if let Some(conn) = proxy::accept(&mut stream, conn, trusted, &ctx.metrics, &lm.name).await {
+        http::serve(stream, conn, ctx, lm).await;
+    }
+}
+
+/// Completes the TLS handshake (bounded) and serves HTTP over it. A PROXY header, when the
+/// listener takes one, comes before the TLS handshake.
+async fn serve_tls(mut stream: TcpStream, conn: http::ConnInfo, ctx: Arc<DpCtx>, lm: &ListenerMetrics) {
     let Some(store) = ctx.tls.as_ref() else { return };
+    let trusted = ctx.accept_proxy_from.as_deref();
+    let Some(conn) = proxy::accept(&mut stream, conn, trusted, &ctx.metrics, &lm.name).await else { return };
+    let peer = conn.peer;
     let acceptor = tokio_rustls::TlsAcceptor::from(store.current());
     match tokio::time::timeout(ctx.limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => http::serve(tls, http::ConnInfo { peer, tls: true }, ctx, lm.clone()).await,
+        Ok(Ok(tls)) => http::serve(tls, http::ConnInfo { tls: true, ..conn }, ctx, lm.clone()).await,
         Ok(Err(e)) => {
             lm.failed.inc();
             ctx.metrics.rejected_inputs.with_label_values(&["tls_handshake"]).inc();
@@ -487,8 +506,9 @@ mod tests {
     fn an_idle_connection_task_stays_small() {
         type Args = (TcpStream, Arc<DpCtx>, ListenerMetrics);
         let peer: SocketAddr = "192.0.2.1:1".parse().expect("addr");
-        let plain = |(s, ctx, lm): Args| http::serve(s, http::ConnInfo { peer, tls: false }, ctx, lm);
-        let l4 = |(s, ctx, lm): Args| tcp::serve(s, peer, 1, ctx, lm);
+        let conn = http::ConnInfo { peer, local: peer, tls: false };
+        let plain = |(s, ctx, lm): Args| http::serve(s, conn, ctx, lm);
+        let l4 = |(s, ctx, lm): Args| tcp::serve(s, conn, 1, ctx, lm);
         assert!(future_size(&plain) <= 1280, "HTTP connection future: {} bytes", future_size(&plain));
         assert!(future_size(&l4) <= 4096, "L4 connection future: {} bytes", future_size(&l4));
     }

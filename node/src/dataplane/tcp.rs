@@ -1,12 +1,17 @@
 //! L4 proxy (seed 004's "fl"/"ld" modes): each client connection goes to one backend of the
-//! pool that owns the listener port, full duplex until either side is done.
+//! pool that owns the listener port, full duplex until either side is done. A pool may
+//! require a PROXY protocol header from its clients (`accept_proxy_from`) and send one to its
+//! backends (`send_proxy`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use shoal_proto::proxy;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
+
+use super::http::ConnInfo;
 
 use super::relay::Ended;
 use super::splice;
@@ -21,16 +26,19 @@ pub const NO_BACKEND: &[u8] = b"{\"response_code\":503,\"response_text\":\"No av
 const MAX_ATTEMPTS: usize = 4;
 
 /// Serves one accepted client connection on TCP listener `port`.
-pub async fn serve(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<DpCtx>, lm: ListenerMetrics) {
+pub async fn serve(mut client: TcpStream, conn: ConnInfo, port: u16, ctx: Arc<DpCtx>, lm: ListenerMetrics) {
     let table = ctx.table.load_full();
     let Some(pool) = table.tcp.get(&port).map(|i| &table.pools[*i]) else {
-        tracing::debug!(%peer, port, "no pool owns this port any more; closing");
+        tracing::debug!(peer = %conn.peer, port, "no pool owns this port any more; closing");
         return;
     };
+    let trusted = pool.accept_proxy_from.as_deref();
+    let Some(conn) = super::proxy::accept(&mut client, conn, trusted, &ctx.metrics, &lm.name).await else { return };
+    let peer = conn.peer;
     let span = tracing::info_span!("conn", client = %peer, listener = port, pool = %pool.name, backend = tracing::field::Empty);
     async move {
         tracing::info!("client connected");
-        let Some((backend, upstream, guard)) = connect_any(pool, peer, &ctx).await else {
+        let Some((backend, upstream, guard)) = connect_any(pool, conn, &ctx).await else {
             pool.metrics.no_backend.inc();
             lm.failed.inc();
             tracing::warn!("no available backend; answered 503");
@@ -60,16 +68,16 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<
 }
 
 /// Connects to the balancer's pick, moving on to the next healthy backend on failure.
-async fn connect_any(pool: &PoolRt, peer: SocketAddr, ctx: &DpCtx) -> Option<(Arc<BackendRt>, TcpStream, ActiveGuard)> {
+async fn connect_any(pool: &PoolRt, conn: ConnInfo, ctx: &DpCtx) -> Option<(Arc<BackendRt>, TcpStream, ActiveGuard)> {
     let mut tried = Tried::<MAX_ATTEMPTS>::default();
     for attempt in 0..MAX_ATTEMPTS.min(pool.routable().len()) {
-        let backend = pool.pick(peer.ip(), tried.as_slice())?;
+        let backend = pool.pick(conn.peer.ip(), tried.as_slice())?;
         tried.push(backend.addr);
         let guard = backend.shared.track();
         if attempt > 0 {
             pool.metrics.retries.inc();
         }
-        match connect_backend(backend.addr, pool.connect_timeout).await {
+        match connect_proxied(backend.addr, pool, conn).await {
             Ok(stream) => return Some((backend.clone(), stream, guard)),
             Err(e) => {
                 pool.metrics.connect_error(&backend.key);
@@ -79,4 +87,13 @@ async fn connect_any(pool: &PoolRt, peer: SocketAddr, ctx: &DpCtx) -> Option<(Ar
         }
     }
     None
+}
+
+/// A connection to `addr`, the pool's PROXY header (naming the client) already sent.
+async fn connect_proxied(addr: SocketAddr, pool: &PoolRt, conn: ConnInfo) -> std::io::Result<TcpStream> {
+    let mut stream = connect_backend(addr, pool.connect_timeout).await?;
+    if let Some(version) = pool.send_proxy {
+        stream.write_all(&proxy::encode(version, Some((conn.peer, conn.local)))).await?;
+    }
+    Ok(stream)
 }

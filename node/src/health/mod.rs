@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shoal_proto::proxy::Version as ProxyVersion;
 use shoal_proto::{CheckKind, HealthSpec, Pool, State};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
@@ -109,8 +110,9 @@ struct ProbeResult {
     result: Result<(), String>,
 }
 
-/// What a prober checks: kind, settings, and the TLS name when the pool speaks TLS.
-type ProbeKey = (CheckKind, HealthSpec, Option<Option<String>>);
+/// What a prober checks: kind, settings, the TLS name when the pool speaks TLS, and the PROXY
+/// protocol version when the pool sends one.
+type ProbeKey = (CheckKind, HealthSpec, Option<Option<String>>, Option<ProxyVersion>);
 
 struct Prober {
     key: ProbeKey,
@@ -211,7 +213,7 @@ impl Manager {
                 let id = (pool.name.clone(), b.addr);
                 if matches!(kind, CheckKind::Http | CheckKind::Tcp) && shard::assigned(&self.ctx.me, &members, &id, k) {
                     let tls = pool.spec.backend_tls.then(|| pool.spec.backend_tls_name.clone());
-                    wanted.insert(id, (kind, pool.spec.health.clone(), tls));
+                    wanted.insert(id, (kind, pool.spec.health.clone(), tls, pool.spec.send_proxy));
                 }
             }
         }
@@ -437,7 +439,7 @@ fn log_verdict(id: &BackendId, verdict: Verdict, reason: Option<&String>) {
 /// Probes one backend now and then every interval until aborted.
 async fn probe_loop(
     id: BackendId,
-    (kind, spec, _): ProbeKey,
+    (kind, spec, _, proxy): ProbeKey,
     tls: Option<probe::ProbeTls>,
     tx: mpsc::Sender<ProbeResult>,
     metrics: Arc<Metrics>,
@@ -447,7 +449,7 @@ async fn probe_loop(
     let failures = metrics.health_check_failures.with_label_values(&[id.0.as_str()]);
     loop {
         let started = Instant::now();
-        let result = probe::probe(kind, id.1, &spec, tls.as_ref()).await;
+        let result = probe::probe(kind, id.1, &spec, tls.as_ref(), proxy).await;
         checks.inc();
         if result.is_err() {
             failures.inc();

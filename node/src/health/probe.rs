@@ -1,5 +1,7 @@
 //! Active probes: a TCP connect, or an HTTP `GET` whose trimmed body must be one of the
-//! accepted values (seed 003: `ok`), optionally with a 2xx status.
+//! accepted values (seed 003: `ok`), optionally with a 2xx status. To a pool that sends the
+//! PROXY protocol, a probe starts with a v2 LOCAL (v1 UNKNOWN) header: a backend requiring
+//! the header accepts it, and reads the connection as the proxy's own.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
+use shoal_proto::proxy::{self, Version};
 use shoal_proto::{CheckKind, HealthSpec};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Largest health body read; anything longer fails the check.
@@ -18,12 +22,18 @@ const MAX_BODY: usize = 4096;
 pub type ProbeTls = (Arc<rustls::ClientConfig>, Option<String>);
 
 /// Runs one check of `kind` against `addr`. `Err` carries a short reason for operators.
-pub async fn probe(kind: CheckKind, addr: SocketAddr, spec: &HealthSpec, tls: Option<&ProbeTls>) -> Result<(), String> {
+pub async fn probe(
+    kind: CheckKind,
+    addr: SocketAddr,
+    spec: &HealthSpec,
+    tls: Option<&ProbeTls>,
+    proxy: Option<Version>,
+) -> Result<(), String> {
     let timeout = Duration::from_millis(spec.timeout_ms);
     let run = async {
         match kind {
-            CheckKind::Tcp => TcpStream::connect(addr).await.map(|_| ()).map_err(|e| format!("connect: {e}")),
-            CheckKind::Http => http_probe(addr, spec, tls).await,
+            CheckKind::Tcp => connect(addr, proxy).await.map(drop),
+            CheckKind::Http => http_probe(addr, spec, tls, proxy).await,
             CheckKind::Heartbeat | CheckKind::None => Ok(()),
         }
     };
@@ -33,8 +43,22 @@ pub async fn probe(kind: CheckKind, addr: SocketAddr, spec: &HealthSpec, tls: Op
     }
 }
 
-async fn http_probe(addr: SocketAddr, spec: &HealthSpec, tls: Option<&ProbeTls>) -> Result<(), String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+/// A connection to `addr`, with the LOCAL header written when the pool sends the protocol.
+async fn connect(addr: SocketAddr, proxy: Option<Version>) -> Result<TcpStream, String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    if let Some(version) = proxy {
+        stream.write_all(&proxy::encode(version, None)).await.map_err(|e| format!("PROXY header: {e}"))?;
+    }
+    Ok(stream)
+}
+
+async fn http_probe(
+    addr: SocketAddr,
+    spec: &HealthSpec,
+    tls: Option<&ProbeTls>,
+    proxy: Option<Version>,
+) -> Result<(), String> {
+    let stream = connect(addr, proxy).await?;
     let _ = stream.set_nodelay(true);
     match tls {
         None => http_exchange(TokioIo::new(stream), addr, spec).await,

@@ -15,13 +15,26 @@ pub struct Client<T> {
     /// Read and not yet consumed; `None` while idle.
     pub buf: Option<Buf>,
     pub peer: SocketAddr,
+    /// The address the client connected to (a PROXY header to a backend names it).
+    pub local: SocketAddr,
     pub id: ClientId,
     lm: ListenerMetrics,
 }
 
 impl<T: Transport> Client<T> {
     pub fn new(io: T, peer: SocketAddr, tls: bool, lm: ListenerMetrics) -> Client<T> {
-        Client { io, buf: None, peer, id: ClientId { ip: peer.ip(), tls }, lm }
+        Client { io, buf: None, peer, local: peer, id: ClientId { ip: peer.ip(), tls }, lm }
+    }
+
+    /// Sets the address the client connected to.
+    pub fn at(mut self, local: SocketAddr) -> Client<T> {
+        self.local = local;
+        self
+    }
+
+    /// The client and the address it connected to, as a PROXY header to a backend says them.
+    pub fn addrs(&self) -> (SocketAddr, SocketAddr) {
+        (self.peer, self.local)
     }
 
     /// Reads more (taking a buffer only once readable); 0 is the end of the stream.

@@ -150,7 +150,7 @@ impl<'a, T: Transport> Exchange<'a, T> {
         let Some(out) = self.replay.take() else {
             return Err(ProxyError::BackendIo("closed before answering".into()));
         };
-        self.up = upstream::open(self.backend, self.pool, self.ctx)
+        self.up = upstream::open(self.backend, self.pool, self.ctx, self.c.addrs())
             .await
             .map_err(|e| ProxyError::BackendIo(e.to_string()))?;
         self.reused = false;
@@ -269,7 +269,9 @@ impl<'a, T: Transport> Exchange<'a, T> {
         drop(out);
         let complete = self.stream_down(&mut framer, plan.chunked).await?;
         let leftover = self.up_buf.as_ref().is_some_and(|b| !b.is_empty());
-        if reusable(self.req.done(), &resp, complete, leftover) {
+        // A connection that began with a PROXY header speaks for one client connection only
+        // (see `upstream::get`): it is never pooled.
+        if reusable(self.req.done(), &resp, complete, leftover) && self.pool.send_proxy.is_none() {
             self.backend.shared.pool.put(self.up);
         }
         Ok(if plan.keep_alive { Next::Again } else { Next::Close })
