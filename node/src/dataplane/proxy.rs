@@ -153,7 +153,8 @@ mod tests {
             c
         });
         let m = Metrics::new("test");
-        let conn = accept(&mut s, info(&s), Some(&loopback()), &m, "t").await.expect("accepted");
+        let i = info(&s);
+        let conn = accept(&mut s, i, Some(&loopback()), &m, "t").await.expect("accepted");
         assert_eq!(conn.peer, "192.0.2.7:4242".parse::<SocketAddr>().expect("addr"));
         assert_eq!(conn.local, "192.0.2.1:80".parse::<SocketAddr>().expect("addr"));
         let _c = writer.await.expect("writer");
@@ -168,10 +169,12 @@ mod tests {
         let m = Metrics::new("test");
         let (_c, mut s) = pair().await;
         let other: Vec<Cidr> = vec!["10.0.0.0/8".parse().expect("cidr")];
-        assert!(accept(&mut s, info(&s), Some(&other), &m, "t").await.is_none());
+        let i = info(&s);
+        assert!(accept(&mut s, i, Some(&other), &m, "t").await.is_none());
         let (mut c, mut s) = pair().await;
         c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
-        assert!(accept(&mut s, info(&s), Some(&loopback()), &m, "t").await.is_none());
+        let i = info(&s);
+        assert!(accept(&mut s, i, Some(&loopback()), &m, "t").await.is_none());
         assert_eq!(m.proxy_headers.with_label_values(&["t", "untrusted", "none"]).get(), 1);
         assert_eq!(m.proxy_headers.with_label_values(&["t", "malformed", "none"]).get(), 1);
     }
