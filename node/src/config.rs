@@ -360,6 +360,12 @@ pattern = "/api/"
                 "[pools.web]\npattern = \"/\"\n[pools.web.backends.\"1.2.3.4:80\"]\nwieght = 2\n",
                 "pools.web.backends.\"1.2.3.4:80\"",
             ),
+            (
+                "[pools.t]\nprotocol = \"tcp\"\nlisten = 3001\naccept_proxy_from = [\"10.0.0.0/33\"]\n",
+                "pools.t.accept_proxy_from",
+            ),
+            ("[pools.web]\npattern = \"/\"\naccept_proxy_from = [\"10.0.0.0/8\"]\n", "pools.web.accept_proxy_from"),
+            ("[pools.web]\npattern = \"/\"\nsend_proxy = \"v3\"\n", "pools.web"),
             ("[pools.web]\npattern = 5\n", "pools.web"),
             ("[pools.web]\npattern = \"/\"\npanic_threshold = 300\n", "pools.web"),
             ("[pools.\"bad name\"]\npattern = \"/\"\n", "pools.bad name"),
@@ -378,6 +384,15 @@ pattern = "/api/"
             let e = parse(text).and_then(|f| f.validate().map(|_| ())).expect_err(text);
             assert!(e.key.starts_with(key), "{text:?}: got key {:?} ({})", e.key, e.problem);
         }
+    }
+
+    #[test]
+    fn proxy_protocol_settings_parse() {
+        let text = "[pools.t]\nprotocol = \"tcp\"\nlisten = 3001\naccept_proxy_from = [\"10.0.0.0/8\", \"2001:db8::/32\"]\nsend_proxy = \"v2\"\n";
+        let state = parse(text).and_then(|f| f.validate()).expect("valid");
+        let spec = &state.pools["t"].spec;
+        assert_eq!(spec.accept_proxy_from, ["10.0.0.0/8", "2001:db8::/32"]);
+        assert_eq!(spec.send_proxy, Some(shoal_proto::proxy::Version::V2));
     }
 
     #[test]
