@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use shoal_proto::proxy::{self, Frame, Header, Version};
-use shoal_tests::{HttpBackend, LOCALHOST, TestNode, eventually, free_port};
+use shoal_tests::{HttpBackend, LOCALHOST, TestNode, eventually, free_port, tls_client, write_cert};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -183,6 +183,34 @@ async fn http_listener_takes_v1_and_v2_from_trusted_sources_and_refuses_the_rest
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_listener_reads_the_header_before_the_tls_handshake() {
+    let dir = tempfile::tempdir().expect("dir");
+    let files = write_cert(dir.path(), "server", &["localhost"]);
+    let tls = files.clone();
+    let data = tempfile::tempdir().expect("data");
+    let node = TestNode::start_in("pp-https", data, |o| {
+        o.https_port = Some(0);
+        o.tls = vec![tls];
+        o.accept_proxy_from = vec!["127.0.0.1".parse().expect("cidr")];
+    })
+    .await;
+    let web = HttpBackend::start("web").await;
+    node.put("/v1/pools/web", json!({"pattern": "/", "health": {"interval_ms": 200, "rise": 1}})).await;
+    node.put(&format!("/v1/pools/web/backends/{}", web.addr), json!({})).await;
+    wait_healthy(&node, "web", 1).await;
+    let mut tcp = TcpStream::connect(node.https()).await.expect("connect");
+    tcp.write_all(b"PROXY TCP6 2001:db8::9 2001:db8::1 6000 443\r\n").await.expect("header");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = tls_client(&files.cert).connect(name, tcp).await.expect("TLS handshake after the header");
+    tls.write_all(&get_close("/")).await.expect("request");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await.expect("answer");
+    let answer = String::from_utf8_lossy(&out);
+    assert!(answer.contains("xff=2001:db8::9 "), "{answer}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_sources_are_refused_and_counted() {
     let node = node_accepting_from("pp-untrusted", &["10.0.0.0/8"]).await;
     let web = HttpBackend::start("web").await;
@@ -193,6 +221,21 @@ async fn untrusted_sources_are_refused_and_counted() {
     let v1 = [b"PROXY TCP4 10.1.1.1 10.0.0.1 5555 80\r\n".as_slice(), &get_close("/")].concat();
     assert!(exchange(http, &v1).await.is_empty(), "loopback is not in 10.0.0.0/8");
     assert_eq!(counted(&node, &format!("http:{}", http.port()), "untrusted", "none"), 1);
+
+    // The API refuses a bad block (and an HTTP pool's own list) with a 400 naming the key.
+    let (status, body) = node
+        .call(
+            http::Method::PUT,
+            "/v1/pools/bad",
+            Some(r#"{"protocol": "tcp", "listen": 9, "accept_proxy_from": ["10.0.0.0/33"]}"#),
+        )
+        .await;
+    assert_eq!(status, http::StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("accept_proxy_from")), "{body}");
+    let (status, _) = node
+        .call(http::Method::PUT, "/v1/pools/bad", Some(r#"{"pattern": "/x", "accept_proxy_from": ["10.0.0.0/8"]}"#))
+        .await;
+    assert_eq!(status, http::StatusCode::BAD_REQUEST);
 
     // A TCP pool's own list: the same rule on its listener.
     let echo = ProxyBackend::start(false).await;
