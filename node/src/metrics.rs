@@ -233,7 +233,11 @@ impl Metrics {
                 &["cert", "file"],
             ),
             node_ready: gauge(&r, "node_ready", "1 while the node is ready to take traffic (/readyz answers 200)"),
-            raft_voters_live: gauge(&r, "raft_voters_live", "Raft voters alive in this node's gossip view, itself included"),
+            raft_voters_live: gauge(
+                &r,
+                "raft_voters_live",
+                "Raft voters alive in this node's gossip view, itself included",
+            ),
             heartbeat_backends_known: gauge_vec(
                 &r,
                 "heartbeat_backends_known",
