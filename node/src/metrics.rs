@@ -64,8 +64,17 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// EC gateways named by host name whose re-resolution failed (the old address stays).
     pub ec_resolve_failures: IntCounter,
-    /// When each certificate this node presents expires (Unix seconds), by which one.
+    /// When each certificate this node loads expires (Unix seconds), by role and file.
     pub cert_expiry: IntGaugeVec,
+    /// 1 while the node answers `/readyz` with 200.
+    pub node_ready: IntGauge,
+    /// Raft voters alive in this node's gossip view (itself included).
+    pub raft_voters_live: IntGauge,
+    /// Heartbeat backends of a pool: configured or self-registered, and up among them.
+    pub heartbeat_backends_known: IntGaugeVec,
+    pub heartbeat_backends_up: IntGaugeVec,
+    /// Heartbeat backends marked down because they fell silent.
+    pub heartbeat_backends_lost: IntCounterVec,
 }
 
 /// Request duration buckets, in seconds: 100 µs to 30 s.
@@ -228,9 +237,33 @@ impl Metrics {
             ),
             cert_expiry: gauge_vec(
                 &r,
-                "cert_expiry_timestamp_seconds",
-                "When a certificate this node presents expires (Unix time), by cert (node: the Raft one)",
-                &["cert"],
+                "certificate_expiry_timestamp_seconds",
+                "When a certificate this node loads expires (Unix time), by cert (https, admin, node: the Raft one, ca) and file",
+                &["cert", "file"],
+            ),
+            node_ready: gauge(&r, "node_ready", "1 while the node is ready to take traffic (/readyz answers 200)"),
+            raft_voters_live: gauge(
+                &r,
+                "raft_voters_live",
+                "Raft voters alive in this node's gossip view, itself included",
+            ),
+            heartbeat_backends_known: gauge_vec(
+                &r,
+                "heartbeat_backends_known",
+                "Heartbeat backends of the pool this node tracks (configured or self-registered)",
+                &["pool"],
+            ),
+            heartbeat_backends_up: gauge_vec(
+                &r,
+                "heartbeat_backends_up",
+                "Heartbeat backends of the pool up by their heartbeats on this node",
+                &["pool"],
+            ),
+            heartbeat_backends_lost: counter(
+                &r,
+                "heartbeat_backends_lost_total",
+                "Heartbeat backends marked down because no heartbeat came within the timeout",
+                &["pool"],
             ),
             config_reloads: counter(
                 &r,
@@ -288,6 +321,13 @@ impl Metrics {
             let _ = self.http_requests.remove_label_values(&[pool, class]);
         }
         let _ = self.pool_fail_open.remove_label_values(&[pool]);
+        let _ = self.heartbeat_backends_known.remove_label_values(&[pool]);
+        let _ = self.heartbeat_backends_up.remove_label_values(&[pool]);
+    }
+
+    /// Exports when a certificate expires; `cert` is its role (https, admin, node, ca).
+    pub fn certificate(&self, cert: &str, file: &std::path::Path, not_after: i64) {
+        self.cert_expiry.with_label_values(&[cert, &file.display().to_string()]).set(not_after);
     }
 }
 

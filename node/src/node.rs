@@ -273,9 +273,23 @@ impl NodeShared {
         m.raft_commit_index.set(st.committed as i64);
         m.raft_applied_index.set(st.applied as i64);
         m.raft_voters.set(st.voters.len() as i64);
+        m.raft_voters_live.set(live_voters(&st.voters, &self.members(), self.raft.id) as i64);
         m.raft_learners.set(st.learners.len() as i64);
         m.gossip_live_nodes.set(self.members().live().count().max(1) as i64);
+        m.node_ready.set(i64::from(self.is_ready()));
+        for (cert, store) in [("https", &self.tls), ("admin", &self.admin_tls)] {
+            for (file, not_after) in store.iter().flat_map(|s| s.expiries()) {
+                m.certificate(cert, &file, not_after);
+            }
+        }
     }
+}
+
+/// Voters alive in gossip (by the Raft id they gossip); this node counts as alive itself, so
+/// a node without gossip (alone) sees its one voter.
+fn live_voters(voters: &std::collections::BTreeSet<u64>, members: &Members, me: u64) -> usize {
+    let live: std::collections::HashSet<u64> = members.live().map(|m| m.raft_id).chain([me]).collect();
+    voters.iter().filter(|v| live.contains(v)).count()
 }
 
 /// A running node.
@@ -850,7 +864,6 @@ async fn watch_cluster_certificate(tls: Arc<RaftTls>, metrics: Arc<Metrics>) {
     let mut last_error = String::new();
     loop {
         tick.tick().await;
-        metrics.cert_expiry.with_label_values(&["node"]).set(tls.not_after());
         match tls.reload() {
             Ok(true) => tracing::info!("node certificate reloaded; new Raft connections use it"),
             Ok(false) => last_error.clear(),
@@ -859,6 +872,9 @@ async fn watch_cluster_certificate(tls: Arc<RaftTls>, metrics: Arc<Metrics>) {
                 tracing::error!(error = %e, "node certificate reload failed; the running one stays in service");
             }
             Err(_) => {}
+        }
+        for (cert, file, not_after) in tls.expiries() {
+            metrics.certificate(cert, &file, not_after);
         }
     }
 }
@@ -1058,5 +1074,24 @@ async fn wait_first_table(node: &NodeShared) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::gossip::Member;
+
+    fn member(name: &str, raft_id: u64, live: bool) -> (String, Member) {
+        (name.to_string(), Member { name: name.into(), raft_id, live, ..Member::default() })
+    }
+
+    #[test]
+    fn live_voters_counts_voters_gossip_sees_alive_and_this_node() {
+        let members = Members { nodes: [member("a", 1, true), member("b", 2, false), member("c", 3, true)].into() };
+        let voters = [1, 2, 3].into();
+        assert_eq!(live_voters(&voters, &members, 1), 2, "b is dead");
+        assert_eq!(live_voters(&voters, &Members::default(), 2), 1, "alone: itself");
+        assert_eq!(live_voters(&[1, 3].into(), &members, 4), 2, "a learner that sees both voters");
     }
 }

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use shoal_tests::cluster::ProcCluster;
-use shoal_tests::{EchoBackend, HttpBackend, LOCALHOST, TestNode, eventually, free_port, get_text};
+use shoal_tests::{
+    EchoBackend, HeartbeatBackend, HttpBackend, LOCALHOST, TestNode, eventually, free_port, free_udp_port, get_text,
+    write_cert,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shoal-under-test");
@@ -105,6 +108,91 @@ async fn grafana_dashboard_queries_only_exported_metrics() {
     node.stop().await;
 }
 
+/// The value of the first series of `name` whose label text contains every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+async fn metrics_text(node: &TestNode) -> String {
+    let (_, bytes) = node.admin.raw(http::Method::GET, "/metrics", None).await.expect("metrics");
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// When a PEM certificate file expires (Unix seconds), read independently of shoal.
+fn not_after(pem_file: &Path) -> f64 {
+    let pem = std::fs::read(pem_file).expect("read cert");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+    pem.parse_x509().expect("x509").validity().not_after.timestamp() as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_rules_query_only_exported_metrics() {
+    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).expect("read alerts.yml");
+    let code: String = rules.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+    let wanted = metric_names(&code);
+    assert!(wanted.len() >= 12, "the rules use shoal's metrics: {wanted:?}");
+
+    // A node with an HTTPS listener, admin TLS, an HTTP pool with traffic and a heartbeat pool.
+    let certs = tempfile::tempdir().expect("dir");
+    let https = write_cert(certs.path(), "web", &["localhost"]);
+    let admin = write_cert(certs.path(), "admin", &["127.0.0.1"]);
+    let (https_files, admin_files) = (https.clone(), admin.clone());
+    let node = TestNode::start_in("alerts-1", tempfile::tempdir().expect("data"), move |o| {
+        o.https_port = Some(0);
+        o.tls = vec![https_files];
+        o.admin_tls = Some(admin_files);
+    })
+    .await;
+    let b = HttpBackend::start("b").await;
+    node.put("/v1/pools/web", json!({"pattern": "/", "health": {"interval_ms": 200}})).await;
+    node.put(&format!("/v1/pools/web/backends/{}", b.addr), json!({})).await;
+    let (listen, hb) = (free_port(), free_udp_port());
+    node.put(
+        "/v1/pools/logic",
+        json!({"protocol": "tcp", "listen": listen, "self_register": true,
+               "allow_unauthenticated_heartbeats": true, "health": {"heartbeat_port": hb, "heartbeat_timeout_ms": 1000}}),
+    )
+    .await;
+    let beats = HeartbeatBackend::start(vec![(LOCALHOST, hb).into()], None).await;
+    eventually(Duration::from_secs(10), "web serves", || async {
+        get_text(node.http(), "/").await.ok().filter(|(s, _)| s.is_success())
+    })
+    .await;
+    let text = eventually(Duration::from_secs(15), "every metric the rules use, the node ready", || async {
+        let text = metrics_text(&node).await;
+        let have = exported(&text);
+        let ready = sample(&text, "shoal_node_ready", &[]) == Some(1.0);
+        let beating = sample(&text, "shoal_heartbeat_backends_up", &["pool=\"logic\""]) == Some(1.0);
+        (ready && beating && wanted.iter().all(|w| have.contains(w) || w == "shoal_heartbeat_backends_lost_total"))
+            .then_some(text)
+    })
+    .await;
+    let https_file = format!("file=\"{}\"", https.cert.display());
+    let admin_file = format!("file=\"{}\"", admin.cert.display());
+    let expiry = "shoal_certificate_expiry_timestamp_seconds";
+    assert_eq!(sample(&text, expiry, &["cert=\"https\"", &https_file]), Some(not_after(&https.cert)));
+    assert_eq!(sample(&text, expiry, &["cert=\"admin\"", &admin_file]), Some(not_after(&admin.cert)));
+    assert_eq!(sample(&text, "shoal_raft_voters_live", &[]), Some(1.0), "alone: its own voter");
+    assert_eq!(sample(&text, "shoal_heartbeat_backends_known", &["pool=\"logic\""]), Some(1.0));
+
+    // A silent heartbeat backend is lost: counted, and no longer up.
+    beats.silence();
+    let text = eventually(Duration::from_secs(15), "the silent backend lost", || async {
+        let text = metrics_text(&node).await;
+        (sample(&text, "shoal_heartbeat_backends_lost_total", &["pool=\"logic\""]) == Some(1.0)).then_some(text)
+    })
+    .await;
+    assert_eq!(sample(&text, "shoal_heartbeat_backends_up", &["pool=\"logic\""]), Some(0.0));
+    let have = exported(&text);
+    let missing: Vec<&String> = wanted.iter().filter(|w| !have.contains(*w)).collect();
+    assert!(missing.is_empty(), "alert rules use metrics no node exports: {missing:?}");
+
+    node.stop().await;
+}
+
 async fn prom_query(prom: SocketAddr, query: &str) -> Option<f64> {
     let path = format!("/api/v1/query?query={}", urlencode(query));
     let answer = shoal_tests::raw_http(prom, http::Method::GET, &path, None).await.ok()?;
@@ -121,10 +209,30 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// The state of alert `name` for `instance` in Prometheus: "firing", "pending" or "inactive".
+async fn alert_state(prom: SocketAddr, name: &str, instance: &str) -> Option<String> {
+    let answer = shoal_tests::raw_http(prom, http::Method::GET, "/api/v1/alerts", None).await.ok()?;
+    let v: Value = serde_json::from_slice(&answer.body).ok()?;
+    let alerts = v["data"]["alerts"].as_array()?;
+    let state = alerts
+        .iter()
+        .filter(|a| a["labels"]["alertname"] == name && a["labels"]["instance"] == instance)
+        .filter_map(|a| a["state"].as_str())
+        .max_by_key(|s| match *s {
+            "firing" => 2,
+            "pending" => 1,
+            _ => 0,
+        });
+    Some(state.unwrap_or("inactive").to_string())
+}
+
+/// A real Prometheus scrapes a cluster of node processes with deploy/prometheus/alerts.yml
+/// loaded: the alert gauges are there on every node, and ShoalNodeDown fires for a killed node
+/// and resolves after its restart (scenario 19 does the same with the compose image).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_prometheus_scrapes_a_three_node_cluster() {
     let prometheus = tool(&["prometheus"]);
-    let c = ProcCluster::start(BIN, 3, &[]).await;
+    let mut c = ProcCluster::start(BIN, 3, &[]).await;
     let b = HttpBackend::start("b").await;
     c.put(0, "/v1/pools/web", json!({"pattern": "/", "health": {"interval_ms": 300}})).await;
     c.put(1, &format!("/v1/pools/web/backends/{}", b.addr), json!({})).await;
@@ -132,7 +240,8 @@ async fn real_prometheus_scrapes_a_three_node_cluster() {
     let targets: Vec<String> =
         c.nodes.iter().map(|n| format!("\"{}\"", SocketAddr::new(n.ip, shoal_tests::cluster::ADMIN_PORT))).collect();
     let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: shoal\n    authorization:\n      credentials_file: {}\n    static_configs:\n      - targets: [{}]\n",
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: shoal\n    authorization:\n      credentials_file: {}\n    static_configs:\n      - targets: [{}]\n",
+        repo().join("deploy/prometheus/alerts.yml").display(),
         c.nodes[0].token_file.display(),
         targets.join(", ")
     );
@@ -176,7 +285,43 @@ async fn real_prometheus_scrapes_a_three_node_cluster() {
         prom_query(prom, "count(shoal_raft_term)").await.filter(|v| *v == 3.0)
     })
     .await;
+    // The gauges the alerts need, from every node: Raft certificate and CA expiry (in the
+    // future), readiness, every voter seen alive.
+    for (query, want) in [
+        ("count(shoal_certificate_expiry_timestamp_seconds{cert=\"node\"} > time())", 3.0),
+        ("count(shoal_certificate_expiry_timestamp_seconds{cert=\"ca\"} > time())", 3.0),
+        ("count(shoal_node_ready == 1)", 3.0),
+        ("min(shoal_raft_voters_live)", 3.0),
+    ] {
+        eventually(Duration::from_secs(60), query, || async { prom_query(prom, query).await.filter(|v| *v == want) })
+            .await;
+    }
     eprintln!("prometheus: requests {first} -> {later}, leaders {leaders}, nodes {nodes}");
+
+    // Kill a node: ShoalNodeDown (for: 30s) fires for it; restarted, the alert resolves.
+    let victim = 2;
+    let instance = SocketAddr::new(c.nodes[victim].ip, shoal_tests::cluster::ADMIN_PORT).to_string();
+    assert_eq!(alert_state(prom, "ShoalNodeDown", &instance).await.as_deref(), Some("inactive"));
+    c.kill(victim);
+    eventually(Duration::from_secs(120), "ShoalNodeDown fires for the killed node", || async {
+        (alert_state(prom, "ShoalNodeDown", &instance).await? == "firing").then_some(())
+    })
+    .await;
+    for other in [0, 1] {
+        let other = SocketAddr::new(c.nodes[other].ip, shoal_tests::cluster::ADMIN_PORT).to_string();
+        assert_eq!(alert_state(prom, "ShoalNodeDown", &other).await.as_deref(), Some("inactive"), "{other}");
+    }
+    eventually(Duration::from_secs(60), "the leader sees a voter missing", || async {
+        prom_query(prom, "max(shoal_raft_voters - shoal_raft_voters_live and on (instance) shoal_raft_is_leader == 1)")
+            .await
+            .filter(|v| *v == 1.0)
+    })
+    .await;
+    c.restart(victim);
+    eventually(Duration::from_secs(90), "ShoalNodeDown resolves after the restart", || async {
+        (alert_state(prom, "ShoalNodeDown", &instance).await? == "inactive").then_some(())
+    })
+    .await;
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -160,6 +160,17 @@ fn uris_serial_expiry(der: &[u8], path: &Path) -> Result<(Vec<String>, String, i
     Ok((uris, serial, cert.validity().not_after.timestamp()))
 }
 
+/// When a DER certificate expires (Unix seconds); `None` when it does not parse.
+pub fn expiry_der(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// When the first certificate of a PEM text expires (Unix seconds).
+pub fn expiry_pem(pem: &str) -> Option<i64> {
+    expiry_der(&first_der(pem, Path::new("")).ok()?)
+}
+
 /// The cluster a CA certificate (PEM) is for.
 pub fn ca_cluster(ca_pem: &str, path: &Path) -> Result<String, PkiError> {
     let (uris, _, _) = uris_serial_expiry(&first_der(ca_pem, path)?, path)?;

@@ -33,6 +33,14 @@ struct Loaded {
     key: Arc<CertifiedKey>,
 }
 
+impl Loaded {
+    /// When the leaf certificate expires (Unix seconds; 0 when x509 parsing fails, which
+    /// rustls accepting it makes unlikely, and which an expiry alert then reports).
+    fn not_after(&self) -> i64 {
+        self.key.cert.first().and_then(|c| crate::control::pki::expiry_der(c)).unwrap_or(0)
+    }
+}
+
 /// Picks the first certificate valid for the client's SNI name; the first one otherwise.
 #[derive(Debug)]
 struct SniResolver {
@@ -84,6 +92,8 @@ fn server_config(certs: Vec<Loaded>) -> Result<Arc<ServerConfig>, String> {
 pub struct TlsStore {
     files: Vec<CertFiles>,
     config: ArcSwap<ServerConfig>,
+    /// When each file's leaf certificate in service expires (Unix seconds), in `files` order.
+    expiries: ArcSwap<Vec<i64>>,
     stamps: Mutex<Vec<Option<SystemTime>>>,
 }
 
@@ -99,14 +109,25 @@ impl TlsStore {
         if files.is_empty() {
             return Err("TLS needs at least one certificate and key".into());
         }
-        let config = Self::build(&files)?;
+        let (config, expiries) = Self::build(&files)?;
         let stamps = files.iter().map(stamp).collect();
-        Ok(TlsStore { files, config: ArcSwap::new(config), stamps: Mutex::new(stamps) })
+        Ok(TlsStore {
+            files,
+            config: ArcSwap::new(config),
+            expiries: ArcSwap::from_pointee(expiries),
+            stamps: Mutex::new(stamps),
+        })
     }
 
-    fn build(files: &[CertFiles]) -> Result<Arc<ServerConfig>, String> {
+    fn build(files: &[CertFiles]) -> Result<(Arc<ServerConfig>, Vec<i64>), String> {
         let certs = files.iter().map(load_pair).collect::<Result<Vec<_>, _>>()?;
-        server_config(certs)
+        let expiries = certs.iter().map(Loaded::not_after).collect();
+        Ok((server_config(certs)?, expiries))
+    }
+
+    /// Each certificate file in service and when its leaf certificate expires (Unix seconds).
+    pub fn expiries(&self) -> Vec<(PathBuf, i64)> {
+        self.files.iter().map(|f| f.cert.clone()).zip(self.expiries.load().iter().copied()).collect()
     }
 
     /// The configuration new handshakes use.
@@ -116,8 +137,9 @@ impl TlsStore {
 
     /// Reloads every file; on error the certificates in service stay.
     pub fn reload(&self) -> Result<(), String> {
-        let config = Self::build(&self.files)?;
+        let (config, expiries) = Self::build(&self.files)?;
         self.config.store(config);
+        self.expiries.store(Arc::new(expiries));
         *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = self.files.iter().map(stamp).collect();
         Ok(())
     }
@@ -221,6 +243,31 @@ mod tests {
         assert!(err.contains("b.pem") && err.contains("a.key"), "{err}");
         let missing = CertFiles { cert: dir.path().join("nope.pem"), key: dir.path().join("nope.key") };
         assert!(TlsStore::load(vec![missing]).expect_err("missing").contains("nope.pem"));
+    }
+
+    /// Writes a self-signed pair valid until `not_after` (Unix seconds).
+    fn write_expiring(files: &CertFiles, not_after: i64) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["e.example".to_string()]).expect("params");
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after).expect("time");
+        let cert = params.self_signed(&key).expect("sign");
+        std::fs::write(&files.cert, cert.pem()).expect("write cert");
+        std::fs::write(&files.key, key.serialize_pem()).expect("write key");
+    }
+
+    #[test]
+    fn expiries_follow_the_certificates_in_service() {
+        let dir = tempfile::tempdir().expect("dir");
+        let files = CertFiles { cert: dir.path().join("e.pem"), key: dir.path().join("e.key") };
+        write_expiring(&files, 2_000_000_000);
+        let store = TlsStore::load(vec![files.clone()]).expect("load");
+        assert_eq!(store.expiries(), vec![(files.cert.clone(), 2_000_000_000)]);
+        write_expiring(&files, 2_100_000_000);
+        store.reload().expect("reload");
+        assert_eq!(store.expiries(), vec![(files.cert.clone(), 2_100_000_000)], "a renewal moves the expiry");
+        std::fs::write(&files.cert, "broken").expect("break");
+        assert!(store.reload().is_err());
+        assert_eq!(store.expiries()[0].1, 2_100_000_000, "a failed reload keeps the one in service");
     }
 
     #[test]

@@ -185,6 +185,13 @@ impl Tracker {
         self.up.contains(tcp)
     }
 
+    /// Backends tracked (configured or self-registered) and how many of them are up.
+    pub fn counts(&self) -> (usize, usize) {
+        let known: HashSet<SocketAddr> =
+            self.cfg.servers.iter().map(|(t, _)| *t).chain(self.dynamic.keys().copied()).collect();
+        (known.len(), self.up.len())
+    }
+
     /// Handles one datagram from `src`.
     pub fn on_datagram(&mut self, src: SocketAddr, bytes: &[u8], now: Instant) -> Outcome {
         match heartbeat::decode(bytes) {
@@ -416,14 +423,25 @@ pub async fn serve(
     let mut tick = tokio::time::interval(tick_every);
     let received = metrics.heartbeats.with_label_values(&[pool.as_str()]);
     let malformed = metrics.heartbeats_malformed.with_label_values(&[pool.as_str()]);
+    let lost = metrics.heartbeat_backends_lost.with_label_values(&[pool.as_str()]);
+    let known = metrics.heartbeat_backends_known.with_label_values(&[pool.as_str()]);
+    let up = metrics.heartbeat_backends_up.with_label_values(&[pool.as_str()]);
     loop {
+        let (k, u) = tracker.counts();
+        known.set(k as i64);
+        up.set(u as i64);
         let evs = tokio::select! {
             _ = shutdown.wait() => return,
             changed = cfg_rx.changed() => match changed {
                 Ok(()) => tracker.configure(cfg_rx.borrow_and_update().clone()),
                 Err(_) => return,
             },
-            _ = tick.tick() => tracker.tick(Instant::now()),
+            _ = tick.tick() => {
+                // Down on a tick means silence (a removed backend goes down in `configure`).
+                let evs = tracker.tick(Instant::now());
+                lost.inc_by(evs.iter().filter(|e| matches!(e, HbEvent::Down { .. })).count() as u64);
+                evs
+            }
             got = socket.recv_from(&mut buf) => {
                 let Ok((n, src)) = got else { continue };
                 received.inc();
@@ -513,8 +531,10 @@ mod tests {
         let out = t.on_datagram(src, b"OK", now + Duration::from_secs(1));
         assert_eq!(out, Outcome::default(), "an OK from a known source is silent");
         assert!(t.tick(now + Duration::from_millis(2500)).is_empty());
+        assert_eq!(t.counts(), (1, 1), "one configured backend, up");
         let evs = t.tick(now + Duration::from_millis(3100));
         assert_eq!(evs, vec![HbEvent::Down { tcp: a("0.0.0.0:7000") }]);
+        assert_eq!(t.counts(), (1, 0), "known but lost");
         let out = t.on_datagram(src, b"OK", now + Duration::from_secs(4));
         assert_eq!(out.events, vec![HbEvent::Up { tcp: a("0.0.0.0:7000"), source: src }], "back online");
     }
@@ -546,7 +566,9 @@ mod tests {
         let late = now + Duration::from_secs(2 * 30 + 5);
         let evs = t.tick(now + Duration::from_secs(3));
         assert_eq!(evs, vec![HbEvent::Down { tcp }]);
+        assert_eq!(t.counts(), (2, 0), "the configured one and the silent self-registered one are known");
         assert_eq!(t.tick(late), vec![HbEvent::Forgotten { tcp }]);
+        assert_eq!(t.counts(), (1, 0), "the self-registered one is forgotten");
     }
 
     #[tokio::test(start_paused = true)]

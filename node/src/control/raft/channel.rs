@@ -63,6 +63,8 @@ struct Configs {
     pem: TlsPem,
     /// When the certificate in use expires (Unix seconds).
     not_after: i64,
+    /// When the CA certificate in use expires (Unix seconds; 0 when it does not parse).
+    ca_not_after: i64,
     client: TlsConnector,
     server: TlsAcceptor,
 }
@@ -129,6 +131,7 @@ fn configs(pem: TlsPem, names: &TlsFiles) -> Result<(NodeIdentity, Configs), Pki
     client.alpn_protocols = vec![pki::ALPN.to_vec()];
     client.resumption = rustls::client::Resumption::disabled();
     let configs = Configs {
+        ca_not_after: pki::expiry_pem(&pem.ca).unwrap_or(0),
         pem,
         not_after: me.not_after,
         client: TlsConnector::from(Arc::new(client)),
@@ -171,6 +174,16 @@ impl RaftTls {
     /// When the certificate in use expires (Unix seconds; renewals move it).
     pub fn not_after(&self) -> i64 {
         self.configs.load().not_after
+    }
+
+    /// The certificates in use, for the expiry gauge: `("node" | "ca", file, not_after)`.
+    pub fn expiries(&self) -> [(&'static str, PathBuf, i64); 2] {
+        let c = self.configs.load();
+        let (ca, cert) = match &self.files {
+            Some(f) => (f.ca.clone(), f.cert.clone()),
+            None => (pki::CA_CERT.into(), pki::NODE_CERT.into()),
+        };
+        [("node", cert, c.not_after), ("ca", ca, c.ca_not_after)]
     }
 
     /// Re-reads the files; `Ok(true)` when they changed and new connections now use them.
