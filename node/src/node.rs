@@ -27,6 +27,8 @@ use crate::control::raft::channel::{RaftTls, TlsFiles};
 use crate::control::raft::network::LinkFilter;
 use crate::control::raft::{CoreFailure, RaftNet, RaftNode, RaftTiming, ShoalNode, quorum, server};
 use crate::control::secure::ClusterKey;
+use crate::dataplane::accesslog::{self, AccessLog};
+use crate::dataplane::reqid::IdSettings;
 use crate::dataplane::tls::{self, CertFiles, TlsStore};
 use crate::dataplane::{DataPlane, DpCtx, Limits, ListenerKind};
 use crate::health::combine::{self, PeerObs};
@@ -130,8 +132,10 @@ pub struct NodeOptions {
     /// EC compatibility mode (`--ec-env`): its pool is applied like a config file, and
     /// gateways named by host name are resolved again while the node runs.
     pub ec: Option<crate::ec::EcSetup>,
-    /// One log line per proxied HTTP request.
-    pub access_log: bool,
+    /// The access log: where records go and how they are written (`None`: off).
+    pub access_log: Option<AccessLogOptions>,
+    /// Whether requests get an `X-Request-Id` and a `traceparent`.
+    pub ids: IdSettings,
     /// Bearer token of the admin API (admin scope), used when `admin_token_file` is `None`.
     pub admin_token: String,
     /// Scoped admin tokens (see `admin::tokens`), re-read when the file changes; replaces
@@ -170,7 +174,8 @@ impl NodeOptions {
             backend_ca: None,
             https_redirect: None,
             ec: None,
-            access_log: false,
+            access_log: None,
+            ids: IdSettings::default(),
             admin_token: crate::control::secure::hex(&rand::random::<[u8; 16]>()),
             admin_token_file: None,
             admin_tls: None,
@@ -215,6 +220,8 @@ pub struct NodeShared {
     pub fault_injection: bool,
     http_addr: Mutex<Option<SocketAddr>>,
     https_addr: Mutex<Option<SocketAddr>>,
+    /// The access log, reopened by `POST /v1/access-log/reopen`.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl NodeShared {
@@ -585,6 +592,7 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
     };
     let (tokens, admin_token) = admin_tokens(&opts)?;
     let admin_tls = opts.admin_tls.as_ref().map(admin_tls_store).transpose()?;
+    let access_log = start_access_log(&opts, &metrics)?;
     let (dp_trigger, dp_shutdown) = shutdown::channel();
     let (accepting, accepting_rx) = watch::channel(inherited.is_none());
     let dp_ctx = DpCtx {
@@ -598,7 +606,8 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
         backend_tls: backend_tls.clone(),
         https_redirect: opts.https_redirect.clone(),
         tunnels: AtomicUsize::new(0),
-        access_log: opts.access_log,
+        access_log: access_log.clone(),
+        ids: opts.ids,
     };
     let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
     let dataplane = Arc::new(DataPlane::start(threads, dp_ctx).context("cannot start data-plane workers")?);
@@ -629,6 +638,7 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
         fault_injection: opts.fault_injection,
         http_addr: Mutex::new(None),
         https_addr: Mutex::new(None),
+        access_log,
     });
     let fixed = Fixed {
         http: SocketAddr::new(listen_ip, opts.http_port),
@@ -674,6 +684,41 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
         admin_requested: opts.admin,
         drain_timeout: opts.drain_timeout,
     })
+}
+
+/// Where access log records go and how they are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessLogOptions {
+    pub target: accesslog::Target,
+    pub format: accesslog::Format,
+}
+
+/// Opens the access log and reopens its file on SIGUSR1 (logrotate's signal) for as long as
+/// the log lives, through a handover's drain too.
+fn start_access_log(opts: &NodeOptions, metrics: &Metrics) -> anyhow::Result<Option<Arc<AccessLog>>> {
+    let Some(a) = &opts.access_log else { return Ok(None) };
+    let log = AccessLog::start(a.target.clone(), a.format, metrics.access_log_dropped.clone())
+        .with_context(|| format!("cannot open the access log {}", a.target))?;
+    if matches!(a.target, accesslog::Target::File(_)) {
+        let weak = Arc::downgrade(&log);
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+            Ok(mut usr1) => {
+                tokio::spawn(async move {
+                    while usr1.recv().await.is_some() {
+                        let Some(log) = weak.upgrade() else { return };
+                        let done = tokio::task::spawn_blocking(move || log.reopen()).await;
+                        if let Ok(Err(e)) = done {
+                            tracing::error!(error = %e, "SIGUSR1: cannot reopen the access log; writing on to the old file");
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGUSR1; the access log reopens only through the admin API")
+            }
+        }
+    }
+    Ok(Some(log))
 }
 
 /// Starts gossip, the Raft RPC server, bootstrap and the membership loop.

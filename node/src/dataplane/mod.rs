@@ -3,6 +3,7 @@
 //! only the routing [`Table`](crate::routing::Table) snapshot and report observations through
 //! a bounded channel; they never talk to Raft or gossip.
 
+pub mod accesslog;
 pub mod balancer;
 pub mod h1;
 pub mod h1scan;
@@ -11,6 +12,7 @@ pub mod maglev;
 pub mod mux;
 pub mod pool;
 pub mod relay;
+pub mod reqid;
 pub mod splice;
 pub mod tcp;
 pub mod tls;
@@ -79,8 +81,10 @@ pub struct DpCtx {
     pub https_redirect: Option<String>,
     /// Upgraded connections open on this node (shutdown waits for them to close).
     pub tunnels: AtomicUsize,
-    /// Log one line per proxied HTTP request.
-    pub access_log: bool,
+    /// Where a record per HTTP request and per TCP connection goes (`None`: no access log).
+    pub access_log: Option<Arc<accesslog::AccessLog>>,
+    /// Whether requests get an `X-Request-Id` and a `traceparent`.
+    pub ids: reqid::IdSettings,
     /// Accept loops wait until this is true: a node taking over from a running one (a
     /// seamless upgrade) holds the inherited sockets until it is ready, while the old
     /// process goes on accepting from them.
@@ -267,10 +271,15 @@ impl DataPlane {
 
     /// Waits for the workers to finish (they stop on the `Stopped` phase).
     pub fn join(self) {
+        let log = self.ctx.access_log.clone();
         drop(self.ctx);
         for (tx, thread) in self.workers {
             drop(tx);
             let _ = thread.join();
+        }
+        // Every record is queued once the workers are gone: write them out.
+        if let Some(log) = log {
+            log.close();
         }
     }
 }
@@ -431,7 +440,7 @@ async fn accept_loop(
         // connection must not carry room for a TLS handshake or an L4 relay.
         match kind {
             ListenerKind::Http => {
-                let conn = http::ConnInfo { peer, tls: false };
+                let conn = http::ConnInfo { peer, tls: false, sni: None };
                 spawn_conn(http::serve(stream, conn, ctx, lm2), lm.clone(), permit);
             }
             ListenerKind::Https => {
@@ -460,7 +469,10 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, ctx: Arc<DpCtx>, lm: &Li
     let Some(store) = ctx.tls.as_ref() else { return };
     let acceptor = tokio_rustls::TlsAcceptor::from(store.current());
     match tokio::time::timeout(ctx.limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => http::serve(tls, http::ConnInfo { peer, tls: true }, ctx, lm.clone()).await,
+        Ok(Ok(tls)) => {
+            let sni = tls.get_ref().1.server_name().map(Arc::from);
+            http::serve(tls, http::ConnInfo { peer, tls: true, sni }, ctx, lm.clone()).await
+        }
         Ok(Err(e)) => {
             lm.failed.inc();
             ctx.metrics.rejected_inputs.with_label_values(&["tls_handshake"]).inc();
@@ -487,7 +499,7 @@ mod tests {
     fn an_idle_connection_task_stays_small() {
         type Args = (TcpStream, Arc<DpCtx>, ListenerMetrics);
         let peer: SocketAddr = "192.0.2.1:1".parse().expect("addr");
-        let plain = |(s, ctx, lm): Args| http::serve(s, http::ConnInfo { peer, tls: false }, ctx, lm);
+        let plain = |(s, ctx, lm): Args| http::serve(s, http::ConnInfo { peer, tls: false, sni: None }, ctx, lm);
         let l4 = |(s, ctx, lm): Args| tcp::serve(s, peer, 1, ctx, lm);
         assert!(future_size(&plain) <= 1280, "HTTP connection future: {} bytes", future_size(&plain));
         assert!(future_size(&l4) <= 4096, "L4 connection future: {} bytes", future_size(&l4));
