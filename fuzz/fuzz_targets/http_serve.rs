@@ -88,7 +88,8 @@ fn env() -> &'static Env {
             backend_tls: None,
             https_redirect: None,
             tunnels: AtomicUsize::new(0),
-            access_log: false,
+            access_log: None,
+            ids: shoal_node::dataplane::reqid::IdSettings::default(),
         });
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         Env { rt, ctx, lm: metrics.listener("fuzz"), _trigger: trigger, _refuser: refuser }
@@ -159,7 +160,7 @@ fuzz_target!(|data: &[u8]| {
     let chunk = 1 + data.last().map_or(0, |b| usize::from(*b) * 17);
     let out = Arc::new(std::sync::Mutex::new(Vec::new()));
     let io = FuzzIo { input: data.to_vec(), pos: 0, chunk, out: out.clone() };
-    let conn = ConnInfo { peer: SocketAddr::from(([192, 0, 2, 1], 50000)), tls: false };
+    let conn = ConnInfo { peer: SocketAddr::from(([192, 0, 2, 1], 50000)), tls: false, sni: None };
     let (ctx, lm) = (env.ctx.clone(), env.lm.clone());
     env.rt.block_on(async move {
         tokio::time::timeout(Duration::from_secs(20), serve(io, conn, ctx, lm)).await.expect("serve hung");

@@ -127,9 +127,10 @@ async fn logged_node(
     .await
 }
 
+/// Pool `web` on `/` with `backend` as EC gateway 1 (pinning on: unpinned requests balance as usual).
 async fn http_pool(node: &TestNode, backend: SocketAddr) {
-    node.put("/v1/pools/web", json!({"pattern": "/", "health": {"interval_ms": 200}})).await;
-    node.put(&format!("/v1/pools/web/backends/{backend}"), json!({})).await;
+    node.put("/v1/pools/web", json!({"pattern": "/", "pinning": true, "health": {"interval_ms": 200}})).await;
+    node.put(&format!("/v1/pools/web/backends/{backend}"), json!({"slot": 1})).await;
     eventually(Duration::from_secs(15), "the backend healthy", || async {
         let h = node.get("/v1/pools/web/health").await;
         (h["backends"][0]["status"] == "BS_HEALTHY").then_some(())
@@ -206,6 +207,11 @@ async fn request_ids_and_traceparents_reach_the_backend_and_the_log() {
     }
     assert!(v["ec_pin"].is_null() && v["sni"].is_null(), "{v}");
     assert!(v["time"].as_str().is_some_and(|t| t.ends_with('Z') && t.len() == 24), "{v}");
+
+    // An EC-pinned request names its slot.
+    let (resp, _) = get(http, "/pinned", "X-Server-Select: gw1\r\nX-Request-Id: pin-1\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(record(&log, "request_id", "pin-1").await["ec_pin"], 1);
 
     // An answer of the proxy's own is logged too, and carries its id.
     node.delete("/v1/pools/web").await;

@@ -15,10 +15,11 @@ use std::str::FromStr;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
 use serde::Serialize;
+use tokio::time::Instant;
 
 /// Records waiting for the writer; beyond this they are dropped (and counted).
 const QUEUE: usize = 16 * 1024;

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Sleep};
@@ -235,7 +235,7 @@ fn begin<T: Transport>(c: &mut Client<T>, head: ReqHead, ctx: &DpCtx) -> Req {
     }
     let log = ctx.access_log.is_some().then(|| Begun {
         rec: Record {
-            time: Some(SystemTime::now()),
+            time: Some(crate::clock::wall_now()),
             client: Some(c.peer),
             http: Some(http_part(&head, src, &ids)),
             sni: c.sni.clone(),
@@ -289,7 +289,7 @@ async fn dispatch<T: Transport>(c: &mut Client<T>, req: Req, ctx: &Arc<DpCtx>) -
         let location = format!("https://{host}{}{}", head.path(c.pending()), head.query(c.pending()));
         return redirect(c, ctx, req, &location).await;
     }
-    let host = if table.mux.has_hosts() { host_key(&head, c.pending()) } else { String::new() };
+    let host = if table.mux.has_hosts() { host_key(head, c.pending()) } else { String::new() };
     let route = table.mux.route(&host, head.path(c.pending()));
     match route {
         Route::NotFound if table.starting => {

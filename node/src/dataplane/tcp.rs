@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use tokio::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -70,8 +70,12 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<
 
 /// A connection's access log record, begun at the accept, and when it began.
 fn begin(peer: SocketAddr, pool: &str) -> (Record, Instant) {
-    let rec =
-        Record { time: Some(SystemTime::now()), client: Some(peer), pool: Some(pool.to_string()), ..Record::default() };
+    let rec = Record {
+        time: Some(crate::clock::wall_now()),
+        client: Some(peer),
+        pool: Some(pool.to_string()),
+        ..Record::default()
+    };
     (rec, Instant::now())
 }
 

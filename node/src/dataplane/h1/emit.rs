@@ -298,6 +298,44 @@ mod tests {
     }
 
     #[test]
+    fn the_proxy_s_ids_replace_the_client_s_lines() {
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nX-Request-ID: bad id\r\ntraceparent: junk\r\ntracestate: k=v\r\n\r\n";
+        let head = parse_request(raw.as_bytes(), HeadLimits { max_bytes: 8192, max_headers: 100 })
+            .expect("valid")
+            .expect("complete");
+        let ids = Ids {
+            request_id: Some("rid".into()),
+            own_request_id: true,
+            new_traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            ..Ids::default()
+        };
+        let mut out = Buf::take();
+        let target = Target { path: "/", query: "" };
+        let id = ClientId { ip: "10.0.0.9".parse().expect("ip"), tls: false };
+        request_head(&mut out, raw.as_bytes(), &head, &target, id, "b", &ids);
+        let out = String::from_utf8(out.bytes().to_vec()).expect("ascii");
+        assert!(!out.contains("bad id") && !out.contains("junk"), "{out}");
+        assert!(out.contains("tracestate: k=v\r\n"), "tracestate passes: {out}");
+        assert!(
+            out.contains(
+                "X-Request-Id: rid\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n"
+            )
+        );
+        let mut local_out = Buf::take();
+        let a = Local {
+            status: 404,
+            body: "x",
+            location: None,
+            retry_after: false,
+            close: false,
+            head_only: false,
+            request_id: ids.sent_request_id(),
+        };
+        local(&mut local_out, &a);
+        assert!(String::from_utf8_lossy(local_out.bytes()).contains("\r\nX-Request-Id: rid\r\n"));
+    }
+
+    #[test]
     fn chunk_lines_are_hex() {
         for (len, text) in [(0x1f40, &b"1f40\r\n"[..]), (0, b"0\r\n"), (15, b"f\r\n"), (16, b"10\r\n")] {
             let (line, n) = chunk_line(len);
