@@ -35,6 +35,7 @@ use shoal_node::dataplane::h1::head::{
     Framing, HeadLimits, Kind, Method, ReqHead, Span, content_length, head_end, parse_request, tokens,
 };
 use shoal_node::dataplane::mux::join_path;
+use shoal_node::dataplane::reqid::Ids;
 
 const SMALL: HeadLimits = HeadLimits { max_bytes: 64, max_headers: 4 };
 const DEFAULT: HeadLimits = HeadLimits { max_bytes: 8192, max_headers: 100 };
@@ -286,7 +287,7 @@ fn check_emit(src: &[u8], h: &ReqHead, knob: u8) {
     let id = client(knob);
     let fallback = "10.0.0.1:80";
     let mut out = Buf::take();
-    emit::request_head(&mut out, src, h, &Target { path: &path, query }, id, fallback);
+    emit::request_head(&mut out, src, h, &Target { path: &path, query }, id, fallback, &Ids::default());
     let out = out.bytes();
     let mut slots = [httparse::EMPTY_HEADER; 256];
     let mut req = httparse::Request::new(&mut slots);

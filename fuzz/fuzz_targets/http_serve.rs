@@ -88,7 +88,8 @@ fn env() -> &'static Env {
             backend_tls: None,
             https_redirect: None,
             tunnels: AtomicUsize::new(0),
-            access_log: false,
+            access_log: None,
+            ids: shoal_node::dataplane::reqid::IdSettings::default(),
             accept_proxy_from: None,
         });
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -161,7 +162,7 @@ fuzz_target!(|data: &[u8]| {
     let out = Arc::new(std::sync::Mutex::new(Vec::new()));
     let io = FuzzIo { input: data.to_vec(), pos: 0, chunk, out: out.clone() };
     let peer = SocketAddr::from(([192, 0, 2, 1], 50000));
-    let conn = ConnInfo { peer, local: SocketAddr::from(([192, 0, 2, 2], 80)), tls: false };
+    let conn = ConnInfo { peer, local: SocketAddr::from(([192, 0, 2, 2], 80)), tls: false, sni: None };
     let (ctx, lm) = (env.ctx.clone(), env.lm.clone());
     env.rt.block_on(async move {
         tokio::time::timeout(Duration::from_secs(20), serve(io, conn, ctx, lm)).await.expect("serve hung");

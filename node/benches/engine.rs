@@ -8,6 +8,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use shoal_node::dataplane::h1::buf::Buf;
 use shoal_node::dataplane::h1::emit::{ClientId, Target, request_head};
 use shoal_node::dataplane::h1::head::{HeadLimits, parse_request};
+use shoal_node::dataplane::reqid::Ids;
 
 const REQUEST: &[u8] = b"GET /api/v1/users/42?expand=roles HTTP/1.1\r\n\
 Host: app.example.com\r\n\
@@ -31,7 +32,7 @@ fn head_parse_and_rewrite(c: &mut Criterion) {
             let head = parse_request(black_box(REQUEST), limits).ok().flatten().expect("valid head");
             let mut out = Buf::take();
             let target = Target { path: head.path(REQUEST), query: head.query(REQUEST) };
-            request_head(&mut out, REQUEST, &head, &target, id, "10.0.0.1:8080");
+            request_head(&mut out, REQUEST, &head, &target, id, "10.0.0.1:8080", &Ids::default());
             black_box(out.len())
         })
     });

@@ -31,6 +31,33 @@ pub struct ConfigFile {
     pub pools: Vec<PoolEntry>,
     /// The listen IP a seed file names, used when `--listen-ip` is not given.
     pub listen_ip: Option<IpAddr>,
+    /// Node settings of the TOML `[node]` table, read at start (flags win).
+    pub node: NodeSection,
+}
+
+/// The TOML `[node]` table: settings of the node reading the file, not replicated. Values are
+/// checked when the file is parsed, so `shoal check-config` names a bad one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// `off`, `stdout` or a file path.
+    pub access_log: Option<String>,
+    /// `json`, `common` or `combined`.
+    pub access_log_format: Option<String>,
+    pub request_id: Option<bool>,
+    pub traceparent: Option<bool>,
+}
+
+impl NodeSection {
+    fn check(&self) -> Result<(), ConfigError> {
+        if let Some(v) = &self.access_log {
+            crate::dataplane::accesslog::parse_target(v).map_err(|e| err("node.access_log", e))?;
+        }
+        if let Some(v) = &self.access_log_format {
+            v.parse::<crate::dataplane::accesslog::Format>().map_err(|e| err("node.access_log_format", e))?;
+        }
+        Ok(())
+    }
 }
 
 impl ConfigFile {
@@ -95,18 +122,23 @@ fn strip_leading_comments(text: &str) -> &str {
 fn parse_toml(text: &str) -> Result<ConfigFile, ConfigError> {
     let root: toml::Table = toml::from_str(text).map_err(|e| err(toml_key(&e), toml_problem(&e)))?;
     let mut pools = Vec::new();
+    let mut node = NodeSection::default();
     for (key, value) in root {
         match key.as_str() {
+            "node" => {
+                node = value.try_into().map_err(|e: toml::de::Error| err("node", e.message().to_string()))?;
+                node.check()?;
+            }
             "pools" => {
                 let table = value.as_table().ok_or_else(|| err("pools", "must be a table of pools"))?;
                 for (name, pool) in table {
                     pools.push(parse_toml_pool(name, pool)?);
                 }
             }
-            other => return Err(err(other, "unknown top-level key (expected `pools`)")),
+            other => return Err(err(other, "unknown top-level key (expected `pools` or `node`)")),
         }
     }
-    Ok(ConfigFile { pools, listen_ip: None })
+    Ok(ConfigFile { pools, listen_ip: None, node })
 }
 
 fn parse_toml_pool(name: &str, value: &toml::Value) -> Result<PoolEntry, ConfigError> {
@@ -180,7 +212,7 @@ fn parse_seed_json(text: &str) -> Result<ConfigFile, ConfigError> {
             let (ip, port) = split_listen("client_tcp_listening_addr", &fl.client_tcp_listening_addr)?;
             let (_, hb) = split_listen("logic_heartbeat_udp_addr", &fl.logic_heartbeat_udp_addr)?;
             let pool = heartbeat_pool("logic", port, hb, "logic_servers", &fl.logic_servers)?;
-            Ok(ConfigFile { pools: vec![pool], listen_ip: Some(ip) })
+            Ok(ConfigFile { pools: vec![pool], listen_ip: Some(ip), node: NodeSection::default() })
         }
         "ld" => {
             let ld: SeedLd = serde_json::from_value(value).map_err(|e| err("config", e.to_string()))?;
@@ -192,7 +224,7 @@ fn parse_seed_json(text: &str) -> Result<ConfigFile, ConfigError> {
             // Logic servers connect to their listener and reach a data server, and vice versa.
             let data = heartbeat_pool("data", logic_port, data_hb, "data_servers", &ld.data_servers)?;
             let logic = heartbeat_pool("logic", data_port, logic_hb, "logic_servers", &ld.logic_servers)?;
-            Ok(ConfigFile { pools: vec![data, logic], listen_ip: Some(ip) })
+            Ok(ConfigFile { pools: vec![data, logic], listen_ip: Some(ip), node: NodeSection::default() })
         }
         other => Err(err("mode", format!("{other:?} is not a mode: expected \"fl\" or \"ld\""))),
     }
@@ -399,5 +431,23 @@ pattern = "/api/"
     fn unknown_toml_fields_are_reported_with_their_name() {
         let e = parse("[pools.web]\npatern = \"/\"\n").expect_err("typo");
         assert!(e.problem.contains("patern"), "{e}");
+    }
+
+    #[test]
+    fn the_node_table_is_read_and_checked() {
+        let file = parse(
+            "[node]\naccess_log = \"/var/log/shoal.log\"\naccess_log_format = \"combined\"\nrequest_id = false\n",
+        )
+        .expect("valid");
+        assert_eq!(file.node.access_log.as_deref(), Some("/var/log/shoal.log"));
+        assert_eq!(file.node.access_log_format.as_deref(), Some("combined"));
+        assert_eq!((file.node.request_id, file.node.traceparent), (Some(false), None));
+        let e = parse("[node]\naccess_log_format = \"xml\"\n").expect_err("bad format");
+        assert_eq!(e.key, "node.access_log_format");
+        assert!(e.problem.contains("xml"), "{e}");
+        assert_eq!(parse("[node]\naccess_log = \"\"\n").expect_err("empty").key, "node.access_log");
+        let e = parse("[node]\nacess_log = \"stdout\"\n").expect_err("typo");
+        assert!(e.key == "node" && e.problem.contains("acess_log"), "{e}");
+        assert!(parse("[node]\nrequest_id = \"yes\"\n").is_err());
     }
 }

@@ -277,7 +277,7 @@ impl EcSetup {
             .enumerate()
             .map(|(i, addr)| (*addr, BackendSpec { slot: Some(i as u32 + 1), ..BackendSpec::default() }))
             .collect();
-        ConfigFile { pools: vec![(POOL.to_string(), spec, backends)], listen_ip: None }
+        ConfigFile { pools: vec![(POOL.to_string(), spec, backends)], listen_ip: None, node: Default::default() }
     }
 
     /// With TLS (`tls`: a certificate was found or given) the plain port redirects to

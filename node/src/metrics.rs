@@ -64,6 +64,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// EC gateways named by host name whose re-resolution failed (the old address stays).
     pub ec_resolve_failures: IntCounter,
+    /// Access log records dropped because the writer fell behind.
+    pub access_log_dropped: IntCounter,
     /// When each certificate this node loads expires (Unix seconds), by role and file.
     pub cert_expiry: IntGaugeVec,
     /// 1 while the node answers `/readyz` with 200.
@@ -270,6 +272,11 @@ impl Metrics {
                 "config_reloads_total",
                 "Config file reloads by result (ok, invalid: refused as written, failed: not committed)",
                 &["result"],
+            ),
+            access_log_dropped: plain_counter(
+                &r,
+                "access_log_dropped_total",
+                "Access log records dropped because the writer's queue was full",
             ),
             ec_resolve_failures: plain_counter(
                 &r,

@@ -27,6 +27,8 @@ use crate::control::raft::channel::{RaftTls, TlsFiles};
 use crate::control::raft::network::LinkFilter;
 use crate::control::raft::{CoreFailure, RaftNet, RaftNode, RaftTiming, ShoalNode, quorum, server};
 use crate::control::secure::ClusterKey;
+use crate::dataplane::accesslog::{self, AccessLog};
+use crate::dataplane::reqid::IdSettings;
 use crate::dataplane::tls::{self, CertFiles, TlsStore};
 use crate::dataplane::{DataPlane, DpCtx, Limits, ListenerKind};
 use crate::health::combine::{self, PeerObs};
@@ -130,8 +132,10 @@ pub struct NodeOptions {
     /// EC compatibility mode (`--ec-env`): its pool is applied like a config file, and
     /// gateways named by host name are resolved again while the node runs.
     pub ec: Option<crate::ec::EcSetup>,
-    /// One log line per proxied HTTP request.
-    pub access_log: bool,
+    /// The access log: where records go and how they are written (`None`: off).
+    pub access_log: Option<AccessLogOptions>,
+    /// Whether requests get an `X-Request-Id` and a `traceparent`.
+    pub ids: IdSettings,
     /// Sources allowed on the HTTP and HTTPS listeners, each connection starting with a
     /// PROXY protocol header (`--accept-proxy-from`); empty: no header expected.
     pub accept_proxy_from: Vec<shoal_proto::proxy::Cidr>,
@@ -173,7 +177,8 @@ impl NodeOptions {
             backend_ca: None,
             https_redirect: None,
             ec: None,
-            access_log: false,
+            access_log: None,
+            ids: IdSettings::default(),
             accept_proxy_from: Vec::new(),
             admin_token: crate::control::secure::hex(&rand::random::<[u8; 16]>()),
             admin_token_file: None,
@@ -219,6 +224,8 @@ pub struct NodeShared {
     pub fault_injection: bool,
     http_addr: Mutex<Option<SocketAddr>>,
     https_addr: Mutex<Option<SocketAddr>>,
+    /// The access log, reopened by `POST /v1/access-log/reopen`.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl NodeShared {
@@ -603,6 +610,7 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
     };
     let (tokens, admin_token) = admin_tokens(&opts)?;
     let admin_tls = opts.admin_tls.as_ref().map(admin_tls_store).transpose()?;
+    let access_log = start_access_log(&opts, &metrics)?;
     let (dp_trigger, dp_shutdown) = shutdown::channel();
     let (accepting, accepting_rx) = watch::channel(inherited.is_none());
     let dp_ctx = DpCtx {
@@ -616,7 +624,8 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
         backend_tls: backend_tls.clone(),
         https_redirect: opts.https_redirect.clone(),
         tunnels: AtomicUsize::new(0),
-        access_log: opts.access_log,
+        access_log: access_log.clone(),
+        ids: opts.ids,
         accept_proxy_from: (!opts.accept_proxy_from.is_empty()).then(|| opts.accept_proxy_from.clone()),
     };
     let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
@@ -648,6 +657,7 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
         fault_injection: opts.fault_injection,
         http_addr: Mutex::new(None),
         https_addr: Mutex::new(None),
+        access_log,
     });
     let fixed = Fixed {
         http: SocketAddr::new(listen_ip, opts.http_port),
@@ -693,6 +703,50 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
         admin_requested: opts.admin,
         drain_timeout: opts.drain_timeout,
     })
+}
+
+/// Where access log records go and how they are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessLogOptions {
+    pub target: accesslog::Target,
+    pub format: accesslog::Format,
+}
+
+/// Opens the access log, and reopens its file on SIGUSR1 (logrotate's signal) for as long as
+/// the log lives, through a handover's drain too. SIGUSR1 is taken even without a log file, so
+/// a rotation script signalling every node never kills one.
+fn start_access_log(opts: &NodeOptions, metrics: &Metrics) -> anyhow::Result<Option<Arc<AccessLog>>> {
+    let log = match &opts.access_log {
+        Some(a) => Some(
+            AccessLog::start(a.target.clone(), a.format, metrics.access_log_dropped.clone())
+                .with_context(|| format!("cannot open the access log {}", a.target))?,
+        ),
+        None => None,
+    };
+    let weak = log.as_ref().map(Arc::downgrade);
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+        Ok(usr1) => {
+            tokio::spawn(reopen_on_signal(usr1, weak));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGUSR1; the access log reopens only through the admin API")
+        }
+    }
+    Ok(log)
+}
+
+async fn reopen_on_signal(mut usr1: tokio::signal::unix::Signal, log: Option<std::sync::Weak<AccessLog>>) {
+    while usr1.recv().await.is_some() {
+        let Some(log) = log.as_ref().map(std::sync::Weak::upgrade) else {
+            tracing::info!("SIGUSR1: this node writes no access log file; nothing to reopen");
+            continue;
+        };
+        // The node that owned the log has stopped.
+        let Some(log) = log else { return };
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || log.reopen()).await {
+            tracing::error!(error = %e, "SIGUSR1: cannot reopen the access log; writing on to the old file");
+        }
+    }
 }
 
 /// Starts gossip, the Raft RPC server, bootstrap and the membership loop.

@@ -349,6 +349,17 @@ pub async fn tls_reload(AxState(node): Node) -> Result<Json<serde_json::Value>, 
     Ok(Json(serde_json::json!({ "reloaded": true, "certificates": files })))
 }
 
+/// `POST /v1/access-log/reopen`: reopens the access log file (after logrotate moved it).
+pub async fn access_log_reopen(AxState(node): Node) -> Result<Json<serde_json::Value>, ApiError> {
+    let log = node.access_log.clone().ok_or_else(|| ApiError::not_found("this node has no access log"))?;
+    let target = log.target().to_string();
+    tokio::task::spawn_blocking(move || log.reopen())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("reopen failed, the old file stays: {e}")))?;
+    Ok(Json(serde_json::json!({ "reopened": true, "target": target })))
+}
+
 pub async fn cluster(AxState(node): Node) -> Json<ClusterView> {
     let st = node.raft.status().await;
     let members = node.members();

@@ -59,6 +59,7 @@ fn json_router(node: Arc<NodeShared>) -> Router {
         .route("/v1/pools/{pool}/backends/{addr}/drain", put(api::drain_backend))
         .route("/v1/pools/{pool}/backends/{addr}/leave", post(api::leave_backend))
         .route("/v1/tls/reload", post(api::tls_reload))
+        .route("/v1/access-log/reopen", post(api::access_log_reopen))
         .route("/v1/debug/clock", fault_route(&node, put(api::set_clock)))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {

@@ -21,8 +21,10 @@ use shoal_proto::{Algorithm, Pool};
 
 use crate::control::raft::{CoreFailure, RaftTiming};
 use crate::dataplane::Limits;
+use crate::dataplane::accesslog;
+use crate::dataplane::reqid::IdSettings;
 use crate::dataplane::tls::CertFiles;
-use crate::node::{ClusterCreds, ClusterOptions, NodeOptions};
+use crate::node::{AccessLogOptions, ClusterCreds, ClusterOptions, NodeOptions};
 pub use args::parse;
 use client::{AdminClient, ApiFailure};
 
@@ -79,6 +81,13 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// A feature turned on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 /// Log output format.
@@ -176,9 +185,22 @@ pub struct NodeArgs {
     pub tls_handshake_timeout: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
-    /// Log one line per proxied HTTP request (method, URI, status, pool, backend, duration).
-    #[arg(long)]
-    pub access_log: bool,
+    /// Access log, one record per HTTP request and per TCP connection: off, stdout or a file
+    /// path (appended to; reopened on SIGUSR1 and POST /v1/access-log/reopen). Alone: stdout
+    /// [default: the --config file's [node] access_log, else off].
+    #[arg(long, value_name = "off|stdout|PATH", num_args = 0..=1, default_missing_value = "stdout")]
+    pub access_log: Option<String>,
+    /// Access log format [default: the --config file's [node] access_log_format, else json].
+    #[arg(long, value_parser = ["json", "common", "combined"])]
+    pub access_log_format: Option<String>,
+    /// Keep a valid client X-Request-Id, make one otherwise; send it to the backend and back
+    /// to the client [default: on, or the --config file's [node] request_id].
+    #[arg(long, value_enum)]
+    pub request_id: Option<Switch>,
+    /// Pass a valid W3C traceparent through, start a new trace otherwise [default: on, or the
+    /// --config file's [node] traceparent].
+    #[arg(long, value_enum)]
+    pub traceparent: Option<Switch>,
     /// The HTTP and HTTPS listeners accept only these sources (CIDR blocks, comma separated),
     /// each connection starting with a PROXY protocol header (v1 or v2) that names the client
     /// [default: none, no header expected].
@@ -278,6 +300,7 @@ impl NodeArgs {
             return Err("--https-port needs --tls-cert and --tls-key".into());
         }
         let cluster = self.cluster_options()?;
+        let (access_log, ids) = self.observability()?;
         let id = match (&self.id, &cluster) {
             (Some(id), _) => id.clone(),
             (None, Some(c)) => c.creds.tls.me().node.clone(),
@@ -297,7 +320,8 @@ impl NodeArgs {
             backend_ca: self.backend_ca.clone(),
             https_redirect: self.https_redirect.clone().or(redirect),
             ec,
-            access_log: self.access_log,
+            access_log,
+            ids,
             accept_proxy_from: self.accept_proxy_from.clone(),
             threads: self.threads,
             zone: self.zone.clone(),
@@ -321,6 +345,24 @@ impl NodeArgs {
             grpc_allow_unauthenticated: self.grpc_allow_unauthenticated,
             fault_injection: self.fault_injection,
         })
+    }
+
+    /// The access log and request-id settings: flags first, then the --config file's `[node]` table.
+    fn observability(&self) -> Result<(Option<AccessLogOptions>, IdSettings), String> {
+        let file = match &self.config {
+            Some(path) => crate::config::load(path).map_err(|e| format!("{}: {e}", path.display()))?.node,
+            None => Default::default(),
+        };
+        let on = |flag: Option<Switch>, file: Option<bool>| flag.map_or(file.unwrap_or(true), |s| s == Switch::On);
+        let ids = IdSettings {
+            request_id: on(self.request_id, file.request_id),
+            traceparent: on(self.traceparent, file.traceparent),
+        };
+        let target = self.access_log.as_deref().or(file.access_log.as_deref()).unwrap_or("off");
+        let target = accesslog::parse_target(target).map_err(|e| format!("--access-log: {e}"))?;
+        let format = self.access_log_format.as_deref().or(file.access_log_format.as_deref()).unwrap_or("json");
+        let format: accesslog::Format = format.parse().map_err(|e| format!("--access-log-format: {e}"))?;
+        Ok((target.map(|target| AccessLogOptions { target, format }), ids))
     }
 
     fn cluster_options(&self) -> Result<Option<ClusterOptions>, String> {

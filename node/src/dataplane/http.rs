@@ -13,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
+use super::accesslog::{HttpPart, Record};
 use super::h1::buf::Buf;
 use super::h1::client::Client;
 use super::h1::emit::{self, Local};
@@ -22,6 +23,7 @@ use super::h1::head::{Framing, HeadLimits, Method, ReqHead, head_end, invalid_st
 use super::h1::io::Transport;
 use super::h1::{tunnel, upstream};
 use super::mux::Route;
+use super::reqid::{self, Ids};
 use super::{DpCtx, Tried, ws};
 use crate::metrics::{ListenerMetrics, PoolMetrics};
 use crate::routing::PoolRt;
@@ -32,11 +34,13 @@ const MAX_ATTEMPTS: usize = 3;
 
 /// Facts about the client connection a request arrived on. `peer` and `local` are the
 /// client and the address it connected to: the socket's, or a PROXY protocol header's.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub tls: bool,
+    /// The server name a TLS client asked for.
+    pub sni: Option<Arc<str>>,
 }
 
 /// Serves HTTP/1.1 on one accepted client connection (plain or TLS), in a span naming the
@@ -44,7 +48,9 @@ pub struct ConnInfo {
 /// itself, with no second copy of its arguments beside it.
 pub fn serve<T: Transport>(io: T, conn: ConnInfo, ctx: Arc<DpCtx>, lm: ListenerMetrics) -> impl Future<Output = ()> {
     let span = tracing::info_span!("conn", client = %conn.peer, listener = %lm.name, tls = conn.tls);
-    run(Client::new(io, conn.peer, conn.tls, lm).at(conn.local), ctx).instrument(span)
+    let mut client = Client::new(io, conn.peer, conn.tls, lm).at(conn.local);
+    client.sni = conn.sni;
+    run(client, ctx).instrument(span)
 }
 
 /// What the connection does after a request.
@@ -59,6 +65,24 @@ struct Tunnel {
     start: TunnelStart,
     idle: Option<Duration>,
     metrics: Arc<PoolMetrics>,
+    /// The upgrade request's access log record, written when the tunnel ends.
+    log: Option<Begun>,
+}
+
+/// A request being served: its head, its correlation ids, its access log record.
+struct Req {
+    head: ReqHead,
+    ids: Ids,
+    log: Option<Begun>,
+}
+
+/// An access log record begun from a request head (before the head is consumed), with the
+/// marks its duration and byte counts are measured from.
+struct Begun {
+    rec: Record,
+    started: Instant,
+    consumed: u64,
+    written: u64,
 }
 
 async fn run<T: Transport>(mut c: Client<T>, ctx: Arc<DpCtx>) {
@@ -78,7 +102,8 @@ async fn run<T: Transport>(mut c: Client<T>, ctx: Arc<DpCtx>) {
         };
         // Boxed: the exchange's state exists only while a request is in flight, so an idle
         // connection's future stays small.
-        match Box::pin(dispatch(&mut c, head, &ctx)).await {
+        let req = begin(&mut c, head, &ctx);
+        match Box::pin(dispatch(&mut c, req, &ctx)).await {
             After::Again => deadline = Instant::now() + ctx.limits.keepalive_timeout,
             After::Close => break,
             After::Tunnel(t) => {
@@ -158,8 +183,13 @@ async fn refuse<T: Transport>(c: &mut Client<T>, ctx: &DpCtx, reject: Reject) {
 
 /// The error answer sent where the connection closes after it: nothing more of the request is read.
 async fn send_error<T: Transport>(c: &mut Client<T>, status: u16, reason: &str) {
+    send_error_with(c, status, reason, None).await;
+}
+
+async fn send_error_with<T: Transport>(c: &mut Client<T>, status: u16, reason: &str, request_id: Option<&str>) {
     let body = emit::error(status, reason);
-    let local = Local { status, body: &body, location: None, retry_after: false, close: true, head_only: false };
+    let local =
+        Local { status, body: &body, location: None, retry_after: false, close: true, head_only: false, request_id };
     send_local(c, &local).await;
 }
 
@@ -169,48 +199,117 @@ async fn send_local<T: Transport>(c: &mut Client<T>, local: &Local<'_>) -> bool 
     c.send(&out).await.is_ok()
 }
 
-/// An answer of the proxy's own to `head`. A request body is not read: the connection closes.
+/// An answer of the proxy's own to `req`. A request body is not read: the connection closes.
 async fn answer<T: Transport>(
     c: &mut Client<T>,
     ctx: &DpCtx,
-    head: &ReqHead,
+    req: Req,
     status: u16,
     body: &str,
     location: Option<&str>,
 ) -> After {
+    let head = &req.head;
     let close = head.framing != Framing::Empty || !head.keep_alive || ctx.shutdown.phase() >= Phase::Draining;
     c.consume(head.len);
-    let local =
-        Local { status, body, location, retry_after: status == 503, close, head_only: head.method == Method::Head };
-    if send_local(c, &local).await && !close { After::Again } else { After::Close }
+    let local = Local {
+        status,
+        body,
+        location,
+        retry_after: status == 503,
+        close,
+        head_only: head.method == Method::Head,
+        request_id: req.ids.sent_request_id(),
+    };
+    let sent = send_local(c, &local).await;
+    log_request(c, ctx, req.log, status);
+    if sent && !close { After::Again } else { After::Close }
 }
 
-async fn dispatch<T: Transport>(c: &mut Client<T>, head: ReqHead, ctx: &Arc<DpCtx>) -> After {
+/// Decides the request's ids and, with an access log, begins its record.
+fn begin<T: Transport>(c: &mut Client<T>, head: ReqHead, ctx: &DpCtx) -> Req {
+    let src = c.pending();
+    let ids = Ids::decide(ctx.ids, single(&head, src, reqid::REQUEST_ID), single(&head, src, reqid::TRACEPARENT));
+    if ids.replaced_request_id {
+        ctx.metrics.rejected_inputs.with_label_values(&["request_id"]).inc();
+    }
+    if ids.replaced_traceparent {
+        ctx.metrics.rejected_inputs.with_label_values(&["traceparent"]).inc();
+    }
+    let log = ctx.access_log.is_some().then(|| Begun {
+        rec: Record {
+            time: Some(crate::clock::wall_now()),
+            client: Some(c.peer),
+            http: Some(http_part(&head, src, &ids)),
+            sni: c.sni.clone(),
+            ..Record::default()
+        },
+        started: Instant::now(),
+        consumed: c.consumed_total(),
+        written: c.written_total,
+    });
+    Req { head, ids, log }
+}
+
+/// A header's value when the request has exactly one such line (two make it ambiguous: `b""`).
+fn single<'a>(head: &ReqHead, src: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let mut lines = head.fields.iter().filter(|f| f.name.of(src).eq_ignore_ascii_case(name.as_bytes()));
+    let first = lines.next()?;
+    Some(if lines.next().is_some() { b"" } else { first.value.of(src).trim_ascii() })
+}
+
+fn http_part(head: &ReqHead, src: &[u8], ids: &Ids) -> HttpPart {
+    let target = head.target.str(src);
+    HttpPart {
+        method: head.method_span.str(src).to_string(),
+        path: if target.is_empty() { "/".to_string() } else { target.to_string() },
+        protocol: if head.minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" },
+        status: 0,
+        request_id: ids.request_id.clone(),
+        ec_pin: None,
+        user_agent: head.header(src, "user-agent").map(str::to_string),
+        referer: head.header(src, "referer").map(str::to_string),
+    }
+}
+
+/// Completes a request's record (status, bytes, duration) and queues it.
+fn log_request<T: Transport>(c: &Client<T>, ctx: &DpCtx, begun: Option<Begun>, status: u16) {
+    let (Some(log), Some(mut b)) = (ctx.access_log.as_ref(), begun) else { return };
+    if let Some(h) = b.rec.http.as_mut() {
+        h.status = status;
+    }
+    b.rec.bytes_in = c.consumed_total().saturating_sub(b.consumed);
+    b.rec.bytes_out = c.written_total.saturating_sub(b.written);
+    b.rec.duration_ms = b.started.elapsed().as_secs_f64() * 1000.0;
+    log.log(b.rec);
+}
+
+async fn dispatch<T: Transport>(c: &mut Client<T>, req: Req, ctx: &Arc<DpCtx>) -> After {
+    let head = &req.head;
     let table = ctx.table.load_full();
     if let (false, Some(host)) = (c.id.tls, &ctx.https_redirect) {
         // The plain listener of a TLS deployment sends everyone to `https://host` (as the EC image did).
         let location = format!("https://{host}{}{}", head.path(c.pending()), head.query(c.pending()));
-        return redirect(c, ctx, &head, &location).await;
+        return redirect(c, ctx, req, &location).await;
     }
-    let host = if table.mux.has_hosts() { host_key(&head, c.pending()) } else { String::new() };
+    let host = if table.mux.has_hosts() { host_key(head, c.pending()) } else { String::new() };
     let route = table.mux.route(&host, head.path(c.pending()));
     match route {
         Route::NotFound if table.starting => {
             // A starting node may not have applied its pools yet: "try again", not "no such URL".
-            answer(c, ctx, &head, 503, &emit::error(503, "node is starting"), None).await
+            answer(c, ctx, req, 503, &emit::error(503, "node is starting"), None).await
         }
-        Route::NotFound => answer(c, ctx, &head, 404, &emit::error(404, "no pool matches this URL"), None).await,
+        Route::NotFound => answer(c, ctx, req, 404, &emit::error(404, "no pool matches this URL"), None).await,
         Route::Redirect(path) => {
             let location = format!("{path}{}", head.query(c.pending()));
-            redirect(c, ctx, &head, &location).await
+            redirect(c, ctx, req, &location).await
         }
-        Route::Pool(idx) => forward(c, head, ctx, &table.pools[idx]).await,
+        Route::Pool(idx) => forward(c, req, ctx, &table.pools[idx]).await,
     }
 }
 
-async fn redirect<T: Transport>(c: &mut Client<T>, ctx: &DpCtx, head: &ReqHead, location: &str) -> After {
+async fn redirect<T: Transport>(c: &mut Client<T>, ctx: &DpCtx, req: Req, location: &str) -> After {
     let body = format!("<a href=\"{location}\">Moved Permanently</a>.\n");
-    answer(c, ctx, head, 301, &body, Some(location)).await
+    answer(c, ctx, req, 301, &body, Some(location)).await
 }
 
 /// The Host without its port, lower-cased, for host patterns.
@@ -230,24 +329,27 @@ fn strip_port(raw: &str) -> &str {
 }
 
 /// Sends the request to a backend of `pool` and relays the answer.
-async fn forward<T: Transport>(c: &mut Client<T>, head: ReqHead, ctx: &Arc<DpCtx>, pool: &PoolRt) -> After {
+async fn forward<T: Transport>(c: &mut Client<T>, mut req: Req, ctx: &Arc<DpCtx>, pool: &PoolRt) -> After {
     let started = Instant::now();
+    if let Some(b) = req.log.as_mut() {
+        b.rec.pool = Some(pool.name.to_string());
+    }
     if pool.routable().is_empty() {
         pool.metrics.no_backend.inc();
         // As HAProxy and Envoy (and shoal's TCP pools) answer: nothing to try, not a bad answer.
         pool.metrics.response(503);
-        return answer(c, ctx, &head, 503, &emit::error(503, "no healthy backend"), None).await;
+        return answer(c, ctx, req, 503, &emit::error(503, "no healthy backend"), None).await;
     }
+    let head = &req.head;
     let src = c.pending();
     let asked = if pool.pinning { ws::pinned(|name| head.header(src, name), head.path(src)) } else { None };
     let (pin, vm_path) = match asked {
         Some(ws::Pin { slot, path }) => (pool.has_slot(slot).then_some(slot), path),
         None => (None, None),
     };
-    let access = ctx.access_log.then(|| {
-        let target = head.target.str(src);
-        (head.method_span.str(src).to_string(), if target.is_empty() { "/".to_string() } else { target.to_string() })
-    });
+    if let Some(h) = req.log.as_mut().and_then(|b| b.rec.http.as_mut()) {
+        h.ec_pin = pin;
+    }
     let mut tried = Tried::<MAX_ATTEMPTS>::default();
     let attempts = if pin.is_some() { 1 } else { MAX_ATTEMPTS.min(pool.routable().len()) };
     for attempt in 0..attempts {
@@ -261,17 +363,31 @@ async fn forward<T: Transport>(c: &mut Client<T>, head: ReqHead, ctx: &Arc<DpCtx
             pool.metrics.retries.inc();
         }
         let guard = backend.shared.track();
+        let connecting = Instant::now();
         // A connect failure sent nothing: another backend may take the request.
         let Ok((conn, reused)) = upstream::get(backend, pool, ctx, c.addrs()).await else { continue };
-        let via = Via { backend, pool, ctx, conn, reused };
-        let result = exchange::run(c, &head, vm_path.as_deref(), via, guard, pin.is_some()).await;
+        let sent = Instant::now();
+        c.response_at = None;
+        let via = Via { backend, pool, ctx, conn, reused, ids: &req.ids };
+        let result = exchange::run(c, &req.head, vm_path.as_deref(), via, guard, pin.is_some()).await;
         let status = result.as_ref().map_or_else(|e| e.status().unwrap_or(0), |(s, _)| *s);
-        if let Some((method, uri)) = access {
-            let ms = started.elapsed().as_secs_f64() * 1000.0;
-            tracing::info!(%method, %uri, status, pool = %pool.name, backend = %backend.key, ms, "request");
-        }
         pool.metrics.duration.observe(started.elapsed().as_secs_f64());
-        return finish(c, ctx, pool, &backend.key, backend.addr, result).await;
+        if let Some(b) = req.log.as_mut() {
+            b.rec.backend = Some(backend.key.to_string());
+            b.rec.connect_ms = Some(sent.duration_since(connecting).as_secs_f64() * 1000.0);
+            b.rec.response_ms = c.response_at.map(|at| at.duration_since(sent).as_secs_f64() * 1000.0);
+        }
+        let rid = req.ids.sent_request_id();
+        return match finish(c, ctx, pool, &backend.key, backend.addr, result, rid).await {
+            After::Tunnel(mut t) => {
+                t.log = req.log;
+                After::Tunnel(t)
+            }
+            after => {
+                log_request(c, ctx, req.log, status);
+                after
+            }
+        };
     }
     pool.metrics.no_backend.inc();
     let (status, msg) = match pin {
@@ -279,7 +395,7 @@ async fn forward<T: Transport>(c: &mut Client<T>, head: ReqHead, ctx: &Arc<DpCtx
         None => (502, "no backend could be reached".to_string()),
     };
     pool.metrics.response(status);
-    answer(c, ctx, &head, status, &emit::error(status, &msg), None).await
+    answer(c, ctx, req, status, &emit::error(status, &msg), None).await
 }
 
 /// Turns an exchange's outcome into what the connection does next; every failure is answered
@@ -291,6 +407,7 @@ async fn finish<T: Transport>(
     backend: &str,
     addr: SocketAddr,
     result: Result<(u16, Next), ProxyError>,
+    request_id: Option<&str>,
 ) -> After {
     match result {
         Ok((status, next)) => {
@@ -298,9 +415,12 @@ async fn finish<T: Transport>(
             match next {
                 Next::Again => After::Again,
                 Next::Close => After::Close,
-                Next::Tunnel(start) => {
-                    After::Tunnel(Box::new(Tunnel { start, idle: pool.idle_timeout, metrics: pool.metrics.clone() }))
-                }
+                Next::Tunnel(start) => After::Tunnel(Box::new(Tunnel {
+                    start,
+                    idle: pool.idle_timeout,
+                    metrics: pool.metrics.clone(),
+                    log: None,
+                })),
             }
         }
         Err(e) => {
@@ -316,7 +436,7 @@ async fn finish<T: Transport>(
                 return After::Close;
             };
             pool.metrics.response(status);
-            send_error(c, status, e.reason()).await;
+            send_error_with(c, status, e.reason(), request_id).await;
             After::Close
         }
     }
@@ -335,6 +455,7 @@ async fn run_tunnel<T: Transport>(c: &mut Client<T>, t: Tunnel, ctx: &Arc<DpCtx>
     t.metrics.bytes_out.inc_by(moved.down);
     c.count(moved.up, moved.down);
     drop(guard);
+    log_request(c, ctx, t.log, 101);
     tracing::info!(pool = %t.metrics.pool, backend = %backend.key, pinned, client_to_backend = moved.up, backend_to_client = moved.down, ?ended, "upgraded connection closed");
 }
 

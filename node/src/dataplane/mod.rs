@@ -3,6 +3,7 @@
 //! only the routing [`Table`](crate::routing::Table) snapshot and report observations through
 //! a bounded channel; they never talk to Raft or gossip.
 
+pub mod accesslog;
 pub mod balancer;
 pub mod h1;
 pub mod h1scan;
@@ -12,6 +13,7 @@ pub mod mux;
 pub mod pool;
 pub mod proxy;
 pub mod relay;
+pub mod reqid;
 pub mod splice;
 pub mod tcp;
 pub mod tls;
@@ -80,8 +82,10 @@ pub struct DpCtx {
     pub https_redirect: Option<String>,
     /// Upgraded connections open on this node (shutdown waits for them to close).
     pub tunnels: AtomicUsize,
-    /// Log one line per proxied HTTP request.
-    pub access_log: bool,
+    /// Where a record per HTTP request and per TCP connection goes (`None`: no access log).
+    pub access_log: Option<Arc<accesslog::AccessLog>>,
+    /// Whether requests get an `X-Request-Id` and a `traceparent`.
+    pub ids: reqid::IdSettings,
     /// The HTTP and HTTPS listeners accept only these sources, each connection starting with
     /// a PROXY protocol header (`--accept-proxy-from`); `None`: no header expected.
     pub accept_proxy_from: Option<Vec<shoal_proto::proxy::Cidr>>,
@@ -271,10 +275,15 @@ impl DataPlane {
 
     /// Waits for the workers to finish (they stop on the `Stopped` phase).
     pub fn join(self) {
+        let log = self.ctx.access_log.clone();
         drop(self.ctx);
         for (tx, thread) in self.workers {
             drop(tx);
             let _ = thread.join();
+        }
+        // Every record is queued once the workers are gone: write them out.
+        if let Some(log) = log {
+            log.close();
         }
     }
 }
@@ -430,7 +439,7 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         // Where the client connected: a PROXY header sent to a backend names it.
         let local = stream.local_addr().unwrap_or(peer);
-        let conn = http::ConnInfo { peer, local, tls: false };
+        let conn = http::ConnInfo { peer, local, tls: false, sni: None };
         lm.accepted.inc();
         lm.active.inc();
         let (ctx, lm2) = (ctx.clone(), lm.clone());
@@ -479,7 +488,10 @@ async fn serve_tls(mut stream: TcpStream, conn: http::ConnInfo, ctx: Arc<DpCtx>,
     let peer = conn.peer;
     let acceptor = tokio_rustls::TlsAcceptor::from(store.current());
     match tokio::time::timeout(ctx.limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => http::serve(tls, http::ConnInfo { tls: true, ..conn }, ctx, lm.clone()).await,
+        Ok(Ok(tls)) => {
+            let sni = tls.get_ref().1.server_name().map(Arc::from);
+            http::serve(tls, http::ConnInfo { tls: true, sni, ..conn }, ctx, lm.clone()).await
+        }
         Ok(Err(e)) => {
             lm.failed.inc();
             ctx.metrics.rejected_inputs.with_label_values(&["tls_handshake"]).inc();
@@ -506,9 +518,9 @@ mod tests {
     fn an_idle_connection_task_stays_small() {
         type Args = (TcpStream, Arc<DpCtx>, ListenerMetrics);
         let peer: SocketAddr = "192.0.2.1:1".parse().expect("addr");
-        let conn = http::ConnInfo { peer, local: peer, tls: false };
-        let plain = |(s, ctx, lm): Args| http::serve(s, conn, ctx, lm);
-        let l4 = |(s, ctx, lm): Args| tcp::serve(s, conn, 1, ctx, lm);
+        let conn = http::ConnInfo { peer, local: peer, tls: false, sni: None };
+        let plain = |(s, ctx, lm): Args| http::serve(s, conn.clone(), ctx, lm);
+        let l4 = |(s, ctx, lm): Args| tcp::serve(s, conn.clone(), 1, ctx, lm);
         assert!(future_size(&plain) <= 1280, "HTTP connection future: {} bytes", future_size(&plain));
         assert!(future_size(&l4) <= 4096, "L4 connection future: {} bytes", future_size(&l4));
     }

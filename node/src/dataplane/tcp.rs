@@ -5,14 +5,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::time::Instant;
 
 use shoal_proto::proxy;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use super::accesslog::Record;
 use super::http::ConnInfo;
-
 use super::relay::Ended;
 use super::splice;
 use super::{DpCtx, Tried, connect_backend};
@@ -38,18 +39,25 @@ pub async fn serve(mut client: TcpStream, conn: ConnInfo, port: u16, ctx: Arc<Dp
     let span = tracing::info_span!("conn", client = %peer, listener = port, pool = %pool.name, backend = tracing::field::Empty);
     async move {
         tracing::info!("client connected");
-        let Some((backend, upstream, guard)) = connect_any(pool, conn, &ctx).await else {
+        let mut log = ctx.access_log.is_some().then(|| begin(peer, &pool.name));
+        let Some((backend, upstream, guard)) = connect_any(pool, &conn, &ctx).await else {
             pool.metrics.no_backend.inc();
             lm.failed.inc();
             tracing::warn!("no available backend; answered 503");
-            let _ = client.write_all(NO_BACKEND).await;
+            let sent = client.write_all(NO_BACKEND).await.is_ok();
             let _ = client.shutdown().await;
+            log_connection(&ctx, log, 0, if sent { NO_BACKEND.len() as u64 } else { 0 });
             return;
         };
+        if let Some((rec, started)) = log.as_mut() {
+            rec.backend = Some(backend.key.clone());
+            rec.connect_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+        }
         tracing::Span::current().record("backend", tracing::field::display(&backend.key));
         tracing::info!("forwarding traffic between client and backend");
         let (moved, ended) = splice::relay(&client, &upstream, pool.idle_timeout).await;
         drop(guard);
+        log_connection(&ctx, log, moved.up, moved.down);
         lm.bytes_in.inc_by(moved.up);
         lm.bytes_out.inc_by(moved.down);
         pool.metrics.bytes_in.inc_by(moved.up);
@@ -67,8 +75,28 @@ pub async fn serve(mut client: TcpStream, conn: ConnInfo, port: u16, ctx: Arc<Dp
     .await
 }
 
+/// A connection's access log record, begun at the accept, and when it began.
+fn begin(peer: SocketAddr, pool: &str) -> (Record, Instant) {
+    let rec = Record {
+        time: Some(crate::clock::wall_now()),
+        client: Some(peer),
+        pool: Some(pool.to_string()),
+        ..Record::default()
+    };
+    (rec, Instant::now())
+}
+
+/// Completes a connection's record as it ends and queues it.
+fn log_connection(ctx: &DpCtx, begun: Option<(Record, Instant)>, bytes_in: u64, bytes_out: u64) {
+    let (Some(log), Some((mut rec, started))) = (ctx.access_log.as_ref(), begun) else { return };
+    rec.bytes_in = bytes_in;
+    rec.bytes_out = bytes_out;
+    rec.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    log.log(rec);
+}
+
 /// Connects to the balancer's pick, moving on to the next healthy backend on failure.
-async fn connect_any(pool: &PoolRt, conn: ConnInfo, ctx: &DpCtx) -> Option<(Arc<BackendRt>, TcpStream, ActiveGuard)> {
+async fn connect_any(pool: &PoolRt, conn: &ConnInfo, ctx: &DpCtx) -> Option<(Arc<BackendRt>, TcpStream, ActiveGuard)> {
     let mut tried = Tried::<MAX_ATTEMPTS>::default();
     for attempt in 0..MAX_ATTEMPTS.min(pool.routable().len()) {
         let backend = pool.pick(conn.peer.ip(), tried.as_slice())?;
@@ -90,7 +118,7 @@ async fn connect_any(pool: &PoolRt, conn: ConnInfo, ctx: &DpCtx) -> Option<(Arc<
 }
 
 /// A connection to `addr`, the pool's PROXY header (naming the client) already sent.
-async fn connect_proxied(addr: SocketAddr, pool: &PoolRt, conn: ConnInfo) -> std::io::Result<TcpStream> {
+async fn connect_proxied(addr: SocketAddr, pool: &PoolRt, conn: &ConnInfo) -> std::io::Result<TcpStream> {
     let mut stream = connect_backend(addr, pool.connect_timeout).await?;
     if let Some(version) = pool.send_proxy {
         stream.write_all(&proxy::encode(version, Some((conn.peer, conn.local)))).await?;

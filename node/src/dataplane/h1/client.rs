@@ -4,6 +4,9 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::time::Instant;
 
 use super::buf::Buf;
 use super::emit::ClientId;
@@ -18,12 +21,31 @@ pub struct Client<T> {
     /// The address the client connected to (a PROXY header to a backend names it).
     pub local: SocketAddr,
     pub id: ClientId,
+    /// The server name a TLS client asked for.
+    pub sni: Option<Arc<str>>,
+    /// Bytes read from and written to the client so far (an access log record takes the
+    /// difference over its request).
+    pub read_total: u64,
+    pub written_total: u64,
+    /// When the current request's backend sent its response head.
+    pub response_at: Option<Instant>,
     lm: ListenerMetrics,
 }
 
 impl<T: Transport> Client<T> {
     pub fn new(io: T, peer: SocketAddr, tls: bool, lm: ListenerMetrics) -> Client<T> {
-        Client { io, buf: None, peer, local: peer, id: ClientId { ip: peer.ip(), tls }, lm }
+        Client {
+            io,
+            buf: None,
+            peer,
+            local: peer,
+            id: ClientId { ip: peer.ip(), tls },
+            sni: None,
+            read_total: 0,
+            written_total: 0,
+            response_at: None,
+            lm,
+        }
     }
 
     /// Sets the address the client connected to.
@@ -41,7 +63,13 @@ impl<T: Transport> Client<T> {
     pub async fn read(&mut self) -> io::Result<usize> {
         let n = hio::read(&mut self.io, &mut self.buf).await?;
         self.lm.bytes_in.inc_by(n as u64);
+        self.read_total += n as u64;
         Ok(n)
+    }
+
+    /// Bytes consumed from the client so far: what requests took, not what was read ahead.
+    pub fn consumed_total(&self) -> u64 {
+        self.read_total - self.pending().len() as u64
     }
 
     /// Bytes read and not yet consumed.
@@ -61,6 +89,7 @@ impl<T: Transport> Client<T> {
         let n: usize = parts.iter().map(|p| p.len()).sum();
         hio::write_all(&mut self.io, parts).await?;
         self.lm.bytes_out.inc_by(n as u64);
+        self.written_total += n as u64;
         Ok(())
     }
 
@@ -69,7 +98,9 @@ impl<T: Transport> Client<T> {
     }
 
     /// Counts bytes moved past the engine (by a tunnel).
-    pub fn count(&self, read: u64, written: u64) {
+    pub fn count(&mut self, read: u64, written: u64) {
+        self.read_total += read;
+        self.written_total += written;
         self.lm.bytes_in.inc_by(read);
         self.lm.bytes_out.inc_by(written);
     }

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 
 use super::buf::Buf;
 use super::head::{Field, Framing, Kind, ReqHead, RespHead};
+use crate::dataplane::reqid::{self, Ids};
 
 /// Who the client is, as the identity headers say it.
 #[derive(Clone, Copy, Debug)]
@@ -28,18 +29,28 @@ pub struct Target<'a> {
     pub query: &'a str,
 }
 
-/// The head sent to a backend for `head` (parsed from `src`).
-pub fn request_head(out: &mut Buf, src: &[u8], head: &ReqHead, target: &Target<'_>, id: ClientId, fallback_host: &str) {
+/// The head sent to a backend for `head` (parsed from `src`), with the proxy's request id and
+/// traceparent when `ids` has them.
+pub fn request_head(
+    out: &mut Buf,
+    src: &[u8],
+    head: &ReqHead,
+    target: &Target<'_>,
+    id: ClientId,
+    fallback_host: &str,
+    ids: &Ids,
+) {
     out.put(head.method_span.of(src));
     out.put(b" ");
     out.put(target.path.as_bytes());
     out.put(target.query.as_bytes());
     out.put(b" HTTP/1.1\r\n");
-    put_fields(out, src, &head.fields);
+    put_fields(out, src, &head.fields, ids);
     if head.host.is_none() {
         line(out, b"Host", fallback_host.as_bytes());
     }
     forwarding(out, src, head, id);
+    correlation(out, ids);
     if head.websocket {
         out.put(b"Connection: upgrade\r\nUpgrade: websocket\r\n");
     }
@@ -49,9 +60,20 @@ pub fn request_head(out: &mut Buf, src: &[u8], head: &ReqHead, target: &Target<'
     out.put(b"\r\n");
 }
 
-fn put_fields(out: &mut Buf, src: &[u8], fields: &[Field]) {
-    for f in fields.iter().filter(|f| f.forwarded()) {
+/// Forwarded lines, less those the proxy writes itself (`ids`).
+fn put_fields(out: &mut Buf, src: &[u8], fields: &[Field], ids: &Ids) {
+    for f in fields.iter().filter(|f| f.forwarded() && !ids.replaces(f.name.of(src))) {
         line(out, f.name.of(src), f.value.of(src));
+    }
+}
+
+/// The proxy's `X-Request-Id` and new `traceparent`, when it sends them.
+fn correlation(out: &mut Buf, ids: &Ids) {
+    if let Some(rid) = ids.sent_request_id() {
+        line(out, b"X-Request-Id", rid.as_bytes());
+    }
+    if let Some(tp) = &ids.new_traceparent {
+        line(out, reqid::TRACEPARENT.as_bytes(), tp.as_bytes());
     }
 }
 
@@ -139,12 +161,18 @@ pub struct RespPlan {
     pub say_keep_alive: bool,
 }
 
-/// The head sent to the client for a backend's response.
-pub fn response_head(out: &mut Buf, src: &[u8], resp: &RespHead, plan: RespPlan) {
+/// The head sent to the client for a backend's response; a final one carries the request id
+/// (in place of any the backend sent) when the proxy sends one.
+pub fn response_head(out: &mut Buf, src: &[u8], resp: &RespHead, plan: RespPlan, ids: &Ids) {
     let _ = write!(out, "HTTP/1.1 {} ", resp.status);
     out.put(resp.reason.of(src));
     out.put(b"\r\n");
-    put_fields(out, src, &resp.fields);
+    let none = Ids::default();
+    let ids = if resp.informational() && resp.status != 101 { &none } else { ids };
+    put_fields(out, src, &resp.fields, ids);
+    if let Some(rid) = ids.sent_request_id() {
+        line(out, b"X-Request-Id", rid.as_bytes());
+    }
     if resp.status == 101 {
         for f in resp.fields.iter().filter(|f| matches!(f.kind, Kind::Upgrade | Kind::Connection)) {
             line(out, f.name.of(src), f.value.of(src));
@@ -184,6 +212,7 @@ pub struct Local<'a> {
     pub close: bool,
     /// HEAD request: the body is announced but not sent.
     pub head_only: bool,
+    pub request_id: Option<&'a str>,
 }
 
 /// A short plain-text error: "<status> <reason>: <message>".
@@ -204,6 +233,9 @@ pub fn local(out: &mut Buf, a: &Local<'_>) {
     }
     if a.retry_after {
         out.put(b"Retry-After: 1\r\n");
+    }
+    if let Some(rid) = a.request_id {
+        line(out, b"X-Request-Id", rid.as_bytes());
     }
     if a.close {
         out.put(b"Connection: close\r\n");
@@ -230,7 +262,7 @@ mod tests {
         let mut out = Buf::take();
         let target = Target { path: head.path(raw.as_bytes()), query: head.query(raw.as_bytes()) };
         let id = ClientId { ip: ip.parse().expect("ip"), tls };
-        request_head(&mut out, raw.as_bytes(), &head, &target, id, "10.0.0.1:80");
+        request_head(&mut out, raw.as_bytes(), &head, &target, id, "10.0.0.1:80", &Ids::default());
         String::from_utf8(out.bytes().to_vec()).expect("ascii")
     }
 
@@ -263,6 +295,44 @@ mod tests {
         assert!(
             out.contains("Sec-WebSocket-Key: k\r\n") && out.contains("Connection: upgrade\r\nUpgrade: websocket\r\n")
         );
+    }
+
+    #[test]
+    fn the_proxy_s_ids_replace_the_client_s_lines() {
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nX-Request-ID: bad id\r\ntraceparent: junk\r\ntracestate: k=v\r\n\r\n";
+        let head = parse_request(raw.as_bytes(), HeadLimits { max_bytes: 8192, max_headers: 100 })
+            .expect("valid")
+            .expect("complete");
+        let ids = Ids {
+            request_id: Some("rid".into()),
+            own_request_id: true,
+            new_traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            ..Ids::default()
+        };
+        let mut out = Buf::take();
+        let target = Target { path: "/", query: "" };
+        let id = ClientId { ip: "10.0.0.9".parse().expect("ip"), tls: false };
+        request_head(&mut out, raw.as_bytes(), &head, &target, id, "b", &ids);
+        let out = String::from_utf8(out.bytes().to_vec()).expect("ascii");
+        assert!(!out.contains("bad id") && !out.contains("junk"), "{out}");
+        assert!(out.contains("tracestate: k=v\r\n"), "tracestate passes: {out}");
+        assert!(
+            out.contains(
+                "X-Request-Id: rid\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n"
+            )
+        );
+        let mut local_out = Buf::take();
+        let a = Local {
+            status: 404,
+            body: "x",
+            location: None,
+            retry_after: false,
+            close: false,
+            head_only: false,
+            request_id: ids.sent_request_id(),
+        };
+        local(&mut local_out, &a);
+        assert!(String::from_utf8_lossy(local_out.bytes()).contains("\r\nX-Request-Id: rid\r\n"));
     }
 
     #[test]

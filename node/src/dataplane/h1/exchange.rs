@@ -20,6 +20,7 @@ use super::io::{self as hio, Transport, Upstream};
 use super::upstream;
 use crate::dataplane::DpCtx;
 use crate::dataplane::mux::join_path;
+use crate::dataplane::reqid::Ids;
 use crate::routing::{ActiveGuard, BackendRt, PoolRt};
 use crate::shutdown::Phase;
 
@@ -50,6 +51,8 @@ pub struct Via<'a> {
     pub ctx: &'a DpCtx,
     pub conn: Upstream,
     pub reused: bool,
+    /// The request id and traceparent the proxy adds.
+    pub ids: &'a Ids,
 }
 
 /// Sends the request in `c`'s buffer (its head parsed as `head`) to the backend of `via` and
@@ -71,7 +74,8 @@ pub async fn run<T: Transport>(
         "" | "/" => Cow::Borrowed(path),
         prefix => Cow::Owned(join_path(prefix, path)),
     };
-    emit::request_head(&mut out, src, head, &Target { path: &path, query: head.query(src) }, c.id, &via.backend.key);
+    let target = Target { path: &path, query: head.query(src) };
+    emit::request_head(&mut out, src, head, &target, c.id, &via.backend.key, via.ids);
     c.consume(head.len);
     let mut ex = Exchange::new(c, head, via);
     ex.body_into(&mut out).map_err(ProxyError::Reject)?;
@@ -90,6 +94,7 @@ struct Exchange<'a, T> {
     backend: &'a Arc<BackendRt>,
     pool: &'a PoolRt,
     ctx: &'a DpCtx,
+    ids: &'a Ids,
     up: Upstream,
     reused: bool,
     /// Bytes from the backend not yet relayed.
@@ -109,6 +114,7 @@ impl<'a, T: Transport> Exchange<'a, T> {
             backend: via.backend,
             pool: via.pool,
             ctx: via.ctx,
+            ids: via.ids,
             up: via.conn,
             reused: via.reused,
             up_buf: None,
@@ -167,6 +173,7 @@ impl<'a, T: Transport> Exchange<'a, T> {
         loop {
             if let Some(resp) = self.parsed_head()? {
                 if !resp.informational() {
+                    self.c.response_at = Some(Instant::now());
                     return Ok(resp);
                 }
                 self.relay_informational(resp).await?;
@@ -211,7 +218,13 @@ impl<'a, T: Transport> Exchange<'a, T> {
     async fn relay_informational(&mut self, resp: RespHead) -> Result<(), ProxyError> {
         let mut out = Buf::take();
         let src = self.up_buf.as_ref().map_or(&[][..], Buf::bytes);
-        emit::response_head(&mut out, src, &resp, RespPlan { chunked: false, keep_alive: true, say_keep_alive: false });
+        emit::response_head(
+            &mut out,
+            src,
+            &resp,
+            RespPlan { chunked: false, keep_alive: true, say_keep_alive: false },
+            self.ids,
+        );
         self.consume_up(resp.len);
         self.c.send(&out).await.map_err(|_| ProxyError::ClientGone)
     }
@@ -246,7 +259,7 @@ impl<'a, T: Transport> Exchange<'a, T> {
         let mut out = Buf::take();
         let plan = RespPlan { chunked: false, keep_alive: true, say_keep_alive: false };
         let src = self.up_buf.as_ref().map_or(&[][..], Buf::bytes);
-        emit::response_head(&mut out, src, &resp, plan);
+        emit::response_head(&mut out, src, &resp, plan, self.ids);
         // Bytes the backend sent after its 101 belong to the tunnel: the client gets them first.
         out.put(&src[resp.len..]);
         self.up_buf = None;
@@ -262,7 +275,7 @@ impl<'a, T: Transport> Exchange<'a, T> {
         let mut out = Buf::take();
         {
             let src = self.up_buf.as_ref().map_or(&[][..], Buf::bytes);
-            emit::response_head(&mut out, src, &resp, plan);
+            emit::response_head(&mut out, src, &resp, plan, self.ids);
         }
         self.consume_up(resp.len);
         self.pass_down(Some(&out), &mut framer, plan.chunked).await?;
