@@ -100,9 +100,9 @@ async fn run<T: Transport>(mut c: Client<T>, ctx: Arc<DpCtx>) {
                 break;
             }
         };
+        let req = begin(&c, head, &ctx);
         // Boxed: the exchange's state exists only while a request is in flight, so an idle
         // connection's future stays small.
-        let req = begin(&mut c, head, &ctx);
         match Box::pin(dispatch(&mut c, req, &ctx)).await {
             After::Again => deadline = Instant::now() + ctx.limits.keepalive_timeout,
             After::Close => break,
@@ -226,7 +226,7 @@ async fn answer<T: Transport>(
 }
 
 /// Decides the request's ids and, with an access log, begins its record.
-fn begin<T: Transport>(c: &mut Client<T>, head: ReqHead, ctx: &DpCtx) -> Req {
+fn begin<T: Transport>(c: &Client<T>, head: ReqHead, ctx: &DpCtx) -> Req {
     let src = c.pending();
     let ids = Ids::decide(ctx.ids, single(&head, src, reqid::REQUEST_ID), single(&head, src, reqid::TRACEPARENT));
     if ids.replaced_request_id {
