@@ -162,7 +162,7 @@ fuzz_target!(|data: &[u8]| {
     let out = Arc::new(std::sync::Mutex::new(Vec::new()));
     let io = FuzzIo { input: data.to_vec(), pos: 0, chunk, out: out.clone() };
     let peer = SocketAddr::from(([192, 0, 2, 1], 50000));
-    let conn = ConnInfo { peer, local: SocketAddr::from(([192, 0, 2, 2], 80)), tls: false, sni: None };
+    let conn = ConnInfo { peer, local: SocketAddr::from(([192, 0, 2, 2], 80)), tls: false };
     let (ctx, lm) = (env.ctx.clone(), env.lm.clone());
     env.rt.block_on(async move {
         tokio::time::timeout(Duration::from_secs(20), serve(io, conn, ctx, lm)).await.expect("serve hung");

@@ -34,13 +34,11 @@ const MAX_ATTEMPTS: usize = 3;
 
 /// Facts about the client connection a request arrived on. `peer` and `local` are the
 /// client and the address it connected to: the socket's, or a PROXY protocol header's.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub tls: bool,
-    /// The server name a TLS client asked for.
-    pub sni: Option<Arc<str>>,
 }
 
 /// Serves HTTP/1.1 on one accepted client connection (plain or TLS), in a span naming the
@@ -48,9 +46,7 @@ pub struct ConnInfo {
 /// itself, with no second copy of its arguments beside it.
 pub fn serve<T: Transport>(io: T, conn: ConnInfo, ctx: Arc<DpCtx>, lm: ListenerMetrics) -> impl Future<Output = ()> {
     let span = tracing::info_span!("conn", client = %conn.peer, listener = %lm.name, tls = conn.tls);
-    let mut client = Client::new(io, conn.peer, conn.tls, lm).at(conn.local);
-    client.sni = conn.sni;
-    run(client, ctx).instrument(span)
+    run(Client::new(io, conn.peer, conn.tls, lm).at(conn.local), ctx).instrument(span)
 }
 
 /// What the connection does after a request.
@@ -240,7 +236,7 @@ fn begin<T: Transport>(c: &Client<T>, head: ReqHead, ctx: &DpCtx) -> Req {
             time: Some(crate::clock::wall_now()),
             client: Some(c.peer),
             http: Some(http_part(&head, src, &ids)),
-            sni: c.sni.clone(),
+            sni: c.io.server_name().map(Arc::from),
             ..Record::default()
         },
         started: Instant::now(),

@@ -439,7 +439,7 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         // Where the client connected: a PROXY header sent to a backend names it.
         let local = stream.local_addr().unwrap_or(peer);
-        let conn = http::ConnInfo { peer, local, tls: false, sni: None };
+        let conn = http::ConnInfo { peer, local, tls: false };
         lm.accepted.inc();
         lm.active.inc();
         let (ctx, lm2) = (ctx.clone(), lm.clone());
@@ -488,10 +488,7 @@ async fn serve_tls(mut stream: TcpStream, conn: http::ConnInfo, ctx: Arc<DpCtx>,
     let peer = conn.peer;
     let acceptor = tokio_rustls::TlsAcceptor::from(store.current());
     match tokio::time::timeout(ctx.limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => {
-            let sni = tls.get_ref().1.server_name().map(Arc::from);
-            http::serve(tls, http::ConnInfo { tls: true, sni, ..conn }, ctx, lm.clone()).await
-        }
+        Ok(Ok(tls)) => http::serve(tls, http::ConnInfo { tls: true, ..conn }, ctx, lm.clone()).await,
         Ok(Err(e)) => {
             lm.failed.inc();
             ctx.metrics.rejected_inputs.with_label_values(&["tls_handshake"]).inc();
@@ -518,9 +515,9 @@ mod tests {
     fn an_idle_connection_task_stays_small() {
         type Args = (TcpStream, Arc<DpCtx>, ListenerMetrics);
         let peer: SocketAddr = "192.0.2.1:1".parse().expect("addr");
-        let conn = http::ConnInfo { peer, local: peer, tls: false, sni: None };
-        let plain = |(s, ctx, lm): Args| http::serve(s, conn.clone(), ctx, lm);
-        let l4 = |(s, ctx, lm): Args| tcp::serve(s, conn.clone(), 1, ctx, lm);
+        let conn = http::ConnInfo { peer, local: peer, tls: false };
+        let plain = |(s, ctx, lm): Args| http::serve(s, conn, ctx, lm);
+        let l4 = |(s, ctx, lm): Args| tcp::serve(s, conn, 1, ctx, lm);
         assert!(future_size(&plain) <= 1280, "HTTP connection future: {} bytes", future_size(&plain));
         assert!(future_size(&l4) <= 4096, "L4 connection future: {} bytes", future_size(&l4));
     }

@@ -133,7 +133,7 @@ mod tests {
     }
 
     fn info(s: &TcpStream) -> ConnInfo {
-        ConnInfo { peer: s.peer_addr().expect("peer"), local: s.local_addr().expect("local"), tls: false, sni: None }
+        ConnInfo { peer: s.peer_addr().expect("peer"), local: s.local_addr().expect("local"), tls: false }
     }
 
     fn loopback() -> Vec<Cidr> {
@@ -185,7 +185,7 @@ mod tests {
         c.write_all(b"GET").await.expect("write");
         let m = Metrics::new("test");
         let before = info(&s);
-        let conn = accept(&mut s, before.clone(), None, &m, "t").await.expect("accepted");
+        let conn = accept(&mut s, before, None, &m, "t").await.expect("accepted");
         assert_eq!(conn.peer, before.peer);
         let mut got = [0u8; 3];
         s.read_exact(&mut got).await.expect("read");

@@ -4,7 +4,6 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio::time::Instant;
 
@@ -21,8 +20,6 @@ pub struct Client<T> {
     /// The address the client connected to (a PROXY header to a backend names it).
     pub local: SocketAddr,
     pub id: ClientId,
-    /// The server name a TLS client asked for.
-    pub sni: Option<Arc<str>>,
     /// Bytes read from and written to the client so far (an access log record takes the
     /// difference over its request).
     pub read_total: u64,
@@ -40,7 +37,6 @@ impl<T: Transport> Client<T> {
             peer,
             local: peer,
             id: ClientId { ip: peer.ip(), tls },
-            sni: None,
             read_total: 0,
             written_total: 0,
             response_at: None,

@@ -23,6 +23,12 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin {
     fn poll_read_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+
+    /// The server name a TLS client asked for. Read from the session rather than kept per
+    /// connection: only an access log record needs it.
+    fn server_name(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl Transport for TcpStream {
@@ -47,6 +53,10 @@ fn tls_ready(
 
 impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
     const READINESS: bool = true;
+
+    fn server_name(&self) -> Option<&str> {
+        self.get_ref().1.server_name()
+    }
 
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let (tcp, conn) = self.get_mut();
