@@ -6,8 +6,9 @@ use serde::{Serialize, de::DeserializeOwned};
 
 /// "SH".
 pub const MAGIC: [u8; 2] = [0x53, 0x48];
-/// Bumped on any incompatible change of a frame body (2: Raft frames carry the cluster identity).
-pub const VERSION: u8 = 2;
+/// Bumped on any incompatible change of a frame body (2: Raft frames carry the cluster identity;
+/// 3: pool and backend settings inside commands are JSON, so later settings no longer need a bump).
+pub const VERSION: u8 = 3;
 /// Bytes before the body.
 pub const HEADER_LEN: usize = 8;
 /// Largest body accepted; snapshots are chunked below this.

@@ -23,11 +23,20 @@ pub struct Proposal {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// Create a pool or replace its settings; its backends are kept.
-    PutPool { name: String, spec: PoolSpec },
+    PutPool {
+        name: String,
+        #[serde(with = "self_describing")]
+        spec: PoolSpec,
+    },
     /// Remove a pool and its backends; established connections finish on their own.
     DeletePool { name: String },
     /// Create a backend or replace its settings.
-    PutBackend { pool: String, addr: SocketAddr, spec: BackendSpec },
+    PutBackend {
+        pool: String,
+        addr: SocketAddr,
+        #[serde(with = "self_describing")]
+        spec: BackendSpec,
+    },
     /// Remove a backend; established connections finish on their own.
     DeleteBackend { pool: String, addr: SocketAddr },
     /// Stop (or resume) sending new work to a backend.
@@ -44,6 +53,53 @@ pub enum Command {
 
 /// Deepest nesting of [`Command::Batch`] a decoder accepts.
 pub const MAX_BATCH_DEPTH: usize = 8;
+
+/// Settings cross the Raft wire as JSON inside the binary frame. bincode's layout is positional:
+/// a field added in a later release would make an older node misread every following byte,
+/// where JSON lets it read entries that leave new settings at their defaults (new spec fields
+/// are skipped when default) and refuse, by name, the ones that use them. The JSON store and
+/// the API see the plain structure.
+mod self_describing {
+    use std::fmt;
+
+    use serde::de::{DeserializeOwned, Error as _, Visitor};
+    use serde::ser::Error as _;
+    use serde::{Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<T: Serialize, S: Serializer>(value: &T, ser: S) -> Result<S::Ok, S::Error> {
+        if ser.is_human_readable() {
+            return value.serialize(ser);
+        }
+        let json = serde_json::to_vec(value).map_err(S::Error::custom)?;
+        ser.serialize_bytes(&json)
+    }
+
+    pub(super) fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(de: D) -> Result<T, D::Error> {
+        if de.is_human_readable() {
+            return T::deserialize(de);
+        }
+        let json = de.deserialize_byte_buf(Bytes)?;
+        serde_json::from_slice(&json).map_err(D::Error::custom)
+    }
+
+    struct Bytes;
+
+    impl Visitor<'_> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("settings as JSON bytes")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+    }
+}
 
 /// Counts how deep the current thread is inside nested batches while deserializing.
 /// Decoders (bincode has no recursion limit) recurse once per level, so the guard must
@@ -250,6 +306,33 @@ fn no_backend(pool: &str, addr: &SocketAddr) -> ApplyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a node of another release puts in a frame: `PutPool` (variant 0) with its
+    /// settings as JSON bytes, which bincode lays out as `Vec<u8>` is.
+    #[derive(Serialize)]
+    enum Foreign {
+        PutPool { name: String, spec: Vec<u8> },
+    }
+
+    fn foreign_put_pool(json: &str) -> Result<Command, crate::codec::CodecError> {
+        let frame = crate::codec::encode(1, &Foreign::PutPool { name: "p".into(), spec: json.as_bytes().to_vec() })
+            .expect("encode");
+        crate::codec::decode::<Command>(&frame).map(|(_, c)| c)
+    }
+
+    #[test]
+    fn settings_from_another_release_are_read_by_name() {
+        // An older node's settings lack newer fields: they take their defaults.
+        let cmd = foreign_put_pool(r#"{"pattern":"/old"}"#).expect("older settings decode");
+        assert_eq!(cmd, Command::PutPool { name: "p".into(), spec: http_pool("/old") });
+        // A newer node's setting this node lacks is refused by name, never misread.
+        let err = foreign_put_pool(r#"{"pattern":"/","future_setting":1}"#).expect_err("unknown setting");
+        assert!(err.to_string().contains("future_setting"), "{err}");
+        // And this node's own frames carry the settings as JSON.
+        let frame =
+            crate::codec::encode(1, &Command::PutPool { name: "p".into(), spec: http_pool("/x") }).expect("encode");
+        assert!(frame.windows(14).any(|w| w == br#""pattern":"/x""#), "settings are JSON on the wire");
+    }
 
     fn http_pool(pattern: &str) -> PoolSpec {
         PoolSpec { pattern: Some(pattern.into()), ..PoolSpec::default() }
