@@ -57,11 +57,14 @@ fn build_pool(pool: &Pool, health: &HealthView, ctx: &NodeCtx, prev: Option<&Poo
     let fail_open =
         !healthy.is_empty() && healthy.len() * 100 < usize::from(pool.spec.panic_threshold) * eligible.len();
     let chosen = if fail_open { eligible } else { healthy };
+    let queue = prev.map(|p| p.queue.clone()).unwrap_or_default();
     let mut shared: HashMap<SocketAddr, Arc<BackendShared>> = HashMap::new();
     for c in &candidates {
         let s = prev
             .and_then(|p| p.shared.get(&c.addr).cloned())
-            .unwrap_or_else(|| Arc::new(BackendShared::new(ctx.workers.max(1))));
+            .unwrap_or_else(|| Arc::new(BackendShared::new(ctx.workers.max(1), queue.clone())));
+        // The health view's turn to healthy, as this table applies it, starts slow start.
+        s.set_healthy(c.status == BackendStatus::Healthy);
         shared.insert(c.addr, s);
     }
     let routable: Vec<Arc<BackendRt>> = chosen
@@ -98,6 +101,12 @@ fn build_pool(pool: &Pool, health: &HealthView, ctx: &NodeCtx, prev: Option<&Poo
         slots,
         rotation,
         metrics: prev.map(|p| p.metrics.clone()).unwrap_or_else(|| Arc::new(metrics.pool(&pool.name))),
+        max_connections: spec.max_connections,
+        queue,
+        queue_max: spec.queue_max,
+        queue_timeout: Duration::from_millis(spec.queue_timeout_ms),
+        slow_start: Duration::from_secs(u64::from(spec.slow_start_s)),
+        outlier: spec.outlier.clone(),
     }
 }
 

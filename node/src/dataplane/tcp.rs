@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use super::relay::Ended;
 use super::splice;
+use super::limits::{self, Acquired, Refused, Want};
 use super::{DpCtx, Tried, connect_backend};
 use crate::metrics::ListenerMetrics;
 use crate::routing::{ActiveGuard, BackendRt, PoolRt};
@@ -30,7 +31,12 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<
     let span = tracing::info_span!("conn", client = %peer, listener = port, pool = %pool.name, backend = tracing::field::Empty);
     async move {
         tracing::info!("client connected");
-        let Some((backend, upstream, guard)) = connect_any(pool, peer, &ctx).await else {
+        let Ok(connected) = connect_any(pool, peer, &ctx).await else {
+            lm.failed.inc();
+            tracing::warn!("every backend at max_connections and no room to wait; closed");
+            return;
+        };
+        let Some((backend, upstream, guard)) = connected else {
             pool.metrics.no_backend.inc();
             lm.failed.inc();
             tracing::warn!("no available backend; answered 503");
@@ -60,17 +66,21 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, port: u16, ctx: Arc<
 }
 
 /// Connects to the balancer's pick, moving on to the next healthy backend on failure.
-async fn connect_any(pool: &PoolRt, peer: SocketAddr, ctx: &DpCtx) -> Option<(Arc<BackendRt>, TcpStream, ActiveGuard)> {
+/// `Err`: refused by the pool's queue (every backend at `max_connections`).
+async fn connect_any(pool: &PoolRt, peer: SocketAddr, ctx: &DpCtx) -> Result<Option<Connected>, Refused> {
     let mut tried = Tried::<MAX_ATTEMPTS>::default();
     for attempt in 0..MAX_ATTEMPTS.min(pool.routable().len()) {
-        let backend = pool.pick(peer.ip(), tried.as_slice())?;
+        let (backend, guard) = match limits::acquire(&ctx.table, pool, Want::Pick(peer.ip(), tried.as_slice())).await {
+            Acquired::Got(backend, guard) => (backend, guard),
+            Acquired::NoBackend => return Ok(None),
+            Acquired::Refused(why) => return Err(why),
+        };
         tried.push(backend.addr);
-        let guard = backend.shared.track();
         if attempt > 0 {
             pool.metrics.retries.inc();
         }
         match connect_backend(backend.addr, pool.connect_timeout).await {
-            Ok(stream) => return Some((backend.clone(), stream, guard)),
+            Ok(stream) => return Ok(Some((backend, stream, guard))),
             Err(e) => {
                 pool.metrics.connect_error(&backend.key);
                 ctx.reporter.passive_failure(&pool.name, backend.addr, format!("connect: {e}"));
@@ -78,5 +88,7 @@ async fn connect_any(pool: &PoolRt, peer: SocketAddr, ctx: &DpCtx) -> Option<(Ar
             }
         }
     }
-    None
+    Ok(None)
 }
+
+type Connected = (Arc<BackendRt>, TcpStream, ActiveGuard);
