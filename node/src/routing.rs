@@ -111,12 +111,12 @@ impl PoolRt {
                 let b = &t.backends[i];
                 !tried.contains(&b.addr) && !b.shared.full(self.max_connections)
             };
-            let ramped = |i: usize| {
-                !open(i) || draw >= limits::ramp_permille(t.backends[i].shared.up_for(now), self.slow_start)
-            };
+            let ramped =
+                |i: usize| !open(i) || draw >= limits::ramp_permille(t.backends[i].shared.up_for(now), self.slow_start);
             let skip_ramped: &dyn Fn(usize) -> bool = &ramped;
             let skip_closed = |i: usize| !open(i);
-            let first = if self.slow_start.is_zero() { None } else { t.balancer.pick(&t.backends, client, skip_ramped) };
+            let first =
+                if self.slow_start.is_zero() { None } else { t.balancer.pick(&t.backends, client, skip_ramped) };
             first.or_else(|| t.balancer.pick(&t.backends, client, &skip_closed)).map(|i| &t.backends[i])
         })
     }

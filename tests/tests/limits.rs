@@ -301,3 +301,24 @@ async fn consecutive_5xx_eject_a_backend_until_its_ejection_ends() {
     .await;
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_names_bad_limit_settings() {
+    let node = TestNode::start("limits-6").await;
+    let cases = [
+        (r#"{"pattern": "/a/", "queue_timeout_ms": 0}"#, "queue_timeout_ms"),
+        (r#"{"pattern": "/a/", "slow_start_s": 99999}"#, "slow_start_s"),
+        (r#"{"pattern": "/a/", "outlier": {"max_ejection_percent": 150}}"#, "outlier.max_ejection_percent"),
+        (r#"{"pattern": "/a/", "outlier": {"base_ejection_ms": 1}}"#, "outlier.base_ejection_ms"),
+    ];
+    for (body, key) in cases {
+        let (status, answer) = node.call(Method::PUT, "/v1/pools/a", Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(answer.to_string().contains(key), "{body}: {answer}");
+    }
+    let ok = r#"{"pattern": "/a/", "max_connections": 10, "outlier": {"consecutive_5xx": 2}}"#;
+    assert_eq!(node.call(Method::PUT, "/v1/pools/a", Some(ok)).await.0, StatusCode::OK);
+    let listed = node.get("/v1/pools/a").await;
+    assert!(listed.to_string().contains("\"base_ejection_ms\":30000"), "defaults filled: {listed}");
+    node.stop().await;
+}

@@ -8,9 +8,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use super::limits::{self, Acquired, Refused, Want};
 use super::relay::Ended;
 use super::splice;
-use super::limits::{self, Acquired, Refused, Want};
 use super::{DpCtx, Tried, connect_backend};
 use crate::metrics::ListenerMetrics;
 use crate::routing::{ActiveGuard, BackendRt, PoolRt};
