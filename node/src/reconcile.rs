@@ -295,6 +295,25 @@ mod tests {
     }
 
     #[test]
+    fn slow_start_restarts_when_a_backend_turns_healthy_again() {
+        use crate::dataplane::limits::now_ms;
+        let st = state(1);
+        let mut view = HealthView::default();
+        up(&mut view, 0, Verdict::Up);
+        let m = Metrics::new("t");
+        let t1 = build(&st, &view, &ctx(), &Table::default(), &m);
+        let shared = t1.pools[0].shared.values().next().expect("backend").clone();
+        std::thread::sleep(Duration::from_millis(50));
+        let t2 = build(&st, &view, &ctx(), &t1, &m);
+        assert!(shared.up_for(now_ms()) >= 50, "still healthy: its ramp goes on");
+        up(&mut view, 0, Verdict::Down);
+        let t3 = build(&st, &view, &ctx(), &t2, &m);
+        up(&mut view, 0, Verdict::Up);
+        build(&st, &view, &ctx(), &t3, &m);
+        assert!(shared.up_for(now_ms()) < 50, "healthy again: the ramp starts over");
+    }
+
+    #[test]
     fn drained_backends_leave_rotation_but_not_status() {
         let mut st = state(2);
         let addr = SocketAddr::from(([10, 0, 0, 1], 80));
