@@ -101,9 +101,12 @@ impl PoolRt {
     /// client's hash instead of at random, so a client stays where it landed as the ramp grows.
     /// When every candidate is ramping and passed over, the pick is retried without the ramp.
     pub fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<&Arc<BackendRt>> {
-        let now = limits::now_ms();
+        let ramping = !self.slow_start.is_zero();
+        // No clock read or draw on the hot path unless slow start is on.
+        let now = if ramping { limits::now_ms() } else { 0 };
         self.tiers.iter().find_map(|t| {
             let draw = match t.balancer {
+                _ if !ramping => 0,
                 Balancer::Maglev { .. } => limits::client_draw(client),
                 _ => balancer::fast_random(1000) as u32,
             };
