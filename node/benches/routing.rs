@@ -23,7 +23,7 @@ fn backends(n: u8) -> Vec<Arc<BackendRt>> {
                 weight: 1 + u32::from(i % 3),
                 zone: String::new(),
                 slot: None,
-                shared: Arc::new(BackendShared::new(1)),
+                shared: Arc::new(BackendShared::new(1, Arc::default())),
             })
         })
         .collect()

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub health_checks: IntCounterVec,
     pub health_check_failures: IntCounterVec,
     pub ejections: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub queue_timeouts: IntCounterVec,
+    pub queue_full: IntCounterVec,
     pub pool_fail_open: IntGaugeVec,
     pub heartbeats: IntCounterVec,
     pub heartbeats_malformed: IntCounterVec,
@@ -185,7 +188,30 @@ impl Metrics {
                 "Active health checks that failed",
                 &["pool"],
             ),
-            ejections: counter(&r, "ejections_total", "Backends ejected after passive failures", &["pool"]),
+            ejections: counter(
+                &r,
+                "ejections_total",
+                "Backends ejected by this node, by reason (passive: connect or reset failures, outlier: 5xx answers)",
+                &["pool", "reason"],
+            ),
+            queue_depth: gauge_vec(
+                &r,
+                "pool_queue_depth",
+                "Requests or connections waiting for a backend below max_connections",
+                &["pool"],
+            ),
+            queue_timeouts: counter(
+                &r,
+                "pool_queue_timeouts_total",
+                "Queued requests or connections refused after queue_timeout_ms",
+                &["pool"],
+            ),
+            queue_full: counter(
+                &r,
+                "pool_queue_full_total",
+                "Requests or connections refused because the pool's queue held queue_max already",
+                &["pool"],
+            ),
             pool_fail_open: gauge_vec(
                 &r,
                 "pool_fail_open",
@@ -305,6 +331,10 @@ impl Metrics {
             retries: self.retries.with_label_values(&[pool]),
             no_backend: self.no_backend.with_label_values(&[pool]),
             upgrades: self.upgrades_active.with_label_values(&[pool]),
+            queue_depth: self.queue_depth.with_label_values(&[pool]),
+            queue_timeouts: self.queue_timeouts.with_label_values(&[pool]),
+            queue_full: self.queue_full.with_label_values(&[pool]),
+            ejections: self.ejections.with_label_values(&[pool, "outlier"]),
             connect_errors: self.backend_connect_errors.clone(),
             pool: pool.to_string(),
         }
@@ -330,6 +360,7 @@ impl Metrics {
         let _ = self.pool_fail_open.remove_label_values(&[pool]);
         let _ = self.heartbeat_backends_known.remove_label_values(&[pool]);
         let _ = self.heartbeat_backends_up.remove_label_values(&[pool]);
+        let _ = self.queue_depth.remove_label_values(&[pool]);
     }
 
     /// Exports when a certificate expires; `cert` is its role (https, admin, node, ca).
@@ -349,6 +380,11 @@ pub struct PoolMetrics {
     pub retries: IntCounter,
     pub no_backend: IntCounter,
     pub upgrades: IntGauge,
+    pub queue_depth: IntGauge,
+    pub queue_timeouts: IntCounter,
+    pub queue_full: IntCounter,
+    /// Outlier ejections decided by the data plane.
+    pub ejections: IntCounter,
     connect_errors: IntCounterVec,
 }
 

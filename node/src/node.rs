@@ -1068,6 +1068,8 @@ fn rebuild(node: &NodeShared, dp: &DataPlane, state: &State, health: &HealthView
     node.metrics.config_version.set(state.version as i64);
     let tcp_ports: Vec<u16> = next.tcp.keys().copied().collect();
     node.table.store(Arc::new(next));
+    // Queued requests pick again from the new table (backends may have come or gone).
+    node.table.load().pools.iter().for_each(|p| p.queue.rebuilt());
     // Twice at most: IPv6 companions of port-0 listeners learn their port from the first pass.
     for _ in 0..2 {
         let wanted = fixed.wanted(tcp_ports.iter().copied(), |kind| node.bound_port(kind));

@@ -6,14 +6,15 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use shoal_proto::Protocol;
 use shoal_proto::proxy::{Cidr, Version as ProxyVersion};
 
-use crate::dataplane::balancer::Balancer;
+use crate::dataplane::balancer::{self, Balancer};
+use crate::dataplane::limits::{self, Queue};
 use crate::dataplane::mux::Mux;
 use crate::dataplane::pool::ConnPool;
 use crate::metrics::PoolMetrics;
@@ -73,6 +74,15 @@ pub struct PoolRt {
     /// Carried across rebuilds so the rotation continues where it was.
     pub rotation: Arc<AtomicUsize>,
     pub metrics: Arc<PoolMetrics>,
+    /// Most work in flight per backend; 0: no limit.
+    pub max_connections: u32,
+    /// Waiters for a backend below `max_connections`; carried across rebuilds.
+    pub queue: Arc<Queue>,
+    pub queue_max: u32,
+    pub queue_timeout: Duration,
+    /// Ramp time of a backend that turned healthy; zero: off.
+    pub slow_start: Duration,
+    pub outlier: Option<shoal_proto::OutlierSpec>,
 }
 
 /// Backends of one preference tier and their balancer.
@@ -88,12 +98,46 @@ impl PoolRt {
         self.tiers.last().map(|t| t.backends.as_slice()).unwrap_or(&[])
     }
 
-    /// The balancer's choice for `client`, preferring earlier tiers, skipping `tried` backends.
+    /// The balancer's choice for `client`, preferring earlier tiers, skipping `tried` backends
+    /// and those at `max_connections`.
+    ///
+    /// Slow start is applied here, for every algorithm alike, as a skip: a ramping backend is
+    /// passed over with probability `1 - ramp`, so it takes about `ramp` of its normal share
+    /// while the precomputed schedules and Maglev tables stay as built. Maglev draws from the
+    /// client's hash instead of at random, so a client stays where it landed as the ramp grows.
+    /// When every candidate is ramping and passed over, the pick is retried without the ramp.
     pub fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<&Arc<BackendRt>> {
+        let ramping = !self.slow_start.is_zero();
+        // No clock read or draw on the hot path unless slow start is on.
+        let now = if ramping { limits::now_ms() } else { 0 };
         self.tiers.iter().find_map(|t| {
-            let skip = |i: usize| tried.contains(&t.backends[i].addr);
-            t.balancer.pick(&t.backends, client, &skip).map(|i| &t.backends[i])
+            let draw = match t.balancer {
+                _ if !ramping => 0,
+                Balancer::Maglev { .. } => limits::client_draw(client),
+                _ => balancer::fast_random(1000) as u32,
+            };
+            let open = |i: usize| {
+                let b = &t.backends[i];
+                !tried.contains(&b.addr) && !b.shared.full(self.max_connections)
+            };
+            let ramped =
+                |i: usize| !open(i) || draw >= limits::ramp_permille(t.backends[i].shared.up_for(now), self.slow_start);
+            let skip_ramped: &dyn Fn(usize) -> bool = &ramped;
+            let skip_closed = |i: usize| !open(i);
+            let first =
+                if self.slow_start.is_zero() { None } else { t.balancer.pick(&t.backends, client, skip_ramped) };
+            first.or_else(|| t.balancer.pick(&t.backends, client, &skip_closed)).map(|i| &t.backends[i])
         })
+    }
+
+    /// Whether a backend `want` could use is only held back by `max_connections`.
+    pub fn busy(&self, tried: &[SocketAddr], slot: Option<u32>) -> bool {
+        self.max_connections > 0
+            && self.routable().iter().any(|b| {
+                !tried.contains(&b.addr)
+                    && slot.is_none_or(|s| b.slot == Some(s))
+                    && b.shared.full(self.max_connections)
+            })
     }
 
     /// Whether some backend of the pool, healthy or not, holds `slot`.
@@ -131,6 +175,16 @@ impl BackendRt {
 #[derive(Debug, Default)]
 pub struct BackendShared {
     active: AtomicU64,
+    /// Woken when work on this backend ends (the pool's queue).
+    queue: Arc<Queue>,
+    /// Healthy in the last routing table built.
+    healthy: AtomicBool,
+    /// When it last turned healthy ([`limits::now_ms`]), for slow start; 0: long ago.
+    up_since: AtomicU64,
+    /// Outlier detection: 5xx answers in a row.
+    pub consecutive_5xx: AtomicU32,
+    /// Outlier detection: the ejection history.
+    pub outlier: std::sync::Mutex<limits::OutlierState>,
     /// Upgraded (WebSocket) connections open on this node.
     pub upgraded: AtomicU64,
     /// Of those, pinned by the client to this backend.
@@ -140,8 +194,42 @@ pub struct BackendShared {
 }
 
 impl BackendShared {
-    pub fn new(workers: usize) -> BackendShared {
-        BackendShared { pool: ConnPool::new(workers), ..BackendShared::default() }
+    pub fn new(workers: usize, queue: Arc<Queue>) -> BackendShared {
+        BackendShared { pool: ConnPool::new(workers), queue, ..BackendShared::default() }
+    }
+
+    /// Records the backend's health in a new table; a turn to healthy starts its slow start.
+    pub fn set_healthy(&self, healthy: bool) {
+        if healthy && !self.healthy.swap(true, Ordering::Relaxed) {
+            self.up_since.store(limits::now_ms(), Ordering::Relaxed);
+        } else if !healthy {
+            self.healthy.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Milliseconds since the backend turned healthy (`u64::MAX`: never tracked).
+    pub fn up_for(&self, now_ms: u64) -> u64 {
+        match self.up_since.load(Ordering::Relaxed) {
+            0 => u64::MAX,
+            t => now_ms.saturating_sub(t),
+        }
+    }
+
+    /// Whether `max` (0: none) units of work are in flight already.
+    pub fn full(&self, max: u32) -> bool {
+        max > 0 && self.active() >= u64::from(max)
+    }
+
+    /// Counts one unit of work if fewer than `max` (0: no limit) are in flight: checked and
+    /// counted in one step, so racing picks never exceed the limit.
+    pub fn try_track(self: &Arc<Self>, max: u32) -> Option<ActiveGuard> {
+        if max == 0 {
+            return Some(self.track());
+        }
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < u64::from(max)).then_some(n + 1))
+            .ok()
+            .map(|_| ActiveGuard(self.clone()))
     }
 
     /// Connections or requests in flight on this node.
@@ -187,6 +275,7 @@ pub struct ActiveGuard(Arc<BackendShared>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.queue.slot_freed();
     }
 }

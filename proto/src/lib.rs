@@ -17,4 +17,6 @@ pub mod proxy;
 pub mod spec;
 
 pub use command::{Applied, ApplyError, Command, Proposal, apply};
-pub use spec::{Algorithm, Backend, BackendSpec, CheckKind, HealthSpec, Pool, PoolSpec, Protocol, Scope, State};
+pub use spec::{
+    Algorithm, Backend, BackendSpec, CheckKind, HealthSpec, OutlierSpec, Pool, PoolSpec, Protocol, Scope, State,
+};

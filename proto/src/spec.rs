@@ -182,6 +182,51 @@ pub struct PoolSpec {
     pub accept_proxy_from: Vec<String>,
     /// Send a PROXY protocol header of this version ahead of every backend connection.
     pub send_proxy: Option<crate::proxy::Version>,
+    /// Most requests (HTTP) or connections (TCP) in flight to each backend from this node;
+    /// 0: no limit (HAProxy's per-server `maxconn`).
+    pub max_connections: u32,
+    /// Requests or connections that may wait for a slot when every backend is at
+    /// `max_connections`; beyond it they are refused at once.
+    pub queue_max: u32,
+    /// Longest wait in the queue before a 503 (HAProxy's `timeout queue`).
+    pub queue_timeout_ms: u64,
+    /// A backend that turns healthy or is added ramps from 10% to its full weight over this
+    /// many seconds; 0 disables slow start.
+    pub slow_start_s: u32,
+    /// Response-based ejection (Envoy's outlier detection); off when absent.
+    pub outlier: Option<OutlierSpec>,
+}
+
+/// Ejects a backend after consecutive 5xx answers or gateway errors, for `base_ejection_ms`
+/// times the number of its recent ejections.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierSpec {
+    pub consecutive_5xx: u32,
+    pub base_ejection_ms: u64,
+    /// Most of the pool's backends ejected as outliers at once, in percent.
+    pub max_ejection_percent: u8,
+}
+
+impl Default for OutlierSpec {
+    fn default() -> Self {
+        OutlierSpec { consecutive_5xx: 5, base_ejection_ms: 30_000, max_ejection_percent: 10 }
+    }
+}
+
+impl OutlierSpec {
+    fn validate(&self) -> Result<(), ApplyError> {
+        if !(1..=1000).contains(&self.consecutive_5xx) {
+            return Err(invalid("outlier.consecutive_5xx", "must be between 1 and 1000"));
+        }
+        if !(100..=3_600_000).contains(&self.base_ejection_ms) {
+            return Err(invalid("outlier.base_ejection_ms", "must be between 100 and 3600000"));
+        }
+        if self.max_ejection_percent > 100 {
+            return Err(invalid("outlier.max_ejection_percent", "is a percentage from 0 to 100"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for PoolSpec {
@@ -205,6 +250,11 @@ impl Default for PoolSpec {
             backend_tls_name: None,
             accept_proxy_from: Vec::new(),
             send_proxy: None,
+            max_connections: 0,
+            queue_max: 128,
+            queue_timeout_ms: 5000,
+            slow_start_s: 0,
+            outlier: None,
         }
     }
 }
@@ -270,6 +320,7 @@ impl PoolSpec {
         self.validate_health()?;
         self.validate_timeouts()?;
         self.validate_proxy()?;
+        self.validate_limits()?;
         validate_scope(&self.scope)
     }
 
@@ -339,6 +390,22 @@ impl PoolSpec {
             return Err(invalid("max_self_registered", "must be between 1 and 4096"));
         }
         Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ApplyError> {
+        if self.max_connections > 1_000_000 {
+            return Err(invalid("max_connections", "must be at most 1000000 (0: no limit)"));
+        }
+        if self.queue_max > 1_000_000 {
+            return Err(invalid("queue_max", "must be at most 1000000"));
+        }
+        if !(1..=3_600_000).contains(&self.queue_timeout_ms) {
+            return Err(invalid("queue_timeout_ms", "must be between 1 and 3600000"));
+        }
+        if self.slow_start_s > 3600 {
+            return Err(invalid("slow_start_s", "must be at most 3600 (0: off)"));
+        }
+        self.outlier.as_ref().map_or(Ok(()), OutlierSpec::validate)
     }
 
     fn validate_timeouts(&self) -> Result<(), ApplyError> {

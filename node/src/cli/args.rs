@@ -105,6 +105,20 @@ mod tests {
     }
 
     #[test]
+    fn pool_add_sends_only_the_limit_flags_given() {
+        let line = "shoal pool add gw --pattern / --max-connections 5 --slow-start-s 30 --outlier-consecutive-5xx 3";
+        let Command::Pool(PoolCmd::Add(a)) = Cli::try_parse_from(hoist(line)).expect("parses").command else {
+            panic!("not pool add")
+        };
+        let mut body = serde_json::json!({});
+        crate::cli::add_limits(&mut body, &a);
+        let want = serde_json::json!({"max_connections": 5, "slow_start_s": 30, "outlier": {"consecutive_5xx": 3}});
+        assert_eq!(body, want);
+        let orphan = "shoal pool add gw --pattern / --outlier-base-ejection-ms 100";
+        assert!(Cli::try_parse_from(hoist(orphan)).is_err(), "outlier settings need --outlier-consecutive-5xx");
+    }
+
+    #[test]
     fn cluster_remove_takes_a_name_or_id_and_the_client_flags() {
         let cli = Cli::try_parse_from(hoist("shoal --admin http://h:1 cluster remove lb-3 --json")).expect("parses");
         let Command::Cluster(ClusterCmd::Remove { id, client }) = cli.command else { panic!("not cluster remove") };

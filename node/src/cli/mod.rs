@@ -450,6 +450,8 @@ pub struct ClientArgs {
     pub json: bool,
 }
 
+// Parsed once per command line: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum PoolCmd {
     /// Create a pool or change its settings.
@@ -521,6 +523,27 @@ pub struct PoolAddArgs {
     /// Send a PROXY protocol header of this version ahead of every backend connection.
     #[arg(long, value_enum)]
     pub send_proxy: Option<ProxyArg>,
+    /// Most requests or connections in flight to each backend from one node (0: no limit).
+    #[arg(long)]
+    pub max_connections: Option<u32>,
+    /// Requests that may wait for a slot when every backend is at --max-connections.
+    #[arg(long)]
+    pub queue_max: Option<u32>,
+    /// Longest wait for a slot before a 503 (ms).
+    #[arg(long)]
+    pub queue_timeout_ms: Option<u64>,
+    /// Seconds over which a backend that turns healthy ramps to its full weight (0: off).
+    #[arg(long)]
+    pub slow_start_s: Option<u32>,
+    /// Eject a backend after this many consecutive 5xx answers (turns outlier detection on).
+    #[arg(long)]
+    pub outlier_consecutive_5xx: Option<u32>,
+    /// First outlier ejection time (ms); each further ejection lasts one more of these.
+    #[arg(long, requires = "outlier_consecutive_5xx")]
+    pub outlier_base_ejection_ms: Option<u64>,
+    /// Most of the pool's backends ejected as outliers at once (percent).
+    #[arg(long, requires = "outlier_consecutive_5xx")]
+    pub outlier_max_ejection_percent: Option<u8>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -896,6 +919,8 @@ async fn pool_add(a: PoolAddArgs) -> anyhow::Result<()> {
         AlgorithmArg::P2c => Algorithm::P2c,
         AlgorithmArg::Maglev => Algorithm::Maglev,
     };
+    let mut limits = json!({});
+    add_limits(&mut limits, &a);
     let mut health = serde_json::Map::new();
     let check = a.check.map(|c| format!("{c:?}").to_lowercase());
     insert_some(&mut health, "check", check.map(Value::from));
@@ -928,9 +953,28 @@ async fn pool_add(a: PoolAddArgs) -> anyhow::Result<()> {
     if let Some(v) = a.send_proxy {
         body["send_proxy"] = Value::from(format!("{v:?}").to_lowercase());
     }
+    if let (Some(body), Value::Object(limits)) = (body.as_object_mut(), limits) {
+        body.extend(limits);
+    }
     let path = format!("/v1/pools/{}", seg(&a.pool));
     let r: WriteResult = connect(&a.client)?.call(Method::PUT, &path, Some(body)).await?;
     output::written(&a.client, &r, &format!("pool {} saved", a.pool))
+}
+
+/// Backend protection flags: only those given are sent, so the pool's defaults apply to the rest.
+fn add_limits(body: &mut Value, a: &PoolAddArgs) {
+    let Some(map) = body.as_object_mut() else { return };
+    insert_some(map, "max_connections", a.max_connections.map(Value::from));
+    insert_some(map, "queue_max", a.queue_max.map(Value::from));
+    insert_some(map, "queue_timeout_ms", a.queue_timeout_ms.map(Value::from));
+    insert_some(map, "slow_start_s", a.slow_start_s.map(Value::from));
+    if let Some(n) = a.outlier_consecutive_5xx {
+        let mut outlier = serde_json::Map::new();
+        outlier.insert("consecutive_5xx".into(), Value::from(n));
+        insert_some(&mut outlier, "base_ejection_ms", a.outlier_base_ejection_ms.map(Value::from));
+        insert_some(&mut outlier, "max_ejection_percent", a.outlier_max_ejection_percent.map(Value::from));
+        map.insert("outlier".into(), Value::Object(outlier));
+    }
 }
 
 fn insert_some(map: &mut serde_json::Map<String, Value>, key: &str, value: Option<Value>) {

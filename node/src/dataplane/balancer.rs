@@ -137,7 +137,7 @@ fn seed() -> u64 {
 }
 
 /// xorshift64*: a few cycles per draw; fairness is all p2c needs.
-fn fast_random(n: usize) -> usize {
+pub(crate) fn fast_random(n: usize) -> usize {
     RNG.with(|c| {
         let mut x = c.get();
         x ^= x >> 12;
@@ -151,7 +151,6 @@ fn fast_random(n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::BackendShared;
 
     fn backends(weights: &[u32]) -> Vec<Arc<BackendRt>> {
         weights
@@ -159,7 +158,7 @@ mod tests {
             .enumerate()
             .map(|(i, w)| {
                 let addr = format!("10.0.0.{i}:80").parse().expect("addr");
-                Arc::new(BackendRt::for_test(addr, *w, Arc::new(BackendShared::default())))
+                Arc::new(BackendRt::for_test(addr, *w, Arc::default()))
             })
             .collect()
     }

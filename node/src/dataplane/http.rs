@@ -24,7 +24,7 @@ use super::h1::io::Transport;
 use super::h1::{tunnel, upstream};
 use super::mux::Route;
 use super::reqid::{self, Ids};
-use super::{DpCtx, Tried, ws};
+use super::{DpCtx, Tried, limits, ws};
 use crate::metrics::{ListenerMetrics, PoolMetrics};
 use crate::routing::PoolRt;
 use crate::shutdown::{Phase, Shutdown};
@@ -349,16 +349,23 @@ async fn forward<T: Transport>(c: &mut Client<T>, mut req: Req, ctx: &Arc<DpCtx>
     let mut tried = Tried::<MAX_ATTEMPTS>::default();
     let attempts = if pin.is_some() { 1 } else { MAX_ATTEMPTS.min(pool.routable().len()) };
     for attempt in 0..attempts {
-        let chosen = match pin {
-            Some(slot) => pool.by_slot(slot),
-            None => pool.pick(c.peer.ip(), tried.as_slice()),
+        let want = match pin {
+            Some(slot) => limits::Want::Slot(slot),
+            None => limits::Want::Pick(c.peer.ip(), tried.as_slice()),
         };
-        let Some(backend) = chosen else { break };
+        let (backend, guard) = match limits::acquire(&ctx.table, pool, want).await {
+            limits::Acquired::Got(backend, guard) => (backend, guard),
+            limits::Acquired::NoBackend => break,
+            limits::Acquired::Refused(why) => {
+                pool.metrics.response(503);
+                return answer(c, ctx, req, 503, &emit::error(503, why.reason()), None).await;
+            }
+        };
+        let backend = &backend;
         tried.push(backend.addr);
         if attempt > 0 {
             pool.metrics.retries.inc();
         }
-        let guard = backend.shared.track();
         let connecting = Instant::now();
         // A connect failure sent nothing: another backend may take the request.
         let Ok((conn, reused)) = upstream::get(backend, pool, ctx, c.addrs()).await else { continue };
@@ -367,6 +374,7 @@ async fn forward<T: Transport>(c: &mut Client<T>, mut req: Req, ctx: &Arc<DpCtx>
         let via = Via { backend, pool, ctx, conn, reused, ids: &req.ids };
         let result = exchange::run(c, &req.head, vm_path.as_deref(), via, guard, pin.is_some()).await;
         let status = result.as_ref().map_or_else(|e| e.status().unwrap_or(0), |(s, _)| *s);
+        limits::observe(ctx, pool, backend, status);
         pool.metrics.duration.observe(started.elapsed().as_secs_f64());
         if let Some(b) = req.log.as_mut() {
             b.rec.backend = Some(backend.key.to_string());

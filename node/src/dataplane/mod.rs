@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod h1;
 pub mod h1scan;
 pub mod http;
+pub mod limits;
 pub mod maglev;
 pub mod mux;
 pub mod pool;

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use super::accesslog::Record;
 use super::http::ConnInfo;
+use super::limits::{self, Acquired, Refused, Want};
 use super::relay::Ended;
 use super::splice;
 use super::{DpCtx, Tried, connect_backend};
@@ -40,7 +41,13 @@ pub async fn serve(mut client: TcpStream, conn: ConnInfo, port: u16, ctx: Arc<Dp
     async move {
         tracing::info!("client connected");
         let mut log = ctx.access_log.is_some().then(|| begin(peer, &pool.name));
-        let Some((backend, upstream, guard)) = connect_any(pool, &conn, &ctx).await else {
+        let Ok(connected) = connect_any(pool, &conn, &ctx).await else {
+            lm.failed.inc();
+            tracing::warn!("every backend at max_connections and no room to wait; closed");
+            log_connection(&ctx, log, 0, 0);
+            return;
+        };
+        let Some((backend, upstream, guard)) = connected else {
             pool.metrics.no_backend.inc();
             lm.failed.inc();
             tracing::warn!("no available backend; answered 503");
@@ -96,17 +103,22 @@ fn log_connection(ctx: &DpCtx, begun: Option<(Record, Instant)>, bytes_in: u64, 
 }
 
 /// Connects to the balancer's pick, moving on to the next healthy backend on failure.
-async fn connect_any(pool: &PoolRt, conn: &ConnInfo, ctx: &DpCtx) -> Option<(Arc<BackendRt>, TcpStream, ActiveGuard)> {
+/// `Err`: refused by the pool's queue (every backend at `max_connections`).
+async fn connect_any(pool: &PoolRt, conn: &ConnInfo, ctx: &DpCtx) -> Result<Option<Connected>, Refused> {
     let mut tried = Tried::<MAX_ATTEMPTS>::default();
     for attempt in 0..MAX_ATTEMPTS.min(pool.routable().len()) {
-        let backend = pool.pick(conn.peer.ip(), tried.as_slice())?;
+        let (backend, guard) =
+            match limits::acquire(&ctx.table, pool, Want::Pick(conn.peer.ip(), tried.as_slice())).await {
+                Acquired::Got(backend, guard) => (backend, guard),
+                Acquired::NoBackend => return Ok(None),
+                Acquired::Refused(why) => return Err(why),
+            };
         tried.push(backend.addr);
-        let guard = backend.shared.track();
         if attempt > 0 {
             pool.metrics.retries.inc();
         }
         match connect_proxied(backend.addr, pool, conn).await {
-            Ok(stream) => return Some((backend.clone(), stream, guard)),
+            Ok(stream) => return Ok(Some((backend, stream, guard))),
             Err(e) => {
                 pool.metrics.connect_error(&backend.key);
                 ctx.reporter.passive_failure(&pool.name, backend.addr, format!("connect: {e}"));
@@ -114,7 +126,7 @@ async fn connect_any(pool: &PoolRt, conn: &ConnInfo, ctx: &DpCtx) -> Option<(Arc
             }
         }
     }
-    None
+    Ok(None)
 }
 
 /// A connection to `addr`, the pool's PROXY header (naming the client) already sent.
@@ -125,3 +137,5 @@ async fn connect_proxied(addr: SocketAddr, pool: &PoolRt, conn: &ConnInfo) -> st
     }
     Ok(stream)
 }
+
+type Connected = (Arc<BackendRt>, TcpStream, ActiveGuard);

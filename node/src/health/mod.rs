@@ -64,6 +64,8 @@ pub struct Heard {
 pub enum Report {
     /// Connect error or reset talking to a backend.
     PassiveFailure { pool: String, addr: SocketAddr, reason: String },
+    /// The data plane's outlier detection ejects a backend for `duration` (already counted).
+    Outlier { pool: String, addr: SocketAddr, reason: String, duration: Duration },
 }
 
 /// Sender half handed to the data plane; never blocks it.
@@ -73,6 +75,10 @@ pub struct Reporter(mpsc::Sender<Report>);
 impl Reporter {
     pub fn passive_failure(&self, pool: &str, addr: SocketAddr, reason: impl Into<String>) {
         let _ = self.0.try_send(Report::PassiveFailure { pool: pool.to_string(), addr, reason: reason.into() });
+    }
+
+    pub fn outlier(&self, pool: &str, addr: SocketAddr, reason: String, duration: Duration) {
+        let _ = self.0.try_send(Report::Outlier { pool: pool.to_string(), addr, reason, duration });
     }
 
     /// A reporter whose reports go nowhere (tests).
@@ -367,15 +373,30 @@ impl Manager {
     }
 
     fn on_report(&mut self, r: Report) {
-        let Report::PassiveFailure { pool, addr, reason } = r;
-        let id = (pool, addr);
-        let until = Instant::now() + EJECTION;
-        if self.ejected_until.insert(id.clone(), until).is_none() {
-            tracing::warn!(pool = %id.0, backend = %id.1, %reason, "backend ejected after a passive failure");
-            self.ctx.metrics.ejections.with_label_values(&[id.0.as_str()]).inc();
+        match r {
+            Report::PassiveFailure { pool, addr, reason } => {
+                let id = (pool, addr);
+                if self.eject(id.clone(), EJECTION, &reason) {
+                    tracing::warn!(pool = %id.0, backend = %id.1, %reason, "backend ejected after a passive failure");
+                    self.ctx.metrics.ejections.with_label_values(&[id.0.as_str(), "passive"]).inc();
+                }
+            }
+            Report::Outlier { pool, addr, reason, duration } => {
+                let id = (pool, addr);
+                self.eject(id.clone(), duration, &reason);
+                tracing::warn!(pool = %id.0, backend = %id.1, %reason, ?duration, "backend ejected as an outlier");
+            }
         }
-        self.view.reasons.insert(id.clone(), reason);
+    }
+
+    /// Keeps `id` out of rotation for at least `duration`; true when it was not ejected yet.
+    fn eject(&mut self, id: BackendId, duration: Duration, reason: &str) -> bool {
+        let until = Instant::now() + duration;
+        let prev = self.ejected_until.get(&id).copied();
+        self.ejected_until.insert(id.clone(), prev.map_or(until, |p| p.max(until)));
+        self.view.reasons.insert(id.clone(), reason.to_string());
         self.view.ejected.insert(id);
+        prev.is_none()
     }
 
     fn expire(&mut self, now: Instant) {
