@@ -266,15 +266,7 @@ async fn tcp_connections_and_combined_lines() {
     assert_eq!(fields.next(), Some("\"http://r.test/\" \"agent \\x22q\\x22\""), "{line}");
 
     // A TCP connection gets its line when it ends.
-    let echo = EchoBackend::start().await;
-    let port = free_port();
-    node.put("/v1/pools/echo", json!({"protocol": "tcp", "listen": port, "health": {"interval_ms": 200}})).await;
-    node.put(&format!("/v1/pools/echo/backends/{}", echo.addr), json!({})).await;
-    eventually(Duration::from_secs(15), "echo healthy", || async {
-        let h = node.get("/v1/pools/echo/health").await;
-        (h["backends"][0]["status"] == "BS_HEALTHY").then_some(())
-    })
-    .await;
+    let (echo, port) = echo_pool(&node).await;
     let mut s = TcpStream::connect((LOCALHOST, port)).await.expect("connect");
     s.write_all(b"hello").await.expect("write");
     let mut back = [0u8; 5];
@@ -290,15 +282,7 @@ async fn json_records_of_tcp_connections() {
     let dir = tempfile::tempdir().expect("dir");
     let log = dir.path().join("access.json");
     let node = logged_node("alog-3", &log, Format::Json, |_| {}).await;
-    let echo = EchoBackend::start().await;
-    let port = free_port();
-    node.put("/v1/pools/echo", json!({"protocol": "tcp", "listen": port, "health": {"interval_ms": 200}})).await;
-    node.put(&format!("/v1/pools/echo/backends/{}", echo.addr), json!({})).await;
-    eventually(Duration::from_secs(15), "echo healthy", || async {
-        let h = node.get("/v1/pools/echo/health").await;
-        (h["backends"][0]["status"] == "BS_HEALTHY").then_some(())
-    })
-    .await;
+    let (echo, port) = echo_pool(&node).await;
     let mut s = TcpStream::connect((LOCALHOST, port)).await.expect("connect");
     s.write_all(b"0123456789").await.expect("write");
     let mut back = [0u8; 10];
@@ -379,4 +363,18 @@ fn bad_settings_name_the_key_and_fail() {
         Command::new(BIN).args(["node", "--access-log-format", "xml", "--data-dir"]).arg(&data).output().expect("run");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--access-log-format"), "{err}");
+}
+
+/// A TCP pool `echo` on a free port with one echo backend, once that backend is healthy.
+async fn echo_pool(node: &TestNode) -> (EchoBackend, u16) {
+    let echo = EchoBackend::start().await;
+    let port = free_port();
+    node.put("/v1/pools/echo", json!({"protocol": "tcp", "listen": port, "health": {"interval_ms": 200}})).await;
+    node.put(&format!("/v1/pools/echo/backends/{}", echo.addr), json!({})).await;
+    eventually(Duration::from_secs(15), "echo healthy", || async {
+        let h = node.get("/v1/pools/echo/health").await;
+        (h["backends"][0]["status"] == "BS_HEALTHY").then_some(())
+    })
+    .await;
+    (echo, port)
 }
