@@ -261,8 +261,9 @@ async fn tcp_pool_balances_and_forwards_on_the_header_client() {
     let (a, b) = (ProxyBackend::start(false).await, ProxyBackend::start(false).await);
     let port = free_port();
     // v1 to the backends: probes send UNKNOWN, which they must accept to be healthy.
+    // A generous `fall`: a probe stalled on a loaded machine must not move clients mid-test.
     let spec = json!({"protocol": "tcp", "listen": port, "algorithm": "maglev", "accept_proxy_from": ["127.0.0.1"],
-        "send_proxy": "v1", "health": {"interval_ms": 200, "rise": 1}});
+        "send_proxy": "v1", "health": {"interval_ms": 200, "rise": 1, "fall": 20, "timeout_ms": 3000}});
     node.put("/v1/pools/l4", spec).await;
     for be in [&a, &b] {
         node.put(&format!("/v1/pools/l4/backends/{}", be.addr), json!({})).await;
@@ -271,6 +272,19 @@ async fn tcp_pool_balances_and_forwards_on_the_header_client() {
     assert!(a.headers().iter().chain(&b.headers()).all(|h| h.version == Version::V1 && h.addrs.is_none()));
 
     let addr: SocketAddr = (LOCALHOST, port).into();
+    // The health API can show both backends healthy a moment before the routing table routes
+    // to both: clients of another range go through until each backend has had one.
+    eventually(WAIT, "the data plane routes to both backends", || async {
+        for i in 1..=16u8 {
+            let header =
+                proxy::encode(Version::V2, Some((SocketAddr::from(([203, 0, 113, i], 40_000)), sa("192.0.2.1:7000"))));
+            exchange_half(addr, &[header, b"warm".to_vec()].concat()).await;
+        }
+        let served = |be: &ProxyBackend| be.headers().iter().any(|h| h.addrs.is_some());
+        (served(&a) && served(&b)).then_some(())
+    })
+    .await;
+    let warmed = counted(&node, &format!("tcp:{port}"), "ok", "v2");
     let mut landed: HashMap<SocketAddr, SocketAddr> = HashMap::new();
     for round in 0..2 {
         for i in 1..=16u8 {
@@ -291,7 +305,7 @@ async fn tcp_pool_balances_and_forwards_on_the_header_client() {
     }
     let used: HashSet<SocketAddr> = landed.values().copied().collect();
     assert_eq!(used.len(), 2, "the header's clients spread over both backends (the socket peer is one address)");
-    assert_eq!(counted(&node, &format!("tcp:{port}"), "ok", "v2"), 32);
+    assert_eq!(counted(&node, &format!("tcp:{port}"), "ok", "v2"), warmed + 32);
     node.stop().await;
 }
 
