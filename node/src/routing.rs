@@ -107,26 +107,26 @@ impl PoolRt {
     /// client's hash instead of at random, so a client stays where it landed as the ramp grows.
     /// When every candidate is ramping and passed over, the pick is retried without the ramp.
     pub fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<&Arc<BackendRt>> {
-        let ramping = !self.slow_start.is_zero();
-        // No clock read or draw on the hot path unless slow start is on.
-        let now = if ramping { limits::now_ms() } else { 0 };
         self.tiers.iter().find_map(|t| {
-            let draw = match t.balancer {
-                _ if !ramping => 0,
-                Balancer::Maglev { .. } => limits::client_draw(client),
-                _ => balancer::fast_random(1000) as u32,
-            };
-            let open = |i: usize| {
+            let closed = |i: usize| {
                 let b = &t.backends[i];
-                !tried.contains(&b.addr) && !b.shared.full(self.max_connections)
+                tried.contains(&b.addr) || b.shared.full(self.max_connections)
             };
-            let ramped =
-                |i: usize| !open(i) || draw >= limits::ramp_permille(t.backends[i].shared.up_for(now), self.slow_start);
-            let skip_ramped: &dyn Fn(usize) -> bool = &ramped;
-            let skip_closed = |i: usize| !open(i);
-            let first =
-                if self.slow_start.is_zero() { None } else { t.balancer.pick(&t.backends, client, skip_ramped) };
-            first.or_else(|| t.balancer.pick(&t.backends, client, &skip_closed)).map(|i| &t.backends[i])
+            // No clock read or draw on the hot path unless slow start is on.
+            if !self.slow_start.is_zero() {
+                let now = limits::now_ms();
+                let draw = match t.balancer {
+                    Balancer::Maglev { .. } => limits::client_draw(client),
+                    _ => balancer::fast_random(1000) as u32,
+                };
+                let held = |i: usize| {
+                    closed(i) || draw >= limits::ramp_permille(t.backends[i].shared.up_for(now), self.slow_start)
+                };
+                if let Some(i) = t.balancer.pick(&t.backends, client, &held) {
+                    return Some(&t.backends[i]);
+                }
+            }
+            t.balancer.pick(&t.backends, client, &closed).map(|i| &t.backends[i])
         })
     }
 

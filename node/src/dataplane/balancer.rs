@@ -89,10 +89,7 @@ fn pick_maglev(table: &[u32], client: IpAddr, skip: &dyn Fn(usize) -> bool) -> O
     if table.is_empty() {
         return None;
     }
-    let key = match client {
-        IpAddr::V4(v4) => maglev::stable_hash(&v4.octets(), 0),
-        IpAddr::V6(v6) => maglev::stable_hash(&v6.octets(), 0),
-    };
+    let key = maglev::ip_hash(client, 0);
     let start = (key % table.len() as u64) as usize;
     // Walking the table from the key's slot gives a stable fallback order per client.
     (0..table.len()).map(|i| table[(start + i) % table.len()] as usize).find(|i| !skip(*i))

@@ -176,11 +176,7 @@ pub fn ramp_permille(up_ms: u64, window: Duration) -> u32 {
 
 /// A client's fixed draw in 0..1000, for ramping sticky (Maglev) pools.
 pub fn client_draw(client: IpAddr) -> u32 {
-    let key = match client {
-        IpAddr::V4(v4) => maglev::stable_hash(&v4.octets(), 7),
-        IpAddr::V6(v6) => maglev::stable_hash(&v6.octets(), 7),
-    };
-    (key % 1000) as u32
+    (maglev::ip_hash(client, 7) % 1000) as u32
 }
 
 /// A backend's outlier ejection history.

@@ -1,6 +1,8 @@
 //! Maglev consistent hashing (Eisenbud et al., NSDI 2016) with weights. The table depends only
 //! on the backends' names and weights, so every node builds the same table from the same state.
 
+use std::net::IpAddr;
+
 /// Table size: a prime ≥ 65537 keeps disruption small and the permutation full.
 pub const TABLE_SIZE: usize = 65_537;
 
@@ -12,6 +14,14 @@ pub fn stable_hash(bytes: &[u8], seed: u64) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     mix(h)
+}
+
+/// [`stable_hash`] of a client address (its octets), for per-client choices.
+pub fn ip_hash(ip: IpAddr, seed: u64) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => stable_hash(&v4.octets(), seed),
+        IpAddr::V6(v6) => stable_hash(&v6.octets(), seed),
+    }
 }
 
 fn mix(mut z: u64) -> u64 {
