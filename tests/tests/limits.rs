@@ -1,8 +1,10 @@
 //! Backend protection through a real node on loopback: `max_connections` with its queue (HTTP
-//! and TCP), slow start, and outlier ejection.
+//! and TCP), slow start (of a new backend and of one restarted under reconnect load), and
+//! outlier ejection.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -15,7 +17,7 @@ use tokio::sync::Semaphore;
 /// An HTTP backend that counts requests in flight and answers each only once the test
 /// releases it (or at once when opened wide), with a settable status.
 struct Gate {
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     name: String,
     inflight: Arc<AtomicUsize>,
     peak: Arc<AtomicUsize>,
@@ -27,7 +29,12 @@ struct Gate {
 
 impl Gate {
     async fn start(name: &str, open: bool) -> Gate {
-        let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+        Gate::start_at(name, open, SocketAddr::new(LOCALHOST, 0)).await
+    }
+
+    /// A gate on `addr` (port 0: any), e.g. a restarted one on its old port.
+    async fn start_at(name: &str, open: bool, addr: SocketAddr) -> Gate {
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let release = Arc::new(Semaphore::new(if open { Semaphore::MAX_PERMITS } else { 0 }));
         let mut g = Gate {
             addr: listener.local_addr().expect("addr"),
@@ -40,9 +47,13 @@ impl Gate {
             task: tokio::spawn(async {}),
         };
         let conn = g.conn_state();
+        // The connections belong to the accept task: dropping the gate closes them all, as a
+        // process that exits would.
         g.task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
             while let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(serve_conn(s, conn.clone()));
+                while conns.try_join_next().is_some() {}
+                conns.spawn(serve_conn(s, conn.clone()));
             }
         });
         g
@@ -105,7 +116,7 @@ async fn serve_conn(mut s: TcpStream, st: ConnState) {
     }
 }
 
-async fn pool(node: &TestNode, name: &str, spec: Value, backends: &[std::net::SocketAddr]) {
+async fn pool(node: &TestNode, name: &str, spec: Value, backends: &[SocketAddr]) {
     let mut body = json!({"pattern": format!("/{name}/"), "health": {"check": "none"}});
     body.as_object_mut().expect("object").extend(spec.as_object().expect("object").clone());
     node.put(&format!("/v1/pools/{name}"), body).await;
@@ -262,6 +273,132 @@ async fn slow_start_ramps_a_new_backend_to_an_equal_share() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let later = share(&node, "/ramp/x", "new", 200).await;
     assert!((0.4..=0.6).contains(&later), "after slow_start_s its share is even: {later}");
+    node.stop().await;
+}
+
+/// Ramp time of the restart measurement.
+const RAMP_S: u32 = 6;
+/// How long the restarted gateway stays down: past the 5 s passive ejection its failed connects
+/// earn, so its return is the health checks' verdict, and past `RAMP_S`, so the other two ended
+/// their own first ramp before it comes back.
+const DOWN: Duration = Duration::from_secs(7);
+/// Seconds measured after it turns healthy again: the ramp and a few more.
+const MEASURED_S: usize = RAMP_S as usize + 4;
+/// Clients of the reconnect load per pool, each with a fresh connection per request and at most
+/// one request every `PACE`: bounded, and still a few hundred requests a second.
+const CLIENTS: usize = 3;
+const PACE: Duration = Duration::from_millis(10);
+/// Every client stops after this many requests or this long, whatever the test does.
+const MAX_REQUESTS: usize = 20_000;
+const MAX_LOAD: Duration = Duration::from_secs(90);
+
+/// When each request of a load was answered, and by whom (`None`: not a 200).
+type Answers = Vec<(tokio::time::Instant, Option<String>)>;
+
+/// One client of the reconnect load on `path` until `stop` is set.
+async fn reconnect_client(http: SocketAddr, path: String, stop: Arc<AtomicBool>) -> Answers {
+    let deadline = tokio::time::Instant::now() + MAX_LOAD;
+    let mut pace = tokio::time::interval(PACE);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut answers = Vec::new();
+    while answers.len() < MAX_REQUESTS && !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+        pace.tick().await;
+        let got = get_text(http, &path).await.ok().filter(|(s, _)| *s == StatusCode::OK).map(|(_, body)| body);
+        answers.push((tokio::time::Instant::now(), got));
+    }
+    answers
+}
+
+/// The restarted gateway's share of the answers in each second after `t0`, with their count.
+fn shares_per_second(answers: &Answers, t0: tokio::time::Instant, name: &str) -> Vec<(f64, usize)> {
+    (0..MEASURED_S)
+        .map(|k| {
+            let (from, to) = (t0 + Duration::from_secs(k as u64), t0 + Duration::from_secs(k as u64 + 1));
+            let bucket: Vec<&String> =
+                answers.iter().filter(|(t, _)| (from..to).contains(t)).filter_map(|(_, b)| b.as_ref()).collect();
+            let hits = bucket.iter().filter(|b| b.as_str() == name).count();
+            (hits as f64 / bucket.len().max(1) as f64, bucket.len())
+        })
+        .collect()
+}
+
+/// A round-robin HTTP pool of three gateways with fast TCP health checks, as EC mode builds
+/// it: under reconnect load one gateway stops (its connections close), stays down for `DOWN`,
+/// and restarts on its port. Returns its share per second after it is healthy again.
+async fn share_after_restart(node: &TestNode, name: &str, slow_start_s: u32) -> Vec<(f64, usize)> {
+    let gates = [Gate::start("gw1", true).await, Gate::start("gw2", true).await, Gate::start("gw3", true).await];
+    let addrs: Vec<SocketAddr> = gates.iter().map(|g| g.addr).collect();
+    let health = json!({"check": "tcp", "interval_ms": 100, "timeout_ms": 1000, "rise": 2, "fall": 2});
+    let spec = json!({"algorithm": "round_robin", "slow_start_s": slow_start_s, "health": health});
+    pool(node, name, spec, &addrs).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(reconnect_client(node.http(), format!("/{name}/agent"), stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let [gw1, gw2, gw3] = gates;
+    let addr = gw3.addr;
+    drop(gw3);
+    let down = tokio::time::Instant::now();
+    wait_status(node, name, addr, "BS_SICK").await;
+    tokio::time::sleep_until(down + DOWN).await;
+    let _back = Gate::start_at("gw3", true, addr).await;
+    wait_status(node, name, addr, "BS_HEALTHY").await;
+    let t0 = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(MEASURED_S as u64)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut answers = Answers::new();
+    for c in clients {
+        answers.extend(c.await.expect("client"));
+    }
+    let failed = answers.iter().filter(|(_, b)| b.is_none()).count();
+    let failed_after = answers.iter().filter(|(t, b)| *t >= t0 && b.is_none()).count();
+    drop((gw1, gw2));
+    let series = shares_per_second(&answers, t0, "gw3");
+    let shares: Vec<String> = series.iter().map(|(s, _)| format!("{s:.3}")).collect();
+    let counts: Vec<usize> = series.iter().map(|(_, n)| *n).collect();
+    eprintln!(
+        "slow_start_s={slow_start_s}: restarted gateway's share per second after healthy again \
+         (fair 0.333): [{}]; answers per second {counts:?}; failed {failed} of {}, {failed_after} after healthy",
+        shares.join(", "),
+        answers.len()
+    );
+    for (k, (_, n)) in series.iter().enumerate() {
+        assert!(*n >= 20, "second {k}: too few answers to judge a share ({counts:?})");
+    }
+    series
+}
+
+async fn wait_status(node: &TestNode, pool: &str, addr: SocketAddr, want: &str) {
+    let path = format!("/v1/pools/{pool}/health");
+    eventually(Duration::from_secs(20), &format!("{addr} {want}"), || async {
+        let h = node.get(&path).await;
+        let b = h["backends"].as_array()?.iter().find(|b| b["addr"] == addr.to_string())?.clone();
+        (b["status"] == want).then_some(())
+    })
+    .await;
+}
+
+/// Issue 16's question: a gateway restarted under reconnect load comes back at a small share
+/// that grows to its fair one over `slow_start_s`; the same restart without slow start takes
+/// its fair share at once (the control, so the measurement can fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_ramps_a_gateway_restarted_under_reconnect_load() {
+    let node = TestNode::start("limits-7").await;
+    let (ramped, control) =
+        tokio::join!(share_after_restart(&node, "ramp", RAMP_S), share_after_restart(&node, "flat", 0));
+    let fair = 1.0 / 3.0;
+    let low = 0.6 * fair;
+    let first = ramped[0].0;
+    assert!(first < low, "the first second after it is back, its share is small: {first:.3} ({ramped:?})");
+    let mid = ramped[RAMP_S as usize / 2].0;
+    assert!(mid > first, "its share grows during the ramp: {first:.3} then {mid:.3} ({ramped:?})");
+    for (k, (share, _)) in ramped.iter().enumerate().skip(RAMP_S as usize + 1) {
+        assert!(*share >= low, "second {k}, after slow_start_s: about a fair share, not {share:.3} ({ramped:?})");
+    }
+    for (k, (share, _)) in control.iter().enumerate() {
+        assert!(*share >= low, "without slow start it is fair at once; second {k}: {share:.3} ({control:?})");
+    }
     node.stop().await;
 }
 
