@@ -285,7 +285,7 @@ const DOWN: Duration = Duration::from_secs(7);
 /// Seconds measured after it turns healthy again: the ramp and a few more.
 const MEASURED_S: usize = RAMP_S as usize + 4;
 /// Clients of the reconnect load per pool, each with a fresh connection per request and at most
-/// one request every `PACE`: bounded, and still a few hundred requests a second.
+/// one request every `PACE`: at most 300 requests a second, enough for a share per second.
 const CLIENTS: usize = 3;
 const PACE: Duration = Duration::from_millis(10);
 /// Every client stops after this many requests or this long, whatever the test does.
