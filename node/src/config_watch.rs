@@ -42,7 +42,7 @@ pub struct Watch {
 
 /// The digest a config source is known by.
 pub fn digest(bytes: &[u8]) -> String {
-    format!("{:016x}", crate::dataplane::maglev::stable_hash(bytes, 0))
+    format!("{:016x}", crate::hash::stable_hash(bytes, 0))
 }
 
 /// What was applied last, kept in the data dir.

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -59,26 +58,8 @@ pub struct DemoArgs {
     pub tls_key: Option<std::path::PathBuf>,
 }
 
-/// Runs the demo backend until Ctrl-C.
-pub fn run(args: DemoArgs) -> ExitCode {
-    crate::cli::init_logging(crate::cli::LogFormat::Human);
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => return crate::cli::fail(2, format!("cannot start runtime: {e}")),
-    };
-    rt.block_on(async move {
-        let result = tokio::select! {
-            r = serve_args(args) => r,
-            _ = crate::cli::wait_for_signal() => Ok(()),
-        };
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => crate::cli::fail(1, format!("{e:#}")),
-        }
-    })
-}
-
-async fn serve_args(args: DemoArgs) -> anyhow::Result<()> {
+/// Serves as `args` say until an error (the CLI runs it until Ctrl-C).
+pub async fn serve(args: DemoArgs) -> anyhow::Result<()> {
     match (args.listen, args.tcp, args.udp) {
         (Some(listen), _, _) => {
             let listener = TcpListener::bind(listen).await?;

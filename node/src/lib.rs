@@ -7,7 +7,8 @@
 //! - [`admin`]: the JSON admin API; [`cli`]: the `shoal` command line;
 //! - [`node`]: start and shutdown order; [`config`]: config files, kept in force by
 //!   [`config_watch`]; [`metrics`]: Prometheus; [`files`]: private secrets, atomic writes;
-//!   [`clock`]: the wall clock shoal reads (with the fault-injection offset).
+//!   [`clock`]: the wall clock shoal reads (with the fault-injection offset); [`hash`]: the
+//!   stable hash every node computes alike.
 
 pub mod admin;
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod ec;
 pub mod files;
+pub mod hash;
 pub mod health;
 pub mod metrics;
 pub mod node;

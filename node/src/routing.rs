@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use shoal_proto::Protocol;
 use shoal_proto::proxy::{Cidr, Version as ProxyVersion};
 
-use crate::dataplane::balancer::{self, Balancer};
+use crate::dataplane::balancer::{self, Balancer, Candidate};
 use crate::dataplane::limits::{self, Queue};
 use crate::dataplane::mux::Mux;
 use crate::dataplane::pool::ConnPool;
@@ -164,10 +164,17 @@ pub struct BackendRt {
     pub shared: Arc<BackendShared>,
 }
 
-impl BackendRt {
-    #[cfg(test)]
-    pub fn for_test(addr: SocketAddr, weight: u32, shared: Arc<BackendShared>) -> BackendRt {
-        BackendRt { key: addr.to_string(), addr, url_path: "/".into(), weight, zone: String::new(), slot: None, shared }
+impl Candidate for BackendRt {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    fn load(&self) -> u64 {
+        self.shared.active()
     }
 }
 

@@ -118,6 +118,31 @@ mod tests {
         assert!(Cli::try_parse_from(hoist(orphan)).is_err(), "outlier settings need --outlier-consecutive-5xx");
     }
 
+    fn pool_body(line: &str) -> serde_json::Value {
+        let Command::Pool(PoolCmd::Add(a)) = Cli::try_parse_from(hoist(line)).expect("parses").command else {
+            panic!("not pool add")
+        };
+        crate::cli::pool_body(&a)
+    }
+
+    #[test]
+    fn pool_add_sends_the_serde_names_of_its_enum_flags() {
+        let http = pool_body("shoal pool add web --pattern / --algorithm least-conn --check heartbeat");
+        assert_eq!((&http["protocol"], &http["algorithm"]), (&"http".into(), &"least_conn".into()));
+        assert_eq!(http["health"], serde_json::json!({"check": "heartbeat"}));
+        assert_eq!(http.get("send_proxy"), None);
+        let tcp = pool_body("shoal pool add db --listen 3001 --check none --send-proxy v2");
+        assert_eq!((&tcp["protocol"], &tcp["algorithm"]), (&"tcp".into(), &"round_robin".into()));
+        assert_eq!((&tcp["health"]["check"], &tcp["send_proxy"]), (&"none".into(), &"v2".into()));
+        let tcp = pool_body("shoal pool add db --protocol tcp --algorithm maglev --check tcp --send-proxy v1");
+        assert_eq!((&tcp["protocol"], &tcp["algorithm"]), (&"tcp".into(), &"maglev".into()));
+        assert_eq!((&tcp["health"]["check"], &tcp["send_proxy"]), (&"tcp".into(), &"v1".into()));
+        for rejected in ["--algorithm round_robin", "--check HTTP2", "--protocol udp", "--send-proxy v3"] {
+            let line = format!("shoal pool add web --pattern / {rejected}");
+            assert!(Cli::try_parse_from(hoist(&line)).is_err(), "{rejected}");
+        }
+    }
+
     #[test]
     fn cluster_remove_takes_a_name_or_id_and_the_client_flags() {
         let cli = Cli::try_parse_from(hoist("shoal --admin http://h:1 cluster remove lb-3 --json")).expect("parses");

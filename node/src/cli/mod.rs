@@ -3,6 +3,7 @@
 
 mod args;
 pub mod cert;
+mod choice;
 pub mod client;
 pub mod dev;
 mod output;
@@ -17,7 +18,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use http::Method;
 use serde_json::{Value, json};
 use shoal_proto::admin::{ClusterView, PoolHealth, RemovedNode, WriteResult};
-use shoal_proto::{Algorithm, Pool};
+use shoal_proto::proxy::Version;
+use shoal_proto::{Algorithm, CheckKind, Pool, Protocol};
 
 use crate::control::raft::{CoreFailure, RaftTiming};
 use crate::dataplane::Limits;
@@ -26,6 +28,7 @@ use crate::dataplane::reqid::IdSettings;
 use crate::dataplane::tls::CertFiles;
 use crate::node::{AccessLogOptions, ClusterCreds, ClusterOptions, NodeOptions};
 pub use args::parse;
+use choice::Choice;
 use client::{AdminClient, ApiFailure};
 
 /// shoal: a clustered load balancer.
@@ -484,13 +487,13 @@ pub struct PoolAddArgs {
     /// Listener port (TCP pools).
     #[arg(long)]
     pub listen: Option<u16>,
-    #[arg(long, value_enum, default_value_t = ProtocolArg::Http)]
-    pub protocol: ProtocolArg,
-    #[arg(long, value_enum, default_value_t = AlgorithmArg::RoundRobin)]
-    pub algorithm: AlgorithmArg,
+    #[arg(long, value_enum, default_value_t = Choice(Protocol::Http))]
+    pub protocol: Choice<Protocol>,
+    #[arg(long, value_enum, default_value_t = Choice(Algorithm::RoundRobin))]
+    pub algorithm: Choice<Algorithm>,
     /// Health check kind (default: http for HTTP pools, tcp for TCP pools, heartbeat with --heartbeat-port).
     #[arg(long, value_enum)]
-    pub check: Option<CheckArg>,
+    pub check: Option<Choice<CheckKind>>,
     #[arg(long)]
     pub health_path: Option<String>,
     #[arg(long)]
@@ -522,7 +525,7 @@ pub struct PoolAddArgs {
     pub accept_proxy_from: Vec<String>,
     /// Send a PROXY protocol header of this version ahead of every backend connection.
     #[arg(long, value_enum)]
-    pub send_proxy: Option<ProxyArg>,
+    pub send_proxy: Option<Choice<Version>>,
     /// Most requests or connections in flight to each backend from one node (0: no limit).
     #[arg(long)]
     pub max_connections: Option<u32>,
@@ -546,34 +549,6 @@ pub struct PoolAddArgs {
     pub outlier_max_ejection_percent: Option<u8>,
     #[command(flatten)]
     pub client: ClientArgs,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum ProxyArg {
-    V1,
-    V2,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum ProtocolArg {
-    Http,
-    Tcp,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum AlgorithmArg {
-    RoundRobin,
-    LeastConn,
-    P2c,
-    Maglev,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum CheckArg {
-    Http,
-    Tcp,
-    Heartbeat,
-    None,
 }
 
 #[derive(Debug, Subcommand)]
@@ -654,7 +629,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Node(args) => run_node(*args),
         Command::Dev(args) => dev::run(args),
         Command::CheckConfig { file } => check_config(&file),
-        Command::DemoBackend(args) => crate::demo::run(args),
+        Command::DemoBackend(args) => run_demo(args),
         Command::Cert(cmd) => cert::run(cmd),
         other => client_main(other),
     }
@@ -739,6 +714,25 @@ fn run_node(args: NodeArgs) -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// Runs the demo backend until Ctrl-C.
+fn run_demo(args: crate::demo::DemoArgs) -> ExitCode {
+    init_logging(LogFormat::Human);
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(2, format!("cannot start runtime: {e}")),
+    };
+    rt.block_on(async move {
+        let result = tokio::select! {
+            r = crate::demo::serve(args) => r,
+            _ = wait_for_signal() => Ok(()),
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, format!("{e:#}")),
+        }
+    })
 }
 
 /// Writing past a file-size limit (`ulimit -f`, systemd's `LimitFSIZE=`) raises SIGXFSZ, which
@@ -911,32 +905,32 @@ fn first_token(text: &str) -> String {
 }
 
 async fn pool_add(a: PoolAddArgs) -> anyhow::Result<()> {
-    let tcp = matches!(a.protocol, ProtocolArg::Tcp) || (a.listen.is_some() && a.pattern.is_none());
-    let protocol = if tcp { "tcp" } else { "http" };
-    let algorithm = match a.algorithm {
-        AlgorithmArg::RoundRobin => Algorithm::RoundRobin,
-        AlgorithmArg::LeastConn => Algorithm::LeastConn,
-        AlgorithmArg::P2c => Algorithm::P2c,
-        AlgorithmArg::Maglev => Algorithm::Maglev,
-    };
+    let path = format!("/v1/pools/{}", seg(&a.pool));
+    let r: WriteResult = connect(&a.client)?.call(Method::PUT, &path, Some(pool_body(&a))).await?;
+    output::written(&a.client, &r, &format!("pool {} saved", a.pool))
+}
+
+/// The `PUT /v1/pools/{pool}` body: the flags given, in the proto enums' serde names.
+fn pool_body(a: &PoolAddArgs) -> Value {
+    let tcp = a.protocol.0 == Protocol::Tcp || (a.listen.is_some() && a.pattern.is_none());
+    let protocol = if tcp { Protocol::Tcp } else { Protocol::Http };
     let mut limits = json!({});
-    add_limits(&mut limits, &a);
+    add_limits(&mut limits, a);
     let mut health = serde_json::Map::new();
-    let check = a.check.map(|c| format!("{c:?}").to_lowercase());
-    insert_some(&mut health, "check", check.map(Value::from));
-    insert_some(&mut health, "path", a.health_path.map(Value::from));
+    insert_some(&mut health, "check", a.check.map(|c| json!(c.0)));
+    insert_some(&mut health, "path", a.health_path.clone().map(Value::from));
     insert_some(&mut health, "interval_ms", a.interval_ms.map(Value::from));
     insert_some(&mut health, "timeout_ms", a.timeout_ms.map(Value::from));
     insert_some(&mut health, "rise", a.rise.map(Value::from));
     insert_some(&mut health, "fall", a.fall.map(Value::from));
     insert_some(&mut health, "heartbeat_port", a.heartbeat_port.map(Value::from));
-    insert_some(&mut health, "heartbeat_secret", a.heartbeat_secret.map(Value::from));
+    insert_some(&mut health, "heartbeat_secret", a.heartbeat_secret.clone().map(Value::from));
     if a.require_2xx {
         health.insert("require_2xx".into(), Value::from(true));
     }
     let mut body = json!({
         "protocol": protocol,
-        "algorithm": algorithm,
+        "algorithm": a.algorithm.0,
         "health": health,
         "self_register": a.self_register,
         "allow_unauthenticated_heartbeats": a.allow_unauthenticated_heartbeats,
@@ -951,14 +945,12 @@ async fn pool_add(a: PoolAddArgs) -> anyhow::Result<()> {
         body["accept_proxy_from"] = Value::from(a.accept_proxy_from.clone());
     }
     if let Some(v) = a.send_proxy {
-        body["send_proxy"] = Value::from(format!("{v:?}").to_lowercase());
+        body["send_proxy"] = json!(v.0);
     }
     if let (Some(body), Value::Object(limits)) = (body.as_object_mut(), limits) {
         body.extend(limits);
     }
-    let path = format!("/v1/pools/{}", seg(&a.pool));
-    let r: WriteResult = connect(&a.client)?.call(Method::PUT, &path, Some(body)).await?;
-    output::written(&a.client, &r, &format!("pool {} saved", a.pool))
+    body
 }
 
 /// Backend protection flags: only those given are sent, so the pool's defaults apply to the rest.

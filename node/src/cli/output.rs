@@ -103,8 +103,8 @@ pub fn pools(c: &ClientArgs, pools: &[Pool]) -> anyhow::Result<()> {
             Protocol::Http => format!("http {}", p.spec.pattern.clone().unwrap_or_default()),
             Protocol::Tcp => format!("tcp :{}", p.spec.listen.unwrap_or(0)),
         };
-        let algorithm = serde_json::to_value(p.spec.algorithm)?.as_str().unwrap_or("").to_string();
-        let check = format!("{:?}", p.spec.check()).to_lowercase();
+        let algorithm = super::choice::serde_name(p.spec.algorithm);
+        let check = super::choice::serde_name(p.spec.check());
         rows.push(vec![p.name.clone(), frontend, algorithm, check, p.backends.len().to_string()]);
     }
     print!("{}", table(&rows));

@@ -1,6 +1,8 @@
 //! Backend selection. Every balancer is precomputed when the routing table is built and picks
 //! without locks: a schedule walked by an atomic counter (weighted round robin), a scan of
 //! atomic in-flight counters (least connections, power of two choices), or a Maglev table.
+//! Balancers see backends only as [`Candidate`]s: routing implements it for its backends, so
+//! routing depends on this module and not the other way round.
 
 use std::cell::Cell;
 use std::net::IpAddr;
@@ -10,7 +12,29 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use shoal_proto::Algorithm;
 
 use super::maglev;
-use crate::routing::BackendRt;
+
+/// What a balancer reads of a backend.
+pub trait Candidate {
+    /// The backend's name in state (`ip:port`): Maglev tables hash it.
+    fn key(&self) -> &str;
+    fn weight(&self) -> u32;
+    /// Connections or requests in flight on this node.
+    fn load(&self) -> u64;
+}
+
+impl<T: Candidate> Candidate for Arc<T> {
+    fn key(&self) -> &str {
+        (**self).key()
+    }
+
+    fn weight(&self) -> u32 {
+        (**self).weight()
+    }
+
+    fn load(&self) -> u64 {
+        (**self).load()
+    }
+}
 
 /// A pool's balancer over its routable backends.
 #[derive(Debug)]
@@ -23,20 +47,20 @@ pub enum Balancer {
 
 impl Balancer {
     /// Precomputes the balancer for `backends`; `next` carries the rotation across rebuilds.
-    pub fn new(algorithm: Algorithm, backends: &[Arc<BackendRt>], next: Arc<AtomicUsize>) -> Balancer {
+    pub fn new<B: Candidate>(algorithm: Algorithm, backends: &[B], next: Arc<AtomicUsize>) -> Balancer {
         match algorithm {
             Algorithm::RoundRobin => Balancer::RoundRobin { schedule: smooth_wrr(backends), next },
             Algorithm::LeastConn => Balancer::LeastConn { next },
             Algorithm::P2c => Balancer::P2c,
             Algorithm::Maglev => {
-                let names: Vec<(&str, u32)> = backends.iter().map(|b| (b.key.as_str(), b.weight)).collect();
+                let names: Vec<(&str, u32)> = backends.iter().map(|b| (b.key(), b.weight())).collect();
                 Balancer::Maglev { table: maglev::build(&names) }
             }
         }
     }
 
     /// Picks a backend index not rejected by `skip` (backends already tried for this client).
-    pub fn pick(&self, backends: &[Arc<BackendRt>], client: IpAddr, skip: &dyn Fn(usize) -> bool) -> Option<usize> {
+    pub fn pick<B: Candidate>(&self, backends: &[B], client: IpAddr, skip: &dyn Fn(usize) -> bool) -> Option<usize> {
         if backends.is_empty() {
             return None;
         }
@@ -58,15 +82,15 @@ fn pick_schedule(schedule: &[u32], next: &AtomicUsize, skip: &dyn Fn(usize) -> b
 }
 
 /// The least loaded candidate, comparing `active / weight` without division.
-fn least_loaded(
+fn least_loaded<B: Candidate>(
     order: impl Iterator<Item = usize>,
-    backends: &[Arc<BackendRt>],
+    backends: &[B],
     skip: &dyn Fn(usize) -> bool,
 ) -> Option<usize> {
     let mut best: Option<(usize, u64, u64)> = None;
     for i in order.filter(|i| !skip(*i)) {
         let b = &backends[i];
-        let (load, weight) = (b.shared.active(), u64::from(b.weight));
+        let (load, weight) = (b.load(), u64::from(b.weight()));
         match best {
             Some((_, bl, bw)) if load * bw >= bl * weight => {}
             _ => best = Some((i, load, weight)),
@@ -75,7 +99,7 @@ fn least_loaded(
     best.map(|(i, _, _)| i)
 }
 
-fn pick_p2c(backends: &[Arc<BackendRt>], skip: &dyn Fn(usize) -> bool) -> Option<usize> {
+fn pick_p2c<B: Candidate>(backends: &[B], skip: &dyn Fn(usize) -> bool) -> Option<usize> {
     let n = backends.len();
     let a = fast_random(n);
     let b = (a + 1 + fast_random(n.max(2) - 1)) % n;
@@ -96,8 +120,8 @@ fn pick_maglev(table: &[u32], client: IpAddr, skip: &dyn Fn(usize) -> bool) -> O
 }
 
 /// Smooth weighted round robin (as nginx): an interleaved schedule of `sum(weight / gcd)` turns.
-fn smooth_wrr(backends: &[Arc<BackendRt>]) -> Vec<u32> {
-    let weights: Vec<i64> = backends.iter().map(|b| i64::from(b.weight.max(1))).collect();
+fn smooth_wrr<B: Candidate>(backends: &[B]) -> Vec<u32> {
+    let weights: Vec<i64> = backends.iter().map(|b| i64::from(b.weight().max(1))).collect();
     let g = weights.iter().copied().fold(0, gcd).max(1);
     let weights: Vec<i64> = weights.iter().map(|w| w / g).collect();
     let total: i64 = weights.iter().sum();
@@ -147,20 +171,40 @@ pub(crate) fn fast_random(n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
+
     use super::*;
 
-    fn backends(weights: &[u32]) -> Vec<Arc<BackendRt>> {
-        weights
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                let addr = format!("10.0.0.{i}:80").parse().expect("addr");
-                Arc::new(BackendRt::for_test(addr, *w, Arc::default()))
-            })
-            .collect()
+    struct Fake {
+        key: String,
+        weight: u32,
+        load: AtomicU64,
     }
 
-    fn counts(bal: &Balancer, bs: &[Arc<BackendRt>], n: usize) -> Vec<usize> {
+    impl Candidate for Fake {
+        fn key(&self) -> &str {
+            &self.key
+        }
+
+        fn weight(&self) -> u32 {
+            self.weight
+        }
+
+        fn load(&self) -> u64 {
+            self.load.load(Ordering::Relaxed)
+        }
+    }
+
+    fn backends(weights: &[u32]) -> Vec<Arc<Fake>> {
+        let fake = |(i, w): (usize, &u32)| Fake { key: format!("10.0.0.{i}:80"), weight: *w, load: AtomicU64::new(0) };
+        weights.iter().enumerate().map(fake).map(Arc::new).collect()
+    }
+
+    fn busy(b: &Fake, n: u64) {
+        b.load.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn counts(bal: &Balancer, bs: &[Arc<Fake>], n: usize) -> Vec<usize> {
         let mut c = vec![0; bs.len()];
         for i in 0..n {
             let ip = IpAddr::from([192, 168, (i / 256) as u8, i as u8]);
@@ -204,7 +248,8 @@ mod tests {
     #[test]
     fn least_conn_prefers_idle_backends() {
         let bs = backends(&[1, 1, 1]);
-        let _busy = [bs[0].shared.track(), bs[0].shared.track(), bs[2].shared.track()];
+        busy(&bs[0], 2);
+        busy(&bs[2], 1);
         let bal = Balancer::new(Algorithm::LeastConn, &bs, Arc::default());
         for _ in 0..10 {
             assert_eq!(bal.pick(&bs, IpAddr::from([1, 1, 1, 1]), &|_| false), Some(1));
@@ -214,7 +259,7 @@ mod tests {
     #[test]
     fn p2c_avoids_the_loaded_backend() {
         let bs = backends(&[1, 1]);
-        let _busy: Vec<_> = (0..5).map(|_| bs[0].shared.track()).collect();
+        busy(&bs[0], 5);
         let bal = Balancer::new(Algorithm::P2c, &bs, Arc::default());
         assert_eq!(counts(&bal, &bs, 100), vec![0, 100]);
         let bs = backends(&[1, 1, 1, 1]);

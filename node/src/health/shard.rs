@@ -2,7 +2,7 @@
 //! nodes per backend, so every node computes the same assignment from the same membership and
 //! a membership change moves only the backends of the nodes that came or went.
 
-use crate::dataplane::maglev::stable_hash;
+use crate::hash::stable_hash;
 
 use super::BackendId;
 
