@@ -51,10 +51,11 @@ pub struct NodeSection {
 impl NodeSection {
     fn check(&self) -> Result<(), ConfigError> {
         if let Some(v) = &self.access_log {
-            crate::dataplane::accesslog::parse_target(v).map_err(|e| err("node.access_log", e))?;
+            crate::dataplane::accesslog::parse_target(v).map_err(|e| err("node.access_log", e.to_string()))?;
         }
         if let Some(v) = &self.access_log_format {
-            v.parse::<crate::dataplane::accesslog::Format>().map_err(|e| err("node.access_log_format", e))?;
+            v.parse::<crate::dataplane::accesslog::Format>()
+                .map_err(|e| err("node.access_log_format", e.to_string()))?;
         }
         Ok(())
     }

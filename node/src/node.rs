@@ -72,7 +72,7 @@ impl ClusterCreds {
     /// Reads a directory `shoal cert node --out DIR` wrote; errors name the file.
     pub fn load(dir: &std::path::Path) -> Result<ClusterCreds, String> {
         let tls = RaftTls::load(TlsFiles::in_dir(dir)).map_err(|e| e.to_string())?;
-        let key = ClusterKey::load(&dir.join(crate::control::pki::GOSSIP_KEY))?;
+        let key = ClusterKey::load(&dir.join(crate::control::pki::GOSSIP_KEY)).map_err(|e| e.to_string())?;
         Ok(ClusterCreds { tls: Arc::new(tls), key })
     }
 }

@@ -216,33 +216,40 @@ fn prefix_eq(a: &[u8], b: &[u8], len: u8) -> bool {
     rest == 0 || (a[whole] ^ b[whole]) >> (8 - rest) == 0
 }
 
-impl FromStr for Cidr {
-    type Err = String;
+/// Why an entry is not an address or CIDR block; each names the entry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadCidr {
+    #[error("{0:?} is not an address or CIDR block")]
+    NotAddress(String),
+    #[error("{0:?}: the prefix length must be 0 to {1}")]
+    PrefixLength(String, u8),
+    #[error("{0:?} has host bits set (write its network address)")]
+    HostBits(String),
+}
 
-    fn from_str(s: &str) -> Result<Cidr, String> {
+impl FromStr for Cidr {
+    type Err = BadCidr;
+
+    fn from_str(s: &str) -> Result<Cidr, BadCidr> {
         let (addr, len) = match s.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let net: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not an address or CIDR block"))?;
+        let net: IpAddr = addr.parse().map_err(|_| BadCidr::NotAddress(s.to_string()))?;
         let max = if net.is_ipv4() { 32 } else { 128 };
         let len = match len {
             None => max,
             // Plain decimal only, so `/08` or `/+8` are not read as 8.
             Some(l) if l == "0" || (!l.starts_with('0') && l.bytes().all(|b| b.is_ascii_digit())) => {
-                l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| bad_len(s, max))?
+                l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| BadCidr::PrefixLength(s.to_string(), max))?
             }
-            Some(_) => return Err(bad_len(s, max)),
+            Some(_) => return Err(BadCidr::PrefixLength(s.to_string(), max)),
         };
         if masked(net, len) != net {
-            return Err(format!("{s:?} has host bits set (write its network address)"));
+            return Err(BadCidr::HostBits(s.to_string()));
         }
         Ok(Cidr { net, len })
     }
-}
-
-fn bad_len(s: &str, max: u8) -> String {
-    format!("{s:?}: the prefix length must be 0 to {max}")
 }
 
 /// `net` with the bits past `len` cleared.
@@ -266,7 +273,7 @@ impl fmt::Display for Cidr {
 }
 
 /// Parses a list of blocks; the error names the entry.
-pub fn parse_cidrs<S: AsRef<str>>(list: &[S]) -> Result<Vec<Cidr>, String> {
+pub fn parse_cidrs<S: AsRef<str>>(list: &[S]) -> Result<Vec<Cidr>, BadCidr> {
     list.iter().map(|s| s.as_ref().trim().parse()).collect()
 }
 
@@ -367,9 +374,19 @@ mod tests {
         assert!(all.contains("8.8.8.8".parse().expect("ip")));
         let odd: Cidr = "10.0.0.0/13".parse().expect("cidr");
         assert!(odd.contains("10.7.255.255".parse().expect("ip")) && !odd.contains("10.8.0.0".parse().expect("ip")));
-        for bad in ["10.0.0.0/33", "10.0.0.1/8", "nope", "10.0.0.0/", "10.0.0.0/08", "::/129"] {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        let s = String::from;
+        for (bad, why) in [
+            ("10.0.0.0/33", BadCidr::PrefixLength(s("10.0.0.0/33"), 32)),
+            ("10.0.0.1/8", BadCidr::HostBits(s("10.0.0.1/8"))),
+            ("nope", BadCidr::NotAddress(s("nope"))),
+            ("10.0.0.0/", BadCidr::PrefixLength(s("10.0.0.0/"), 32)),
+            ("10.0.0.0/08", BadCidr::PrefixLength(s("10.0.0.0/08"), 32)),
+            ("::/129", BadCidr::PrefixLength(s("::/129"), 128)),
+        ] {
+            assert_eq!(bad.parse::<Cidr>(), Err(why), "{bad}");
         }
         assert_eq!(parse_cidrs(&["10.0.0.0/8", "::1"]).expect("list").len(), 2);
+        let err = parse_cidrs(&["10.0.0.0/8", " 10.0.0.1/8 "]).expect_err("host bits");
+        assert_eq!(err.to_string(), "\"10.0.0.1/8\" has host bits set (write its network address)");
     }
 }

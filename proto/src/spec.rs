@@ -449,7 +449,9 @@ impl PoolSpec {
         if self.accept_proxy_from.len() > MAX_PROXY_SOURCES {
             return Err(invalid("accept_proxy_from", "at most 256 blocks"));
         }
-        crate::proxy::parse_cidrs(&self.accept_proxy_from).map(drop).map_err(|e| invalid("accept_proxy_from", &e))
+        crate::proxy::parse_cidrs(&self.accept_proxy_from)
+            .map(drop)
+            .map_err(|e| invalid("accept_proxy_from", &e.to_string()))
     }
 }
 

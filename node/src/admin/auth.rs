@@ -141,7 +141,7 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             std::fs::write(&path, "a-long-enough-token-0123").expect("write");
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-            let err = load_or_create(&path).expect_err("group-readable");
+            let err = load_or_create(&path).expect_err("group-readable").to_string();
             assert!(err.contains("0640") && err.contains("chmod 600"), "{err}");
         }
     }

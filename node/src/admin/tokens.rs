@@ -24,6 +24,35 @@ use subtle::ConstantTimeEq;
 /// Shortest token accepted: guessing must stay out of reach.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// Why a token file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("line {line}: {problem}")]
+    Line { line: usize, problem: LineError },
+    #[error("no token in the file")]
+    Empty,
+    /// The file could not be read or created (or is not private).
+    #[error("{0}")]
+    Io(std::io::Error),
+}
+
+/// What is wrong with one line of a token file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error("a token must be at least {MIN_TOKEN_LEN} characters")]
+    TooShort,
+    #[error("the same token appears twice")]
+    Duplicate,
+    #[error("a join token names its pools: `<token> join pool1,pool2`")]
+    JoinWithoutPools,
+    #[error("unknown scope {0:?} (admin, read or join POOLS)")]
+    UnknownScope(String),
+    #[error("too many words: `<token> [admin | read | join POOL,POOL]`")]
+    TooManyWords,
+    #[error("empty pool name in {0:?}")]
+    EmptyPool(String),
+}
+
 /// What a token may do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -59,21 +88,22 @@ impl TokenSet {
     }
 
     /// Parses a token file; errors name the line.
-    pub fn parse(text: &str) -> Result<TokenSet, String> {
+    pub fn parse(text: &str) -> Result<TokenSet, TokenError> {
         let mut entries: Vec<(String, Scope)> = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
                 continue;
             }
-            let entry = parse_line(line).map_err(|e| format!("line {}: {e}", n + 1))?;
+            let at = |problem| TokenError::Line { line: n + 1, problem };
+            let entry = parse_line(line).map_err(at)?;
             if entries.iter().any(|(t, _)| *t == entry.0) {
-                return Err(format!("line {}: the same token appears twice", n + 1));
+                return Err(at(LineError::Duplicate));
             }
             entries.push(entry);
         }
         if entries.is_empty() {
-            return Err("no token in the file".into());
+            return Err(TokenError::Empty);
         }
         Ok(TokenSet { entries })
     }
@@ -104,30 +134,30 @@ impl TokenSet {
     }
 }
 
-fn parse_line(line: &str) -> Result<(String, Scope), String> {
+fn parse_line(line: &str) -> Result<(String, Scope), LineError> {
     let mut words = line.split_whitespace();
     let token = words.next().unwrap_or_default().to_string();
     if token.len() < MIN_TOKEN_LEN {
-        return Err(format!("a token must be at least {MIN_TOKEN_LEN} characters"));
+        return Err(LineError::TooShort);
     }
     let scope = match (words.next(), words.next()) {
         (None | Some("admin"), None) => Scope::Admin,
         (Some("read"), None) => Scope::Read,
         (Some("join"), Some(pools)) => Scope::Join(join_pools(pools)?),
-        (Some("join"), None) => return Err("a join token names its pools: `<token> join pool1,pool2`".into()),
-        (Some(other), None) => return Err(format!("unknown scope {other:?} (admin, read or join POOLS)")),
-        _ => return Err("too many words: `<token> [admin | read | join POOL,POOL]`".into()),
+        (Some("join"), None) => return Err(LineError::JoinWithoutPools),
+        (Some(other), None) => return Err(LineError::UnknownScope(other.to_string())),
+        _ => return Err(LineError::TooManyWords),
     };
     if words.next().is_some() {
-        return Err("too many words: `<token> [admin | read | join POOL,POOL]`".into());
+        return Err(LineError::TooManyWords);
     }
     Ok((token, scope))
 }
 
-fn join_pools(list: &str) -> Result<Vec<String>, String> {
+fn join_pools(list: &str) -> Result<Vec<String>, LineError> {
     let pools: Vec<String> = list.split(',').map(str::trim).map(String::from).collect();
     if pools.iter().any(|p| p.is_empty()) {
-        return Err(format!("empty pool name in {list:?}"));
+        return Err(LineError::EmptyPool(list.to_string()));
     }
     Ok(pools)
 }
@@ -169,7 +199,7 @@ impl Tokens {
     }
 
     /// The tokens of `path`; the file must exist, be private and parse.
-    pub fn from_file(path: &Path) -> Result<Tokens, String> {
+    pub fn from_file(path: &Path) -> Result<Tokens, TokenError> {
         let seen = stamp(path);
         let set = read_file(path)?;
         Ok(Tokens { file: Some(path.to_path_buf()), set: ArcSwap::from_pointee(set), seen: Mutex::new(seen) })
@@ -211,21 +241,21 @@ impl Tokens {
     }
 }
 
-fn read_file(path: &Path) -> Result<TokenSet, String> {
-    let text = crate::files::read_secret(path).map_err(|e| e.to_string())?;
+fn read_file(path: &Path) -> Result<TokenSet, TokenError> {
+    let text = crate::files::read_secret(path).map_err(TokenError::Io)?;
     TokenSet::parse(&text)
 }
 
 /// Reads the token file at `path`, or creates it holding one fresh admin token (mode 0600).
-pub fn load_or_create(path: &Path) -> Result<Tokens, String> {
+pub fn load_or_create(path: &Path) -> Result<Tokens, TokenError> {
     match crate::files::read_secret(path) {
         Ok(_) => Tokens::from_file(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token: String = crate::control::secure::hex(&rand::random::<[u8; 32]>());
-            super::auth::write_secret(path, &token).map_err(|e| e.to_string())?;
+            super::auth::write_secret(path, &token).map_err(TokenError::Io)?;
             Tokens::from_file(path)
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(TokenError::Io(e)),
     }
 }
 
@@ -240,7 +270,7 @@ mod tests {
     #[test]
     fn a_bare_token_is_admin_and_scopes_parse() {
         let set = TokenSet::parse(&format!("# tokens\n{A}\n\n{R} read  # ro\n{J} join web, api\n")).expect_err("space");
-        assert!(set.contains("line 5"), "{set}");
+        assert!(matches!(&set, TokenError::Line { line: 5, problem: LineError::EmptyPool(p) } if p == "web,"), "{set}");
         let set = TokenSet::parse(&format!("# tokens\n{A}\n\n{R} read  # ro\n{J} join web,api\n")).expect("parses");
         assert_eq!(set.scope_of(A), Some(Scope::Admin));
         assert_eq!(set.scope_of(R), Some(Scope::Read));
@@ -253,17 +283,27 @@ mod tests {
 
     #[test]
     fn bad_lines_are_named() {
-        for (text, why) in [
-            ("short".to_string(), "line 1: a token must be at least 16"),
-            (format!("{A}\n{R} write"), "line 2: unknown scope \"write\""),
-            (format!("{J} join"), "names its pools"),
-            (format!("{J} join a,,b"), "empty pool name"),
-            (format!("{A} read extra"), "too many words"),
-            (format!("{A}\n{A} read"), "line 2: the same token appears twice"),
-            ("# nothing\n\n".to_string(), "no token"),
+        let line = |line, problem| Some((line, problem));
+        for (text, want, why) in [
+            ("short".to_string(), line(1, LineError::TooShort), "line 1: a token must be at least 16"),
+            (
+                format!("{A}\n{R} write"),
+                line(2, LineError::UnknownScope("write".into())),
+                "line 2: unknown scope \"write\"",
+            ),
+            (format!("{J} join"), line(1, LineError::JoinWithoutPools), "names its pools"),
+            (format!("{J} join a,,b"), line(1, LineError::EmptyPool("a,,b".into())), "empty pool name"),
+            (format!("{A} read extra"), line(1, LineError::TooManyWords), "too many words"),
+            (format!("{A}\n{A} read"), line(2, LineError::Duplicate), "line 2: the same token appears twice"),
+            ("# nothing\n\n".to_string(), None, "no token"),
         ] {
             let err = TokenSet::parse(&text).expect_err(&text);
-            assert!(err.contains(why), "{text:?}: {err}");
+            match (&err, want) {
+                (TokenError::Line { line, problem }, Some(want)) => assert_eq!((*line, problem.clone()), want),
+                (TokenError::Empty, None) => {}
+                _ => panic!("{text:?}: unexpected {err:?}"),
+            }
+            assert!(err.to_string().contains(why), "{text:?}: {err}");
         }
     }
 

@@ -3,10 +3,23 @@
 //! Raft RPC does not use it: it runs on mutual TLS with per-node certificates (`raft::channel`),
 //! as Consul keeps a gossip key beside TLS for RPC (UDP has no TLS).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ring::hmac;
 use subtle::ConstantTimeEq;
+
+/// Why a cluster key could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("a cluster key is 64 hex digits (`shoal cert ca` makes one)")]
+    NotHex,
+    /// The key file could not be read (or is not private).
+    #[error("{}: {error}", path.display())]
+    Read { path: PathBuf, error: std::io::Error },
+    /// The key file does not hold a key.
+    #[error("{}: {}", path.display(), KeyError::NotHex)]
+    Invalid { path: PathBuf },
+}
 
 /// The shared secret of a cluster.
 #[derive(Clone)]
@@ -37,23 +50,25 @@ impl ClusterKey {
         hex(&self.raw)
     }
 
-    pub fn from_hex(text: &str) -> Result<ClusterKey, String> {
+    pub fn from_hex(text: &str) -> Result<ClusterKey, KeyError> {
         let text = text.trim();
         if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err("a cluster key is 64 hex digits (`shoal cert ca` makes one)".into());
+            return Err(KeyError::NotHex);
         }
         let mut raw = [0u8; 32];
         for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-            let pair = std::str::from_utf8(chunk).map_err(|e| e.to_string())?;
-            raw[i] = u8::from_str_radix(pair, 16).map_err(|e| e.to_string())?;
+            // Checked above: ASCII hex digits, so neither step fails.
+            let pair = std::str::from_utf8(chunk).map_err(|_| KeyError::NotHex)?;
+            raw[i] = u8::from_str_radix(pair, 16).map_err(|_| KeyError::NotHex)?;
         }
         Ok(ClusterKey::from_raw(raw))
     }
 
     /// Reads a key file (refused unless private); errors name the file.
-    pub fn load(path: &Path) -> Result<ClusterKey, String> {
-        let text = crate::files::read_secret(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        ClusterKey::from_hex(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<ClusterKey, KeyError> {
+        let text =
+            crate::files::read_secret(path).map_err(|error| KeyError::Read { path: path.to_path_buf(), error })?;
+        ClusterKey::from_hex(&text).map_err(|_| KeyError::Invalid { path: path.to_path_buf() })
     }
 
     /// HMAC-SHA256 of the parts, in order.
@@ -85,6 +100,18 @@ mod tests {
     fn keys_round_trip_as_hex() {
         let k = ClusterKey::generate();
         assert_eq!(ClusterKey::from_hex(&k.to_hex()).expect("hex").raw, k.raw);
-        assert!(ClusterKey::from_hex("abc").is_err());
+        assert!(matches!(ClusterKey::from_hex("abc"), Err(KeyError::NotHex)));
+    }
+
+    #[test]
+    fn key_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("cluster.key");
+        assert!(matches!(ClusterKey::load(&path), Err(KeyError::Read { .. })));
+        crate::files::write_atomic(&path, b"abc", 0o600).expect("write");
+        let err = ClusterKey::load(&path).expect_err("not a key");
+        assert!(matches!(err, KeyError::Invalid { .. }), "{err}");
+        let want = format!("{}: a cluster key is 64 hex digits (`shoal cert ca` makes one)", path.display());
+        assert_eq!(err.to_string(), want);
     }
 }

@@ -42,6 +42,22 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// Why an access log setting or a reopen was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessLogError {
+    #[error("must be off, stdout or a file path")]
+    EmptyTarget,
+    #[error("unknown access log format {0:?} (expected json, common or combined)")]
+    UnknownFormat(String),
+    #[error("the access log writer has stopped")]
+    Stopped,
+    #[error("the access log writer did not answer")]
+    NoAnswer,
+    /// The file could not be opened again (the error names it).
+    #[error("{0}")]
+    Reopen(io::Error),
+}
+
 /// How a record is written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Format {
@@ -54,9 +70,9 @@ pub enum Format {
 }
 
 /// `off`, `stdout` or a file path; `None` is off.
-pub fn parse_target(v: &str) -> Result<Option<Target>, String> {
+pub fn parse_target(v: &str) -> Result<Option<Target>, AccessLogError> {
     match v {
-        "" => Err("must be off, stdout or a file path".into()),
+        "" => Err(AccessLogError::EmptyTarget),
         "off" => Ok(None),
         "stdout" | "-" => Ok(Some(Target::Stdout)),
         path => Ok(Some(Target::File(PathBuf::from(path)))),
@@ -64,13 +80,13 @@ pub fn parse_target(v: &str) -> Result<Option<Target>, String> {
 }
 
 impl FromStr for Format {
-    type Err = String;
-    fn from_str(v: &str) -> Result<Format, String> {
+    type Err = AccessLogError;
+    fn from_str(v: &str) -> Result<Format, AccessLogError> {
         match v {
             "json" => Ok(Format::Json),
             "common" => Ok(Format::Common),
             "combined" => Ok(Format::Combined),
-            other => Err(format!("unknown access log format {other:?} (expected json, common or combined)")),
+            other => Err(AccessLogError::UnknownFormat(other.to_string())),
         }
     }
 }
@@ -288,7 +304,7 @@ fn clf_time(t: SystemTime) -> String {
 
 enum Msg {
     Record(Box<Record>),
-    Reopen(SyncSender<Result<(), String>>),
+    Reopen(SyncSender<Result<(), AccessLogError>>),
     Close,
 }
 
@@ -322,10 +338,10 @@ impl AccessLog {
 
     /// Reopens the file (after logrotate moved it): records written before return are in the
     /// old file, later ones in the new. Blocks: call it off the data plane.
-    pub fn reopen(&self) -> Result<(), String> {
+    pub fn reopen(&self) -> Result<(), AccessLogError> {
         let (done, wait) = mpsc::sync_channel(1);
-        self.tx.send(Msg::Reopen(done)).map_err(|_| "the access log writer has stopped".to_string())?;
-        wait.recv_timeout(Duration::from_secs(10)).map_err(|_| "the access log writer did not answer".to_string())?
+        self.tx.send(Msg::Reopen(done)).map_err(|_| AccessLogError::Stopped)?;
+        wait.recv_timeout(Duration::from_secs(10)).map_err(|_| AccessLogError::NoAnswer)?
     }
 
     pub fn target(&self) -> &Target {
@@ -387,7 +403,7 @@ fn write_loop(rx: &Receiver<Msg>, mut out: Out, target: &Target, format: Format)
                 flush(&mut out, &mut failing);
                 let result = match target {
                     Target::Stdout => Ok(()),
-                    Target::File(_) => open(target).map(|new| out = new).map_err(|e| e.to_string()),
+                    Target::File(_) => open(target).map(|new| out = new).map_err(AccessLogError::Reopen),
                 };
                 if result.is_ok() {
                     failing = false;
@@ -496,12 +512,14 @@ mod tests {
 
     #[test]
     fn targets_and_formats_parse() {
-        assert_eq!(parse_target("off"), Ok(None));
-        assert_eq!(parse_target("stdout"), Ok(Some(Target::Stdout)));
-        assert_eq!(parse_target("/var/log/a.log"), Ok(Some(Target::File("/var/log/a.log".into()))));
-        assert!(parse_target("").is_err());
-        assert_eq!("combined".parse(), Ok(Format::Combined));
-        assert!("xml".parse::<Format>().unwrap_err().contains("xml"));
+        assert_eq!(parse_target("off").expect("off"), None);
+        assert_eq!(parse_target("stdout").expect("stdout"), Some(Target::Stdout));
+        assert_eq!(parse_target("/var/log/a.log").expect("file"), Some(Target::File("/var/log/a.log".into())));
+        assert!(matches!(parse_target(""), Err(AccessLogError::EmptyTarget)));
+        assert_eq!("combined".parse::<Format>().expect("combined"), Format::Combined);
+        let err = "xml".parse::<Format>().unwrap_err();
+        assert!(matches!(&err, AccessLogError::UnknownFormat(f) if f == "xml"), "{err}");
+        assert_eq!(err.to_string(), "unknown access log format \"xml\" (expected json, common or combined)");
     }
 
     #[test]
@@ -521,5 +539,6 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).expect("new").lines().count(), 1);
         log.log(http_record());
         assert_eq!(dropped.get(), 1, "a stopped writer counts what it cannot take");
+        assert!(matches!(log.reopen(), Err(AccessLogError::Stopped)), "nobody left to reopen");
     }
 }

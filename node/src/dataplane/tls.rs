@@ -13,8 +13,41 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// Why certificates could not be loaded or made; each names the file and the problem. The
+/// cause is part of the message (the texts operators know) and deliberately not a `source`,
+/// so that error reporters walking the chain do not print it twice.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS needs at least one certificate and key")]
+    NoCertificates,
+    #[error("{}: cannot read certificates: {error}", path.display())]
+    ReadCertificates { path: PathBuf, error: pem::Error },
+    #[error("{}: invalid PEM: {error}", path.display())]
+    InvalidPem { path: PathBuf, error: pem::Error },
+    #[error("{}: no certificate found (expected PEM \"BEGIN CERTIFICATE\")", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: no usable private key: {error}", path.display())]
+    Key { path: PathBuf, error: pem::Error },
+    /// The key does not match the certificate, or rustls refuses the pair.
+    #[error("{} and {}: {error}", cert.display(), key.display())]
+    Pair { cert: PathBuf, key: PathBuf, error: rustls::Error },
+    /// The protocol versions the provider offers (not expected with ring).
+    #[error("{0}")]
+    Config(rustls::Error),
+    #[error("no --backend-ca given and no system CA bundle found")]
+    NoCaBundle,
+    #[error("{}: {error}", path.display())]
+    ReadCa { path: PathBuf, error: pem::Error },
+    #[error("{}: {error}", path.display())]
+    BadCa { path: PathBuf, error: rustls::Error },
+    #[error("{}: no CA certificate found", path.display())]
+    NoCaCertificate { path: PathBuf },
+    #[error("{0}")]
+    Generate(rcgen::Error),
+}
 
 /// A certificate chain file and its key file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,25 +96,29 @@ fn valid_for(key: &CertifiedKey, name: &ServerName<'_>) -> bool {
 }
 
 /// Reads a certificate chain and its key; errors name the file and the problem.
-fn load_pair(files: &CertFiles) -> Result<Loaded, String> {
+fn load_pair(files: &CertFiles) -> Result<Loaded, TlsError> {
+    let path = || files.cert.clone();
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| format!("{}: cannot read certificates: {e}", files.cert.display()))?
+        .map_err(|error| TlsError::ReadCertificates { path: path(), error })?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: invalid PEM: {e}", files.cert.display()))?;
+        .map_err(|error| TlsError::InvalidPem { path: path(), error })?;
     if chain.is_empty() {
-        return Err(format!("{}: no certificate found (expected PEM \"BEGIN CERTIFICATE\")", files.cert.display()));
+        return Err(TlsError::NoCertificate { path: path() });
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("{}: no usable private key: {e}", files.key.display()))?;
-    let certified = CertifiedKey::from_der(chain, key, &provider())
-        .map_err(|e| format!("{} and {}: {e}", files.cert.display(), files.key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|error| TlsError::Key { path: files.key.clone(), error })?;
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|error| TlsError::Pair {
+        cert: path(),
+        key: files.key.clone(),
+        error,
+    })?;
     Ok(Loaded { key: Arc::new(certified) })
 }
 
-fn server_config(certs: Vec<Loaded>) -> Result<Arc<ServerConfig>, String> {
+fn server_config(certs: Vec<Loaded>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Config)?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { certs }));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -105,9 +142,9 @@ impl std::fmt::Debug for TlsStore {
 
 impl TlsStore {
     /// Loads every pair; any problem is an error naming the file (the node does not start).
-    pub fn load(files: Vec<CertFiles>) -> Result<TlsStore, String> {
+    pub fn load(files: Vec<CertFiles>) -> Result<TlsStore, TlsError> {
         if files.is_empty() {
-            return Err("TLS needs at least one certificate and key".into());
+            return Err(TlsError::NoCertificates);
         }
         let (config, expiries) = Self::build(&files)?;
         let stamps = files.iter().map(stamp).collect();
@@ -119,7 +156,7 @@ impl TlsStore {
         })
     }
 
-    fn build(files: &[CertFiles]) -> Result<(Arc<ServerConfig>, Vec<i64>), String> {
+    fn build(files: &[CertFiles]) -> Result<(Arc<ServerConfig>, Vec<i64>), TlsError> {
         let certs = files.iter().map(load_pair).collect::<Result<Vec<_>, _>>()?;
         let expiries = certs.iter().map(Loaded::not_after).collect();
         Ok((server_config(certs)?, expiries))
@@ -136,7 +173,7 @@ impl TlsStore {
     }
 
     /// Reloads every file; on error the certificates in service stay.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         let (config, expiries) = Self::build(&self.files)?;
         self.config.store(config);
         self.expiries.store(Arc::new(expiries));
@@ -145,7 +182,7 @@ impl TlsStore {
     }
 
     /// Reloads when a file's modification time or size changed since the last load.
-    pub fn reload_if_changed(&self) -> Option<Result<(), String>> {
+    pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
         let now: Vec<Option<SystemTime>> = self.files.iter().map(stamp).collect();
         let changed = *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) != now;
         if !changed {
@@ -171,23 +208,23 @@ fn stamp(files: &CertFiles) -> Option<SystemTime> {
 }
 
 /// A client configuration trusting the CA certificates of `ca_file` (PEM), or the system bundle.
-pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
     let path = match ca_file {
         Some(p) => p.to_path_buf(),
-        None => system_bundle().ok_or("no --backend-ca given and no system CA bundle found")?,
+        None => system_bundle().ok_or(TlsError::NoCaBundle)?,
     };
     let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_file_iter(&path).map_err(|error| TlsError::ReadCa { path: path.clone(), error })?;
     for cert in certs {
-        let cert = cert.map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
-        roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+        let cert = cert.map_err(|error| TlsError::InvalidPem { path: path.clone(), error })?;
+        roots.add(cert).map_err(|error| TlsError::BadCa { path: path.clone(), error })?;
     }
     if roots.is_empty() {
-        return Err(format!("{}: no CA certificate found", path.display()));
+        return Err(TlsError::NoCaCertificate { path });
     }
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Config)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -207,10 +244,10 @@ pub fn backend_name(name: Option<&str>, ip: IpAddr) -> ServerName<'static> {
 }
 
 /// `shoal cert self-signed`: a certificate and key for `names` (DNS names or IPs), in PEM.
-pub fn self_signed(names: &[String]) -> Result<(String, String), String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
-    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+pub fn self_signed(names: &[String]) -> Result<(String, String), TlsError> {
+    let key = rcgen::KeyPair::generate().map_err(TlsError::Generate)?;
+    let params = rcgen::CertificateParams::new(names.to_vec()).map_err(TlsError::Generate)?;
+    let cert = params.self_signed(&key).map_err(TlsError::Generate)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
@@ -235,14 +272,39 @@ mod tests {
         let before = store.current();
         std::fs::write(&good.cert, "not a certificate").expect("break");
         let err = store.reload().expect_err("broken cert");
-        assert!(err.contains("a.pem"), "{err}");
+        assert!(matches!(&err, TlsError::NoCertificate { path } if *path == good.cert), "{err}");
+        assert!(err.to_string().contains("a.pem"), "{err}");
         assert!(Arc::ptr_eq(&before, &store.current()), "old certificate still in service");
         let other = write_pair(dir.path(), "b", &["b.example"]);
         let mismatched = CertFiles { cert: other.cert.clone(), key: dir.path().join("a.key") };
         let err = TlsStore::load(vec![mismatched]).expect_err("key mismatch");
-        assert!(err.contains("b.pem") && err.contains("a.key"), "{err}");
+        assert!(matches!(err, TlsError::Pair { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("b.pem") && text.contains("a.key"), "{err}");
         let missing = CertFiles { cert: dir.path().join("nope.pem"), key: dir.path().join("nope.key") };
-        assert!(TlsStore::load(vec![missing]).expect_err("missing").contains("nope.pem"));
+        let err = TlsStore::load(vec![missing]).expect_err("missing");
+        assert!(matches!(err, TlsError::ReadCertificates { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: cannot read certificates: ", dir.path().join("nope.pem").display()))
+        );
+        assert!(matches!(TlsStore::load(Vec::new()), Err(TlsError::NoCertificates)));
+    }
+
+    #[test]
+    fn a_missing_key_and_a_bad_ca_file_are_told_apart() {
+        let dir = tempfile::tempdir().expect("dir");
+        let good = write_pair(dir.path(), "a", &["a.example"]);
+        let keyless = CertFiles { cert: good.cert.clone(), key: dir.path().join("none.key") };
+        let err = TlsStore::load(vec![keyless]).expect_err("no key");
+        assert!(matches!(err, TlsError::Key { .. }), "{err}");
+        assert!(err.to_string().contains("none.key: no usable private key"), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no PEM here").expect("write");
+        let err = client_config(Some(&empty)).expect_err("no CA");
+        assert!(matches!(&err, TlsError::NoCaCertificate { path } if *path == empty), "{err}");
+        assert_eq!(err.to_string(), format!("{}: no CA certificate found", empty.display()));
+        assert!(client_config(Some(&good.cert)).is_ok(), "a self-signed certificate is its own CA");
     }
 
     /// Writes a self-signed pair valid until `not_after` (Unix seconds).

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::store::Db;
+use super::store::{Db, StoreError};
 
 /// A cluster identity (shown as 32 hex digits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -36,15 +36,32 @@ impl std::fmt::Display for ClusterId {
     }
 }
 
-impl std::str::FromStr for ClusterId {
-    type Err = String;
+/// Text that is not a cluster id.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a cluster id is 32 hex digits, not {0:?}")]
+pub struct BadClusterId(pub String);
 
-    fn from_str(s: &str) -> Result<ClusterId, String> {
+impl std::str::FromStr for ClusterId {
+    type Err = BadClusterId;
+
+    fn from_str(s: &str) -> Result<ClusterId, BadClusterId> {
         if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("a cluster id is 32 hex digits, not {s:?}"));
+            return Err(BadClusterId(s.to_string()));
         }
-        u128::from_str_radix(s, 16).map(ClusterId).map_err(|e| e.to_string())
+        // 32 hex digits always fit.
+        u128::from_str_radix(s, 16).map(ClusterId).map_err(|_| BadClusterId(s.to_string()))
     }
+}
+
+/// Why a peer was refused or an identity could not be kept.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentError {
+    /// The peer belongs to another cluster.
+    #[error("this node belongs to cluster {ours}, not {theirs}")]
+    OtherCluster { ours: ClusterId, theirs: ClusterId },
+    /// The identity could not be stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What to do with a peer that claims `theirs` when this node holds `ours`.
@@ -112,7 +129,7 @@ impl Identity {
     }
 
     /// The identity in force, created (and stored) if there is none yet.
-    pub fn get_or_create(&self) -> Result<ClusterId, String> {
+    pub fn get_or_create(&self) -> Result<ClusterId, IdentError> {
         let _guard = self.0.write.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(id) = self.get() {
             return Ok(id);
@@ -125,7 +142,7 @@ impl Identity {
 
     /// Decides about a peer claiming `theirs`, adopting it when allowed; a refusal is counted
     /// under `at` and logged (rate-limited).
-    pub fn check(&self, theirs: Option<ClusterId>, may_adopt: bool, at: &'static str) -> Result<(), String> {
+    pub fn check(&self, theirs: Option<ClusterId>, may_adopt: bool, at: &'static str) -> Result<(), IdentError> {
         // Every Raft request passes here: the common answer needs no lock.
         if admit(self.get(), theirs, may_adopt) == Admit::Accept {
             return Ok(());
@@ -140,7 +157,7 @@ impl Identity {
             }
             Admit::Refuse { ours, theirs } => {
                 self.refused(at, ours, theirs);
-                Err(format!("this node belongs to cluster {ours}, not {theirs}"))
+                Err(IdentError::OtherCluster { ours, theirs })
             }
         }
     }
@@ -178,7 +195,7 @@ impl Identity {
         );
     }
 
-    fn store(&self, id: ClusterId) -> Result<(), String> {
+    fn store(&self, id: ClusterId) -> Result<(), StoreError> {
         self.0.db.set_cluster_id(id)?;
         self.0.tx.send_replace(Some(id));
         Ok(())
@@ -210,7 +227,7 @@ mod tests {
         let c = ClusterId::generate();
         assert_eq!(c.to_string().len(), 32);
         assert_eq!(c.to_string().parse::<ClusterId>(), Ok(c));
-        assert!("xyz".parse::<ClusterId>().is_err());
+        assert_eq!("xyz".parse::<ClusterId>(), Err(BadClusterId("xyz".into())));
         assert!("0123456789abcdef0123456789abcdeg".parse::<ClusterId>().is_err());
     }
 
@@ -226,9 +243,10 @@ mod tests {
             assert_eq!(ident.get(), None);
             ident.check(id(7), true, AT_RPC).expect("adopt");
             assert_eq!(ident.get(), id(7));
-            assert!(ident.check(id(8), true, AT_RPC).is_err(), "a second cluster cannot take the node over");
+            let err = ident.check(id(8), true, AT_RPC).expect_err("a second cluster cannot take the node over");
+            assert!(matches!(err, IdentError::OtherCluster { ours: ClusterId(7), theirs: ClusterId(8) }), "{err}");
             assert!(ident.check(id(8), true, AT_RPC).is_err());
-            assert_eq!(ident.get_or_create(), Ok(ClusterId(7)));
+            assert_eq!(ident.get_or_create().expect("stored"), ClusterId(7));
         }
         let reopened = Identity::open(Db::open(&path).expect("reopen"), None).expect("ident");
         assert_eq!(reopened.get(), id(7), "stored with the log");

@@ -20,7 +20,7 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use openraft::error::{ClientWriteError, Fatal, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, Fatal, RaftError};
 use openraft::{Config, RaftMetrics, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use shoal_proto::{Applied, ApplyError, Command, Proposal, State};
@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use self::ident::Identity;
-use self::network::{Conn, LinkFilter, Network, Reply, Request, Wire};
+use self::network::{CallError, Conn, LinkFilter, Network, Reply, Request, Wire};
 use self::state_machine::StateMachine;
 use self::store::{Db, LogStore};
 use super::ProposeError;
@@ -133,6 +133,27 @@ pub struct RaftNode {
 }
 
 const STEPPING_DOWN: &str = "the leader has lost contact with a quorum and is stepping down";
+
+/// Why a write or a read index could not be had from the leader. A forwarded request's
+/// error crosses the wire as its text (`Reply::Write`, `Reply::ReadIndex`).
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    #[error("{STEPPING_DOWN}")]
+    SteppingDown,
+    #[error(transparent)]
+    Write(Box<RaftError<NodeId, ClientWriteError<NodeId, ShoalNode>>>),
+    #[error(transparent)]
+    Read(Box<RaftError<NodeId, CheckIsLeaderError<NodeId, ShoalNode>>>),
+    #[error("no leader known")]
+    NoLeader,
+    /// The leader's own error, as its text arrived.
+    #[error("{0}")]
+    Remote(String),
+    #[error("unexpected reply")]
+    UnexpectedReply,
+    #[error(transparent)]
+    Call(#[from] CallError),
+}
 
 /// Reads the node's stable Raft id, creating a random one on first boot.
 pub fn load_or_create_id(dir: &Path) -> anyhow::Result<NodeId> {
@@ -284,21 +305,21 @@ impl RaftNode {
     }
 
     /// Runs a forwarded write on this node, which must be the leader.
-    pub async fn write_as_leader(&self, cmd: Proposal) -> Result<(CommandResult, u64), String> {
+    pub async fn write_as_leader(&self, cmd: Proposal) -> Result<(CommandResult, u64), LeaderError> {
         if self.wire.stepping_down.get() {
-            return Err(STEPPING_DOWN.into());
+            return Err(LeaderError::SteppingDown);
         }
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok((resp.data, resp.log_id.index)),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(LeaderError::Write(Box::new(e))),
         }
     }
 
     /// Confirms leadership with a quorum; returns the index a linearizable read waits for.
-    pub async fn read_index_as_leader(&self) -> Result<u64, String> {
+    pub async fn read_index_as_leader(&self) -> Result<u64, LeaderError> {
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(LeaderError::Read(Box::new(e))),
         }
     }
 
@@ -311,9 +332,9 @@ impl RaftNode {
                 Err(e) => match e.forward_to_leader::<ShoalNode>() {
                     Some(f) => match (f.leader_id, &f.leader_node) {
                         (Some(id), Some(node)) if id != self.id => self.remote_read_index(id, node).await,
-                        _ => Err("no leader known".to_string()),
+                        _ => Err(LeaderError::NoLeader),
                     },
-                    None => Err(e.to_string()),
+                    None => Err(LeaderError::Read(Box::new(e))),
                 },
             };
             match index {
@@ -324,12 +345,12 @@ impl RaftNode {
         }
     }
 
-    async fn remote_read_index(&self, leader: NodeId, node: &ShoalNode) -> Result<u64, String> {
+    async fn remote_read_index(&self, leader: NodeId, node: &ShoalNode) -> Result<u64, LeaderError> {
         let mut conn = Conn::new(self.wire.clone(), leader, node.clone());
         match conn.call(Request::ReadIndex, FORWARD_TIMEOUT).await {
-            Ok(Reply::ReadIndex(r)) => r,
-            Ok(_) => Err("unexpected reply".into()),
-            Err(e) => Err(e.to_string()),
+            Ok(Reply::ReadIndex(r)) => r.map_err(LeaderError::Remote),
+            Ok(_) => Err(LeaderError::UnexpectedReply),
+            Err(e) => Err(e.into()),
         }
     }
 

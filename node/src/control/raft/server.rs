@@ -21,10 +21,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::RaftNode;
 use super::channel::{Channel, OtherCluster};
 use super::ident::{AT_HANDSHAKE, AT_RPC};
 use super::network::{Envelope, KIND_REPLY, KIND_REQUEST, Reply, Request};
+use super::{NodeId, RaftNode};
 use crate::control::gossip::Members;
 use crate::control::membership;
 use crate::control::pki::NodeIdentity;
@@ -184,9 +184,9 @@ async fn serve_conn(
             Next::Closed => return,
         };
         let reply = match admissible(&node, kind, &env, &who) {
-            Err((counted, why)) => {
-                metrics.rejected_inputs.with_label_values(&[counted]).inc();
-                Reply::Refused(why)
+            Err(why) => {
+                metrics.rejected_inputs.with_label_values(&[why.counted_as()]).inc();
+                Reply::Refused(why.to_string())
             }
             Ok(()) => dispatch(&node, env, &members).await,
         };
@@ -249,27 +249,53 @@ where
 /// request, a request claiming a member's Raft id the certificate does not name
 /// (`raft_identity`), or one meant for another cluster or node (`raft_misdirected`: a peer
 /// with a stale address book, or a probe).
-fn admissible(node: &RaftNode, kind: u8, env: &Envelope, who: &NodeIdentity) -> Result<(), (&'static str, String)> {
+fn admissible(node: &RaftNode, kind: u8, env: &Envelope, who: &NodeIdentity) -> Result<(), Inadmissible> {
     if kind != KIND_REQUEST {
-        return Err(("raft_frame", "expected a request frame".into()));
+        return Err(Inadmissible::NotRequest);
     }
-    sender_is(node, env, who).map_err(|why| ("raft_identity", why))?;
+    sender_is(node, env, who)?;
     if env.cluster != node.wire.cluster {
-        return Err(("raft_misdirected", format!("this node belongs to cluster {:?}", node.wire.cluster)));
+        return Err(Inadmissible::OtherClusterName(node.wire.cluster.clone()));
     }
     if env.to != node.id {
-        return Err(("raft_misdirected", format!("this is node {}, not {}", node.id, env.to)));
+        return Err(Inadmissible::OtherNode { me: node.id, to: env.to });
     }
     Ok(())
 }
 
+/// Why a frame is refused before dispatch; the text is the `Refused` reply the peer gets.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum Inadmissible {
+    #[error("expected a request frame")]
+    NotRequest,
+    /// A member's Raft id claimed by another certificate.
+    #[error("Raft id {id} is node {member}, but the certificate names node {certificate}")]
+    WrongSender { id: NodeId, member: String, certificate: String },
+    /// The envelope names another cluster (this node's name is carried).
+    #[error("this node belongs to cluster {0:?}")]
+    OtherClusterName(String),
+    #[error("this is node {me}, not {to}")]
+    OtherNode { me: NodeId, to: NodeId },
+}
+
+impl Inadmissible {
+    /// The `shoal_rejected_inputs_total` kind.
+    fn counted_as(&self) -> &'static str {
+        match self {
+            Inadmissible::NotRequest => "raft_frame",
+            Inadmissible::WrongSender { .. } => "raft_identity",
+            Inadmissible::OtherClusterName(_) | Inadmissible::OtherNode { .. } => "raft_misdirected",
+        }
+    }
+}
+
 /// A member's Raft id may be claimed only by the node its certificate names; an id the
 /// membership does not know yet (a new node before its first log) rests on the CA alone.
-fn sender_is(node: &RaftNode, env: &Envelope, who: &NodeIdentity) -> Result<(), String> {
+fn sender_is(node: &RaftNode, env: &Envelope, who: &NodeIdentity) -> Result<(), Inadmissible> {
     let membership = node.raft.metrics().borrow().membership_config.clone();
     match membership.membership().get_node(&env.from) {
         Some(member) if member.name != who.node => {
-            Err(format!("Raft id {} is node {}, but the certificate names node {}", env.from, member.name, who.node))
+            Err(Inadmissible::WrongSender { id: env.from, member: member.name.clone(), certificate: who.node.clone() })
         }
         _ => Ok(()),
     }
@@ -284,14 +310,15 @@ async fn dispatch(node: &RaftNode, env: Envelope, members: &watch::Receiver<Arc<
     // identity takes it from them (durably, before Raft sees the request).
     let may_adopt = matches!(env.body, Request::Append(_) | Request::Vote(_) | Request::Snapshot(_));
     if let Err(why) = node.ident.check(env.cluster_id, may_adopt, AT_RPC) {
-        return Reply::Refused(why);
+        return Reply::Refused(why.to_string());
     }
     match env.body {
         Request::Append(rpc) => Reply::Append(node.raft.append_entries(rpc).await),
         Request::Vote(rpc) => Reply::Vote(node.raft.vote(rpc).await),
         Request::Snapshot(rpc) => Reply::Snapshot(node.raft.install_snapshot(rpc).await),
-        Request::Write(cmd) => Reply::Write(node.write_as_leader(cmd).await),
-        Request::ReadIndex => Reply::ReadIndex(node.read_index_as_leader().await),
+        // The wire carries the error's text.
+        Request::Write(cmd) => Reply::Write(node.write_as_leader(cmd).await.map_err(|e| e.to_string())),
+        Request::ReadIndex => Reply::ReadIndex(node.read_index_as_leader().await.map_err(|e| e.to_string())),
         Request::Ping => Reply::Pong(node.id, node.ident.get()),
         Request::Remove(target) => {
             let members = members.borrow().clone();
@@ -319,5 +346,17 @@ mod tests {
         let _c1 = gate.admit(c).expect("a finished handshake frees its place");
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
         assert!(gate.admit(mapped).is_none(), "an IPv4-mapped address is the same address");
+    }
+
+    #[test]
+    fn refusals_keep_their_texts_and_metric_kinds() {
+        let wrong = Inadmissible::WrongSender { id: 3, member: "n1".into(), certificate: "n2".into() };
+        assert_eq!(wrong.to_string(), "Raft id 3 is node n1, but the certificate names node n2");
+        assert_eq!(wrong.counted_as(), "raft_identity");
+        let other = Inadmissible::OtherClusterName("prod".into());
+        assert_eq!(other.to_string(), "this node belongs to cluster \"prod\"");
+        assert_eq!(other.counted_as(), "raft_misdirected");
+        assert_eq!(Inadmissible::OtherNode { me: 1, to: 2 }.to_string(), "this is node 1, not 2");
+        assert_eq!(Inadmissible::NotRequest.counted_as(), "raft_frame");
     }
 }

@@ -31,6 +31,25 @@ const CLUSTER_ID: &str = "cluster_id";
 
 type StResult<T> = Result<T, StorageError<NodeId>>;
 
+/// Why a metadata read or write failed. The texts are those of the underlying errors, which
+/// openraft receives (as strings) through [`read_err`] and [`write_err`].
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Transaction(#[from] redb::TransactionError),
+    #[error(transparent)]
+    Table(#[from] redb::TableError),
+    #[error(transparent)]
+    Storage(#[from] redb::StorageError),
+    #[error(transparent)]
+    Commit(#[from] redb::CommitError),
+    /// A stored value that does not decode (the key names it).
+    #[error("{key}: {error}")]
+    Decode { key: String, error: serde_json::Error },
+    #[error(transparent)]
+    Encode(serde_json::Error),
+}
+
 /// A persisted snapshot: its metadata and its bytes.
 pub type StoredSnapshot = (SnapshotMeta<NodeId, super::ShoalNode>, Vec<u8>);
 
@@ -69,51 +88,53 @@ impl Db {
         Ok(Db(Arc::new(db)))
     }
 
-    fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, String> {
-        let txn = self.0.begin_read().map_err(|e| e.to_string())?;
-        let table = txn.open_table(META).map_err(|e| e.to_string())?;
-        let Some(raw) = table.get(key).map_err(|e| e.to_string())? else { return Ok(None) };
-        serde_json::from_slice(raw.value()).map(Some).map_err(|e| format!("{key}: {e}"))
+    fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let txn = self.0.begin_read()?;
+        let table = txn.open_table(META)?;
+        let Some(raw) = table.get(key)? else { return Ok(None) };
+        serde_json::from_slice(raw.value())
+            .map(Some)
+            .map_err(|error| StoreError::Decode { key: key.to_string(), error })
     }
 
-    fn put_meta(&self, pairs: &[(&str, Vec<u8>)]) -> Result<(), String> {
-        let txn = self.0.begin_write().map_err(|e| e.to_string())?;
+    fn put_meta(&self, pairs: &[(&str, Vec<u8>)]) -> Result<(), StoreError> {
+        let txn = self.0.begin_write()?;
         {
-            let mut table = txn.open_table(META).map_err(|e| e.to_string())?;
+            let mut table = txn.open_table(META)?;
             for (k, v) in pairs {
-                table.insert(*k, v.as_slice()).map_err(|e| e.to_string())?;
+                table.insert(*k, v.as_slice())?;
             }
         }
-        txn.commit().map_err(|e| e.to_string())
+        Ok(txn.commit()?)
     }
 
     /// The stored cluster identity, if this node has one.
-    pub fn cluster_id(&self) -> Result<Option<super::ident::ClusterId>, String> {
+    pub fn cluster_id(&self) -> Result<Option<super::ident::ClusterId>, StoreError> {
         self.meta(CLUSTER_ID)
     }
 
     /// Stores the cluster identity (fsynced before it returns).
-    pub fn set_cluster_id(&self, id: super::ident::ClusterId) -> Result<(), String> {
+    pub fn set_cluster_id(&self, id: super::ident::ClusterId) -> Result<(), StoreError> {
         self.put_meta(&[(CLUSTER_ID, json(&id)?)])
     }
 
     /// Persists a snapshot (meta and data) atomically.
-    pub fn save_snapshot(&self, meta: &SnapshotMeta<NodeId, super::ShoalNode>, data: &[u8]) -> Result<(), String> {
+    pub fn save_snapshot(&self, meta: &SnapshotMeta<NodeId, super::ShoalNode>, data: &[u8]) -> Result<(), StoreError> {
         self.put_meta(&[(SNAPSHOT_META, json(meta)?), (SNAPSHOT_DATA, data.to_vec())])
     }
 
     /// The latest persisted snapshot.
-    pub fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, String> {
+    pub fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StoreError> {
         let Some(meta) = self.meta(SNAPSHOT_META)? else { return Ok(None) };
-        let txn = self.0.begin_read().map_err(|e| e.to_string())?;
-        let table = txn.open_table(META).map_err(|e| e.to_string())?;
-        let data = table.get(SNAPSHOT_DATA).map_err(|e| e.to_string())?.map(|v| v.value().to_vec()).unwrap_or_default();
+        let txn = self.0.begin_read()?;
+        let table = txn.open_table(META)?;
+        let data = table.get(SNAPSHOT_DATA)?.map(|v| v.value().to_vec()).unwrap_or_default();
         Ok(Some((meta, data)))
     }
 }
 
-fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
-    serde_json::to_vec(v).map_err(|e| e.to_string())
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(StoreError::Encode)
 }
 
 fn read_err(e: impl ToString) -> StorageError<NodeId> {
@@ -287,5 +308,19 @@ mod tests {
         }
         let mut store = LogStore::new(Db::open(&path).expect("reopen"));
         assert_eq!(store.read_vote().await.expect("read"), Some(vote));
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_value_names_its_key_and_reaches_openraft_as_text() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = Db::open(&dir.path().join("raft.redb")).expect("open");
+        db.put_meta(&[(VOTE, b"not json".to_vec())]).expect("put");
+        let err = db.meta::<Vote<NodeId>>(VOTE).expect_err("garbage");
+        assert!(matches!(&err, StoreError::Decode { key, .. } if key == VOTE), "{err}");
+        let text = err.to_string();
+        assert!(text.starts_with("vote: "), "{text}");
+        let raft_err = LogStore::new(db.clone()).read_vote().await.expect_err("garbage vote");
+        assert_eq!(raft_err, StorageIOError::read_vote(AnyError::error(&text)).into());
+        assert!(matches!(db.cluster_id(), Ok(None)), "no identity yet");
     }
 }
