@@ -65,6 +65,13 @@ impl Proc {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
     }
 
+    /// Waits until the node's log holds `text` (a line may be written just after the state
+    /// it reports is visible through the API).
+    async fn logged(&self, text: &str) {
+        let what = format!("the log to say {text:?}");
+        eventually(WITHIN, &what, || async { self.log().contains(text).then_some(()) }).await;
+    }
+
     fn hangup(&self) {
         let ok = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().expect("kill");
         assert!(ok.success(), "kill -HUP");
@@ -153,16 +160,15 @@ async fn file_edits_are_applied_and_bad_files_refused() {
     assert_eq!(s["pools"]["b"]["spec"]["algorithm"], "least_conn");
     assert_eq!(weight(&s, "b", "127.0.0.1:9002"), Some(5));
     assert_eq!(weight(&s, "b", "127.0.0.1:9003"), Some(1));
-    let log = node.log();
-    assert!(log.contains("removed (no longer in the file)"), "{log}");
-    assert!(log.contains("backends added 127.0.0.1:9003"), "{log}");
+    node.logged("removed (no longer in the file)").await;
+    node.logged("backends added 127.0.0.1:9003").await;
     node.counted("ok", 1).await;
 
     let version = s["version"].as_u64().expect("version");
     node.write("[pools.b]\npattern = \"/b/\"\nalgoritm = \"least_conn\"\n");
     node.counted("invalid", 1).await;
-    assert!(node.log().contains("config file refused"), "{}", node.log());
-    assert!(node.log().contains("pools.b"), "the key is named: {}", node.log());
+    node.logged("config file refused").await;
+    node.logged("pools.b").await; // the key is named
     let kept = node.state().await.expect("state");
     assert_eq!((kept["version"].as_u64(), pools(&kept)), (Some(version), pools(&s)), "running state kept");
 
@@ -189,7 +195,7 @@ async fn sighup_reloads_a_seed_004_file_at_once() {
     let node = Proc::start(&seed(r#""127.0.0.1:7000 127.0.0.1:7001""#), 0).await;
     let s = node.until("the seed's pool", |s| pools(s) == ["logic"]).await;
     assert_eq!(s["pools"]["logic"]["backends"].as_object().map(|b| b.len()), Some(1));
-    assert!(node.log().contains("watching the config file"), "{}", node.log());
+    node.logged("watching the config file").await;
 
     node.write(&seed(r#""127.0.0.1:7000 127.0.0.1:7001", "127.0.0.1:7002 127.0.0.1:7003""#));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -207,7 +213,7 @@ async fn sighup_reloads_a_seed_004_file_at_once() {
     node.write(&seed(r#""127.0.0.1:7000""#));
     node.hangup();
     node.counted("invalid", 1).await;
-    assert!(node.log().contains("logic_servers[0]"), "{}", node.log());
+    node.logged("logic_servers[0]").await;
     let kept = node.state().await.expect("state");
     assert_eq!(kept["pools"]["logic"]["backends"].as_object().map(|b| b.len()), Some(2));
 }
