@@ -1,0 +1,460 @@
+//! Builds a node from its options and owns the start order: Raft → (gossip, Raft RPC,
+//! bootstrap, membership) → health → routing table → data plane → config sources →
+//! reconciler → admin. Each service lives in its own file and starts from what it needs;
+//! `start_with` only composes them. Shutdown (`stop`): un-ready in gossip, stop accepting,
+//! let connections finish within the drain timeout, stop, then leave Raft and gossip last.
+
+mod access_log;
+mod certs;
+mod cluster;
+mod listeners;
+mod options;
+mod publish;
+mod readiness;
+mod reconciler;
+mod sources;
+mod stop;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use shoal_proto::State;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use options::{AccessLogOptions, ClusterCreds, ClusterOptions, NodeOptions};
+pub use stop::Released;
+
+use self::listeners::{Bound, Fixed};
+use self::readiness::Readiness;
+use self::reconciler::Reconciler;
+use crate::admin::tokens::Tokens;
+use crate::config;
+use crate::config_watch;
+use crate::control::gossip::{Gossip, Members};
+use crate::control::raft::{CoreFailure, RaftNet, RaftNode, ShoalNode};
+use crate::dataplane::accesslog::AccessLog;
+use crate::dataplane::tls::TlsStore;
+use crate::dataplane::{DataPlane, DpCtx};
+use crate::health::{self, BackendId, HealthCtx, HealthView, Reporter};
+use crate::metrics::Metrics;
+use crate::reconcile::NodeCtx;
+use crate::routing::{Counts, SharedTable, Table};
+use crate::shutdown::{self, Shutdown, Trigger};
+use crate::upgrade::Inherited;
+
+/// What the admin API and the control loops share.
+pub struct NodeShared {
+    pub id: String,
+    pub zone: String,
+    pub admin_addr: SocketAddr,
+    pub cluster_addr: Option<SocketAddr>,
+    pub raft: Arc<RaftNode>,
+    pub gossip: Option<Arc<Gossip>>,
+    /// The cluster's combined health view (what routing uses).
+    pub health: watch::Receiver<Arc<HealthView>>,
+    /// This node's own observations.
+    pub local_health: watch::Receiver<Arc<HealthView>>,
+    pub table: SharedTable,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Shutdown,
+    pub readiness: Arc<Readiness>,
+    /// Server certificates of the HTTPS listener (reloadable).
+    pub tls: Option<Arc<TlsStore>>,
+    /// Client TLS for `backend_tls` pools.
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The admin token the node started with (the file's first admin token, if any).
+    pub admin_token: String,
+    /// The scoped tokens in service.
+    pub tokens: Tokens,
+    /// The admin listener's certificate (`None`: plain HTTP).
+    pub admin_tls: Option<Arc<TlsStore>>,
+    pub public_metrics: bool,
+    pub grpc_allow_unauthenticated: bool,
+    /// `PUT /v1/debug/clock` is served (`--fault-injection`).
+    pub fault_injection: bool,
+    bound: Arc<Bound>,
+    /// The access log, reopened by `POST /v1/access-log/reopen`.
+    pub access_log: Option<Arc<AccessLog>>,
+}
+
+impl NodeShared {
+    pub fn state(&self) -> Arc<State> {
+        self.raft.current()
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.bound.http()
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.bound.https()
+    }
+
+    /// Work in flight on live peers, per backend (from their gossip).
+    pub fn remote_counts(&self) -> HashMap<BackendId, Counts> {
+        let mut out: HashMap<BackendId, Counts> = HashMap::new();
+        for m in self.members().live().filter(|m| m.name != self.id) {
+            for (id, c) in &m.active {
+                *out.entry(id.clone()).or_default() += *c;
+            }
+        }
+        out
+    }
+
+    pub fn members(&self) -> Arc<Members> {
+        self.gossip.as_ref().map(|g| g.members.borrow().clone()).unwrap_or_default()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.readiness.is_ready()
+    }
+
+    /// Updates gauges that are cheaper to compute on scrape than on every change.
+    pub async fn refresh_gauges(&self) {
+        let st = self.raft.status().await;
+        let m = &self.metrics;
+        m.config_version.set(self.state().version as i64);
+        m.raft_term.set(st.term as i64);
+        m.raft_leader_id.set(st.leader.map(|l| l as i64).unwrap_or(0));
+        m.raft_is_leader.set(i64::from(st.leader == Some(self.raft.id)));
+        m.raft_commit_index.set(st.committed as i64);
+        m.raft_applied_index.set(st.applied as i64);
+        m.raft_voters.set(st.voters.len() as i64);
+        m.raft_voters_live.set(live_voters(&st.voters, &self.members(), self.raft.id) as i64);
+        m.raft_learners.set(st.learners.len() as i64);
+        m.gossip_live_nodes.set(self.members().live().count().max(1) as i64);
+        m.node_ready.set(i64::from(self.is_ready()));
+        for (cert, store) in [("https", &self.tls), ("admin", &self.admin_tls)] {
+            for (file, not_after) in store.iter().flat_map(|s| s.expiries()) {
+                m.certificate(cert, &file, not_after);
+            }
+        }
+    }
+}
+
+/// Voters alive in gossip (by the Raft id they gossip); this node counts as alive itself, so
+/// a node without gossip (alone) sees its one voter.
+fn live_voters(voters: &std::collections::BTreeSet<u64>, members: &Members, me: u64) -> usize {
+    let live: std::collections::HashSet<u64> = members.live().map(|m| m.raft_id).chain([me]).collect();
+    voters.iter().filter(|v| live.contains(v)).count()
+}
+
+/// A running node.
+pub struct NodeHandle {
+    pub shared: Arc<NodeShared>,
+    trigger: Trigger,
+    dataplane: Arc<DataPlane>,
+    /// The data plane's own shutdown: after a handover it outlives the control plane.
+    dp_trigger: Trigger,
+    /// Opens the accept loops (held shut while a node taking over is not ready yet).
+    accepting: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    /// The admin server: it closes its connections itself at `Phase::Stopped`.
+    admin: JoinHandle<()>,
+    admin_socket: AdminSocket,
+    drain_timeout: Duration,
+}
+
+impl NodeHandle {
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.shared.admin_addr
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.shared.http_addr()
+    }
+
+    /// Resolves if the Raft core stops without a shutdown having asked (a storage error): the
+    /// process must then exit, see `cli::run_node`.
+    pub fn raft_failure(&self) -> impl Future<Output = CoreFailure> + Send + 'static {
+        self.shared.raft.failure()
+    }
+
+    /// Opens the accept loops once the node is ready (or after `max`): a node that took
+    /// over sockets must not answer from an empty table while the old one still serves.
+    pub async fn accept_when_ready(&self, max: Duration) -> bool {
+        let ready = tokio::time::timeout(max, async {
+            while !self.shared.is_ready() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .is_ok();
+        self.accepting.send_replace(true);
+        ready
+    }
+}
+
+/// A duplicate of the admin listening socket and the address it was asked for, to hand over.
+struct AdminSocket {
+    socket: std::net::TcpListener,
+    requested: SocketAddr,
+}
+
+/// Binds the admin listener (or takes the inherited one) and keeps a duplicate to hand over.
+async fn bind_admin(
+    requested: SocketAddr,
+    inherited: Option<&mut Inherited>,
+) -> anyhow::Result<(tokio::net::TcpListener, AdminSocket)> {
+    let listener = match inherited.and_then(|i| i.take_admin(requested)) {
+        Some(l) => tokio::net::TcpListener::from_std(l)?,
+        None => tokio::net::TcpListener::bind(requested)
+            .await
+            .with_context(|| format!("cannot bind the admin address {requested}"))?,
+    };
+    let socket = {
+        use std::os::fd::AsFd;
+        std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?)
+    };
+    Ok((listener, AdminSocket { socket, requested }))
+}
+
+/// The admin tokens: from the token file when one is given, else the one fixed token.
+fn admin_tokens(opts: &NodeOptions) -> anyhow::Result<(Tokens, String)> {
+    match &opts.admin_token_file {
+        Some(path) => {
+            let tokens = Tokens::from_file(path).map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))?;
+            let first = tokens.current().first_admin().unwrap_or_default().to_string();
+            Ok((tokens, first))
+        }
+        None => Ok((Tokens::fixed(&opts.admin_token), opts.admin_token.clone())),
+    }
+}
+
+/// Checks what must hold before anything starts, and warns about test-only switches.
+fn preflight(opts: &NodeOptions) -> anyhow::Result<()> {
+    if let Some(c) = &opts.cluster {
+        cluster::check_identity(&opts.id, c)?;
+    }
+    if opts.fault_injection {
+        tracing::warn!(
+            node = %opts.id,
+            clock_offset_ms = crate::clock::offset_ms(),
+            "--fault-injection: the admin API can move this node's wall clock (PUT /v1/debug/clock); for chaos tests only"
+        );
+    }
+    Ok(())
+}
+
+/// Opens the Raft store and starts its core (not yet part of any cluster).
+async fn start_raft(opts: &NodeOptions, admin_addr: SocketAddr, metrics: &Metrics) -> anyhow::Result<Arc<RaftNode>> {
+    let me = ShoalNode {
+        name: opts.id.clone(),
+        raft_addr: opts.cluster.as_ref().map(|c| c.addr.to_string()).unwrap_or_default(),
+        admin: admin_addr.to_string(),
+    };
+    let net = RaftNet {
+        cluster: opts.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| "shoal".into()),
+        tls: opts.cluster.as_ref().map(|c| c.creds.tls.clone()),
+        filter: opts.cluster.as_ref().and_then(|c| c.link_filter.clone()),
+        mismatches: Some(metrics.cluster_id_mismatch.clone()),
+    };
+    let timing = opts.cluster.as_ref().map(|c| c.raft.clone()).unwrap_or_default();
+    Ok(Arc::new(RaftNode::start(&opts.data_dir.join("raft"), me, net, &timing).await?))
+}
+
+/// The data plane's share of a start: what its workers read, and the switches kept to drive it.
+struct Plane {
+    dataplane: Arc<DataPlane>,
+    dp_trigger: Trigger,
+    accepting: watch::Sender<bool>,
+    threads: usize,
+}
+
+/// What the data plane is started with besides the options.
+struct PlaneInputs {
+    table: SharedTable,
+    metrics: Arc<Metrics>,
+    reporter: Reporter,
+    tls: Option<Arc<TlsStore>>,
+    backend_tls: Option<Arc<rustls::ClientConfig>>,
+    access_log: Option<Arc<AccessLog>>,
+}
+
+/// Starts the worker threads; with `inherited` sockets their accept loops stay shut until
+/// [`NodeHandle::accept_when_ready`].
+fn start_dataplane(opts: &NodeOptions, i: PlaneInputs, inherited: Option<Inherited>) -> anyhow::Result<Plane> {
+    let (dp_trigger, dp_shutdown) = shutdown::channel();
+    let (accepting, accepting_rx) = watch::channel(inherited.is_none());
+    let dp_ctx = DpCtx {
+        table: i.table,
+        metrics: i.metrics,
+        reporter: i.reporter,
+        limits: opts.limits.clone(),
+        shutdown: dp_shutdown,
+        accepting: accepting_rx,
+        tls: i.tls,
+        backend_tls: i.backend_tls,
+        https_redirect: opts.https_redirect.clone(),
+        tunnels: Default::default(),
+        access_log: i.access_log,
+        ids: opts.ids,
+        accept_proxy_from: (!opts.accept_proxy_from.is_empty()).then(|| opts.accept_proxy_from.clone()),
+    };
+    let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
+    let dataplane = Arc::new(DataPlane::start(threads, dp_ctx).context("cannot start data-plane workers")?);
+    if let Some(i) = inherited {
+        dataplane.inherit(i.into_dataplane());
+    }
+    Ok(Plane { dataplane, dp_trigger, accepting, threads })
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Starts a node on the current tokio runtime (data-plane workers get their own threads).
+pub async fn start(opts: NodeOptions) -> anyhow::Result<NodeHandle> {
+    start_with(opts, None).await
+}
+
+/// Starts a node; with `inherited`, on the sockets of the process it takes over from, and
+/// with its accept loops shut until [`NodeHandle::accept_when_ready`].
+pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> anyhow::Result<NodeHandle> {
+    preflight(&opts)?;
+    let metrics = Arc::new(Metrics::new(&opts.id));
+    let (trigger, shutdown) = shutdown::channel();
+    let config_file = opts
+        .config
+        .as_ref()
+        .map(|p| config::load(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+        .transpose()?;
+    let listen_ip =
+        opts.listen_ip.or(config_file.as_ref().and_then(|f| f.listen_ip)).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let (admin_listener, admin_socket) = bind_admin(opts.admin, inherited.as_mut()).await?;
+    let admin_addr = admin_listener.local_addr()?;
+    let raft = start_raft(&opts, admin_addr, &metrics).await?;
+    let mut tasks = Vec::new();
+    let gossip = match &opts.cluster {
+        Some(c) => {
+            let started = cluster::start(c, &opts, &raft, (admin_addr, listen_ip), &metrics, &shutdown).await?;
+            tasks.extend(started.tasks);
+            Some(started.gossip)
+        }
+        None => {
+            raft.initialize_alone().await?;
+            None
+        }
+    };
+    let (members_rx, names_task) = cluster::live_names(gossip.as_deref());
+    tasks.extend(names_task);
+    let backend_tls = certs::backend_client(opts.backend_ca.as_deref())?;
+    let (local_health, reporter) = health::spawn(HealthCtx {
+        state: raft.subscribe(),
+        listen_ip,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+        me: opts.id.clone(),
+        members: members_rx,
+        probe_replicas: opts.cluster.as_ref().map(|c| c.probe_replicas).unwrap_or(1),
+        backend_tls: backend_tls.clone(),
+    });
+    let (combined_tx, combined_rx) = watch::channel(Arc::new(HealthView::default()));
+    let table: SharedTable = Arc::new(ArcSwap::from_pointee(Table::default()));
+    let tls = certs::https_store(opts.https_port, &opts.tls)?;
+    let (tokens, admin_token) = admin_tokens(&opts)?;
+    let admin_tls = opts.admin_tls.as_ref().map(certs::admin_store).transpose()?;
+    let access_log = access_log::start(&opts, &metrics)?;
+    let plane = start_dataplane(
+        &opts,
+        PlaneInputs {
+            table: table.clone(),
+            metrics: metrics.clone(),
+            reporter,
+            tls: tls.clone(),
+            backend_tls: backend_tls.clone(),
+            access_log: access_log.clone(),
+        },
+        inherited,
+    )?;
+    let readiness = Arc::new(Readiness::new(shutdown.clone()));
+    let bound = Arc::new(Bound::default());
+    let shared = Arc::new(NodeShared {
+        id: opts.id.clone(),
+        zone: opts.zone.clone(),
+        admin_addr,
+        cluster_addr: opts.cluster.as_ref().map(|c| c.addr),
+        raft: raft.clone(),
+        gossip: gossip.clone(),
+        health: combined_rx,
+        local_health: local_health.clone(),
+        table: table.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+        readiness: readiness.clone(),
+        tls: tls.clone(),
+        backend_tls,
+        admin_token,
+        tokens,
+        admin_tls,
+        public_metrics: opts.public_metrics,
+        grpc_allow_unauthenticated: opts.grpc_allow_unauthenticated,
+        fault_injection: opts.fault_injection,
+        bound: bound.clone(),
+        access_log,
+    });
+    let fixed = Fixed::new(listen_ip, opts.http_port, opts.https_port, opts.listen_ip6);
+    let keepers = config_watch::Ctx {
+        raft: raft.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+        pending: readiness.sources_pending(),
+    };
+    tasks.extend(sources::start(config_file, &opts, keepers, gossip.is_none()).await?);
+    let reconciler = Reconciler {
+        id: opts.id.clone(),
+        raft: raft.clone(),
+        gossip: gossip.clone(),
+        readiness,
+        table: table.clone(),
+        metrics,
+        shutdown: shutdown.clone(),
+        dp: plane.dataplane.clone(),
+        fixed,
+        bound: bound.clone(),
+        ctx: NodeCtx { workers: plane.threads, zone: opts.zone.clone() },
+        local: local_health.clone(),
+        combined: combined_tx,
+    };
+    tasks.push(reconciler.spawn());
+    tasks.extend(tls.map(certs::spawn_https_watch));
+    tasks.extend(gossip.map(|g| publish::spawn(g, local_health, table.clone())));
+    reconciler::wait_first_table(&table, &bound).await;
+    let admin = tokio::spawn(crate::admin::serve(admin_listener, shared.clone(), shutdown));
+    tracing::info!(node = %opts.id, raft_id = raft.id, admin = %admin_addr, http = ?bound.http(), cluster = ?shared.cluster_addr, threads = plane.threads, "node started");
+    Ok(NodeHandle {
+        shared,
+        trigger,
+        dataplane: plane.dataplane,
+        dp_trigger: plane.dp_trigger,
+        accepting: plane.accepting,
+        tasks,
+        admin,
+        admin_socket,
+        drain_timeout: opts.drain_timeout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::gossip::Member;
+
+    fn member(name: &str, raft_id: u64, live: bool) -> (String, Member) {
+        (name.to_string(), Member { name: name.into(), raft_id, live, ..Member::default() })
+    }
+
+    #[test]
+    fn live_voters_counts_voters_gossip_sees_alive_and_this_node() {
+        let members = Members { nodes: [member("a", 1, true), member("b", 2, false), member("c", 3, true)].into() };
+        let voters = [1, 2, 3].into();
+        assert_eq!(live_voters(&voters, &members, 1), 2, "b is dead");
+        assert_eq!(live_voters(&voters, &Members::default(), 2), 1, "alone: itself");
+        assert_eq!(live_voters(&[1, 3].into(), &members, 4), 2, "a learner that sees both voters");
+    }
+}
