@@ -15,14 +15,12 @@ mod reconciler;
 mod sources;
 mod stop;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use shoal_proto::State;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -33,6 +31,7 @@ use self::listeners::{Bound, Fixed};
 use self::readiness::Readiness;
 use self::reconciler::Reconciler;
 use crate::admin::tokens::Tokens;
+use crate::admin::{NodeApi, NodeStatus};
 use crate::config;
 use crate::config_watch;
 use crate::control::gossip::{Gossip, Members};
@@ -40,113 +39,40 @@ use crate::control::raft::{CoreFailure, RaftNet, RaftNode, ShoalNode};
 use crate::dataplane::accesslog::AccessLog;
 use crate::dataplane::tls::TlsStore;
 use crate::dataplane::{DataPlane, DpCtx};
-use crate::health::{self, BackendId, HealthCtx, HealthView, Reporter};
+use crate::health::{self, HealthCtx, HealthView, Reporter};
 use crate::metrics::Metrics;
 use crate::reconcile::NodeCtx;
-use crate::routing::{Counts, SharedTable, Table};
-use crate::shutdown::{self, Shutdown, Trigger};
+use crate::routing::{SharedTable, Table};
+use crate::shutdown::{self, Trigger};
 use crate::upgrade::Inherited;
 
-/// What the admin API and the control loops share.
-pub struct NodeShared {
-    pub id: String,
-    pub zone: String,
-    pub admin_addr: SocketAddr,
-    pub cluster_addr: Option<SocketAddr>,
-    pub raft: Arc<RaftNode>,
-    pub gossip: Option<Arc<Gossip>>,
-    /// The cluster's combined health view (what routing uses).
-    pub health: watch::Receiver<Arc<HealthView>>,
-    /// This node's own observations.
-    pub local_health: watch::Receiver<Arc<HealthView>>,
-    pub table: SharedTable,
-    pub metrics: Arc<Metrics>,
-    pub shutdown: Shutdown,
-    pub readiness: Arc<Readiness>,
-    /// Server certificates of the HTTPS listener (reloadable).
-    pub tls: Option<Arc<TlsStore>>,
-    /// Client TLS for `backend_tls` pools.
-    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
-    /// The admin token the node started with (the file's first admin token, if any).
-    pub admin_token: String,
-    /// The scoped tokens in service.
-    pub tokens: Tokens,
-    /// The admin listener's certificate (`None`: plain HTTP).
-    pub admin_tls: Option<Arc<TlsStore>>,
-    pub public_metrics: bool,
-    pub grpc_allow_unauthenticated: bool,
-    /// `PUT /v1/debug/clock` is served (`--fault-injection`).
-    pub fault_injection: bool,
+/// What the admin API asks the node while it runs.
+struct Status {
+    readiness: Arc<Readiness>,
     bound: Arc<Bound>,
-    /// The access log, reopened by `POST /v1/access-log/reopen`.
-    pub access_log: Option<Arc<AccessLog>>,
 }
 
-impl NodeShared {
-    pub fn state(&self) -> Arc<State> {
-        self.raft.current()
-    }
-
-    pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.bound.http()
-    }
-
-    pub fn https_addr(&self) -> Option<SocketAddr> {
-        self.bound.https()
-    }
-
-    /// Work in flight on live peers, per backend (from their gossip).
-    pub fn remote_counts(&self) -> HashMap<BackendId, Counts> {
-        let mut out: HashMap<BackendId, Counts> = HashMap::new();
-        for m in self.members().live().filter(|m| m.name != self.id) {
-            for (id, c) in &m.active {
-                *out.entry(id.clone()).or_default() += *c;
-            }
-        }
-        out
-    }
-
-    pub fn members(&self) -> Arc<Members> {
-        self.gossip.as_ref().map(|g| g.members.borrow().clone()).unwrap_or_default()
-    }
-
-    pub fn is_ready(&self) -> bool {
+impl NodeStatus for Status {
+    fn is_ready(&self) -> bool {
         self.readiness.is_ready()
     }
 
-    /// Updates gauges that are cheaper to compute on scrape than on every change.
-    pub async fn refresh_gauges(&self) {
-        let st = self.raft.status().await;
-        let m = &self.metrics;
-        m.config_version.set(self.state().version as i64);
-        m.raft_term.set(st.term as i64);
-        m.raft_leader_id.set(st.leader.map(|l| l as i64).unwrap_or(0));
-        m.raft_is_leader.set(i64::from(st.leader == Some(self.raft.id)));
-        m.raft_commit_index.set(st.committed as i64);
-        m.raft_applied_index.set(st.applied as i64);
-        m.raft_voters.set(st.voters.len() as i64);
-        m.raft_voters_live.set(live_voters(&st.voters, &self.members(), self.raft.id) as i64);
-        m.raft_learners.set(st.learners.len() as i64);
-        m.gossip_live_nodes.set(self.members().live().count().max(1) as i64);
-        m.node_ready.set(i64::from(self.is_ready()));
-        for (cert, store) in [("https", &self.tls), ("admin", &self.admin_tls)] {
-            for (file, not_after) in store.iter().flat_map(|s| s.expiries()) {
-                m.certificate(cert, &file, not_after);
-            }
-        }
+    fn http_addr(&self) -> Option<SocketAddr> {
+        self.bound.http()
     }
-}
 
-/// Voters alive in gossip (by the Raft id they gossip); this node counts as alive itself, so
-/// a node without gossip (alone) sees its one voter.
-fn live_voters(voters: &std::collections::BTreeSet<u64>, members: &Members, me: u64) -> usize {
-    let live: std::collections::HashSet<u64> = members.live().map(|m| m.raft_id).chain([me]).collect();
-    voters.iter().filter(|v| live.contains(v)).count()
+    fn https_addr(&self) -> Option<SocketAddr> {
+        self.bound.https()
+    }
 }
 
 /// A running node.
 pub struct NodeHandle {
-    pub shared: Arc<NodeShared>,
+    /// What the admin API sees of the node (tests read it too).
+    pub shared: Arc<NodeApi>,
+    /// The admin token the node started with (the file's first admin token, if any).
+    pub admin_token: String,
+    gossip: Option<Arc<Gossip>>,
     trigger: Trigger,
     dataplane: Arc<DataPlane>,
     /// The data plane's own shutdown: after a handover it outlives the control plane.
@@ -374,28 +300,28 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
     )?;
     let readiness = Arc::new(Readiness::new(shutdown.clone()));
     let bound = Arc::new(Bound::default());
-    let shared = Arc::new(NodeShared {
+    let shared = Arc::new(NodeApi {
         id: opts.id.clone(),
         zone: opts.zone.clone(),
         admin_addr,
-        cluster_addr: opts.cluster.as_ref().map(|c| c.addr),
         raft: raft.clone(),
-        gossip: gossip.clone(),
+        gossip_members: gossip
+            .as_ref()
+            .map(|g| g.members.clone())
+            .unwrap_or_else(|| watch::channel(Arc::new(Members::default())).1),
         health: combined_rx,
         local_health: local_health.clone(),
         table: table.clone(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
-        readiness: readiness.clone(),
+        status: Arc::new(Status { readiness: readiness.clone(), bound: bound.clone() }),
         tls: tls.clone(),
         backend_tls,
-        admin_token,
         tokens,
         admin_tls,
         public_metrics: opts.public_metrics,
         grpc_allow_unauthenticated: opts.grpc_allow_unauthenticated,
         fault_injection: opts.fault_injection,
-        bound: bound.clone(),
         access_log,
     });
     let fixed = Fixed::new(listen_ip, opts.http_port, opts.https_port, opts.listen_ip6);
@@ -423,12 +349,14 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
     };
     tasks.push(reconciler.spawn());
     tasks.extend(tls.map(certs::spawn_https_watch));
-    tasks.extend(gossip.map(|g| publish::spawn(g, local_health, table.clone())));
+    tasks.extend(gossip.clone().map(|g| publish::spawn(g, local_health, table.clone())));
     reconciler::wait_first_table(&table, &bound).await;
     let admin = tokio::spawn(crate::admin::serve(admin_listener, shared.clone(), shutdown));
-    tracing::info!(node = %opts.id, raft_id = raft.id, admin = %admin_addr, http = ?bound.http(), cluster = ?shared.cluster_addr, threads = plane.threads, "node started");
+    tracing::info!(node = %opts.id, raft_id = raft.id, admin = %admin_addr, http = ?bound.http(), cluster = ?opts.cluster.as_ref().map(|c| c.addr), threads = plane.threads, "node started");
     Ok(NodeHandle {
         shared,
+        admin_token,
+        gossip,
         trigger,
         dataplane: plane.dataplane,
         dp_trigger: plane.dp_trigger,
@@ -438,23 +366,4 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
         admin_socket,
         drain_timeout: opts.drain_timeout,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::control::gossip::Member;
-
-    fn member(name: &str, raft_id: u64, live: bool) -> (String, Member) {
-        (name.to_string(), Member { name: name.into(), raft_id, live, ..Member::default() })
-    }
-
-    #[test]
-    fn live_voters_counts_voters_gossip_sees_alive_and_this_node() {
-        let members = Members { nodes: [member("a", 1, true), member("b", 2, false), member("c", 3, true)].into() };
-        let voters = [1, 2, 3].into();
-        assert_eq!(live_voters(&voters, &members, 1), 2, "b is dead");
-        assert_eq!(live_voters(&voters, &Members::default(), 2), 1, "alone: itself");
-        assert_eq!(live_voters(&[1, 3].into(), &members, 4), 2, "a learner that sees both voters");
-    }
 }

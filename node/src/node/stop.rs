@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use super::{NodeHandle, NodeShared};
+use super::NodeHandle;
+use crate::admin::NodeApi;
+use crate::control::gossip::Gossip;
 use crate::control::raft::RaftNode;
 use crate::dataplane::DataPlane;
 use crate::metrics::Metrics;
@@ -16,7 +18,7 @@ impl NodeHandle {
     /// Staged shutdown: un-ready, stop accepting, let connections finish (bounded), stop.
     pub async fn shutdown(self) {
         tracing::info!(node = %self.shared.id, "shutting down: draining connections");
-        if let Some(g) = &self.shared.gossip {
+        if let Some(g) = &self.gossip {
             g.set("ready", Some("0".into())).await;
         }
         self.trigger.advance(Phase::Draining);
@@ -28,7 +30,7 @@ impl NodeHandle {
         if let Some(dp) = Arc::into_inner(self.dataplane) {
             let _ = tokio::task::spawn_blocking(move || dp.join()).await;
         }
-        if let Some(g) = self.shared.gossip.as_ref() {
+        if let Some(g) = self.gossip.as_ref() {
             let _ = g.set("raft_addr", None).await;
         }
         tracing::info!(node = %self.shared.id, "stopped");
@@ -43,7 +45,7 @@ impl NodeHandle {
         self.trigger.advance(Phase::Stopped);
         stop_control(self.tasks, self.admin, &self.shared.raft).await;
         let metrics = self.shared.metrics.clone();
-        release_shared(self.shared).await;
+        release_shared(self.shared, self.gossip).await;
         Released {
             id,
             metrics,
@@ -72,22 +74,23 @@ async fn stop_control(tasks: Vec<JoinHandle<()>>, mut admin: JoinHandle<()>, raf
 
 /// Drops the control plane's shared state, which closes the Raft store (redb allows one
 /// process) and gossip's socket, once the tasks that held it are gone.
-async fn release_shared(shared: Arc<NodeShared>) {
+async fn release_shared(shared: Arc<NodeApi>, gossip: Option<Arc<Gossip>>) {
+    let held = |shared: &Arc<NodeApi>, gossip: &Option<Arc<Gossip>>| {
+        Arc::strong_count(shared) + gossip.as_ref().map_or(1, Arc::strong_count) - 2
+    };
     for _ in 0..100 {
-        if Arc::strong_count(&shared) == 1 {
+        if held(&shared, &gossip) == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    match Arc::try_unwrap(shared) {
-        Ok(shared) => {
-            if let Some(g) = shared.gossip.and_then(Arc::into_inner) {
-                g.shutdown().await;
-            }
-        }
-        Err(shared) => {
-            tracing::error!(refs = Arc::strong_count(&shared), "the control plane is still referenced after its stop")
-        }
+    let refs = held(&shared, &gossip);
+    if refs > 0 {
+        return tracing::error!(refs, "the control plane is still referenced after its stop");
+    }
+    drop(shared);
+    if let Some(g) = gossip.and_then(Arc::into_inner) {
+        g.shutdown().await;
     }
 }
 
