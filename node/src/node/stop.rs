@@ -11,7 +11,6 @@ use crate::admin::NodeApi;
 use crate::control::gossip::Gossip;
 use crate::control::raft::RaftNode;
 use crate::dataplane::DataPlane;
-use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Trigger};
 
 impl NodeHandle {
@@ -23,7 +22,7 @@ impl NodeHandle {
         }
         self.trigger.advance(Phase::Draining);
         self.dp_trigger.advance(Phase::Draining);
-        let _ = tokio::time::timeout(self.drain_timeout, wait_drained(&self.shared.metrics, &self.dataplane)).await;
+        let _ = tokio::time::timeout(self.drain_timeout, self.dataplane.drained()).await;
         self.trigger.advance(Phase::Stopped);
         self.dp_trigger.advance(Phase::Stopped);
         stop_control(self.tasks, self.admin, &self.shared.raft).await;
@@ -44,11 +43,9 @@ impl NodeHandle {
         self.trigger.advance(Phase::Draining);
         self.trigger.advance(Phase::Stopped);
         stop_control(self.tasks, self.admin, &self.shared.raft).await;
-        let metrics = self.shared.metrics.clone();
         release_shared(self.shared, self.gossip).await;
         Released {
             id,
-            metrics,
             dataplane: self.dataplane,
             dp_trigger: self.dp_trigger,
             admin_socket: self.admin_socket.socket,
@@ -97,7 +94,6 @@ async fn release_shared(shared: Arc<NodeApi>, gossip: Option<Arc<Gossip>>) {
 /// A node that handed its control plane over: its data plane serves until drained.
 pub struct Released {
     id: String,
-    metrics: Arc<Metrics>,
     dataplane: Arc<DataPlane>,
     dp_trigger: Trigger,
     admin_socket: std::net::TcpListener,
@@ -123,7 +119,7 @@ impl Released {
     /// (then upgraded ones get their close frames), then stops. Once `shorten` resolves (a
     /// SIGTERM) they get only `rest` more.
     pub async fn drain(self, deadline: Duration, shorten: impl Future<Output = ()>, rest: Duration) {
-        let open = open_connections(&self.metrics);
+        let open = self.dataplane.open_connections();
         tracing::info!(node = %self.id, open, tunnels = self.dataplane.tunnels(), deadline_s = deadline.as_secs(), "no longer accepting; serving the connections open");
         self.dp_trigger.advance(Phase::Draining);
         let cut = async {
@@ -132,7 +128,7 @@ impl Released {
             tokio::time::sleep(rest).await;
         };
         tokio::select! {
-            _ = tokio::time::timeout(deadline, wait_drained(&self.metrics, &self.dataplane)) => {}
+            _ = tokio::time::timeout(deadline, self.dataplane.drained()) => {}
             _ = cut => {}
         }
         self.dp_trigger.advance(Phase::Stopped);
@@ -141,20 +137,4 @@ impl Released {
         }
         tracing::info!(node = %self.id, "stopped after the handover");
     }
-}
-
-async fn wait_drained(metrics: &Metrics, dp: &DataPlane) {
-    while open_connections(metrics) > 0 || dp.tunnels() > 0 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn open_connections(metrics: &Metrics) -> i64 {
-    use prometheus::core::Collector;
-    metrics
-        .conns_active
-        .collect()
-        .iter()
-        .flat_map(|mf| mf.get_metric().iter().map(|m| m.get_gauge().get_value() as i64))
-        .sum()
 }
