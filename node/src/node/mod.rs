@@ -43,7 +43,7 @@ use crate::health::{self, HealthCtx, HealthView, Reporter};
 use crate::metrics::Metrics;
 use crate::reconcile::NodeCtx;
 use crate::routing::{SharedTable, Table};
-use crate::shutdown::{self, Trigger};
+use crate::shutdown::{self, Shutdown, Trigger};
 use crate::upgrade::Inherited;
 
 /// What the admin API asks the node while it runs.
@@ -184,6 +184,30 @@ async fn start_raft(opts: &NodeOptions, admin_addr: SocketAddr, metrics: &Metric
     Ok(Arc::new(RaftNode::start(&opts.data_dir.join("raft"), me, net, &timing).await?))
 }
 
+/// The control plane: Raft, gossip (in a cluster) and the tasks serving them.
+struct Control {
+    raft: Arc<RaftNode>,
+    gossip: Option<Arc<Gossip>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts Raft, then joins the cluster (gossip and the cluster loops) or, alone, initializes
+/// a one-node cluster.
+async fn start_control(
+    opts: &NodeOptions,
+    addrs: (SocketAddr, IpAddr),
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Control> {
+    let raft = start_raft(opts, addrs.0, metrics).await?;
+    let Some(c) = &opts.cluster else {
+        raft.initialize_alone().await?;
+        return Ok(Control { raft, gossip: None, tasks: Vec::new() });
+    };
+    let started = cluster::start(c, opts, &raft, addrs, metrics, shutdown).await?;
+    Ok(Control { raft, gossip: Some(started.gossip), tasks: started.tasks })
+}
+
 /// The data plane's share of a start: what its workers read, and the switches kept to drive it.
 struct Plane {
     dataplane: Arc<DataPlane>,
@@ -254,19 +278,8 @@ pub async fn start_with(opts: NodeOptions, mut inherited: Option<Inherited>) -> 
         opts.listen_ip.or(config_file.as_ref().and_then(|f| f.listen_ip)).unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let (admin_listener, admin_socket) = bind_admin(opts.admin, inherited.as_mut()).await?;
     let admin_addr = admin_listener.local_addr()?;
-    let raft = start_raft(&opts, admin_addr, &metrics).await?;
-    let mut tasks = Vec::new();
-    let gossip = match &opts.cluster {
-        Some(c) => {
-            let started = cluster::start(c, &opts, &raft, (admin_addr, listen_ip), &metrics, &shutdown).await?;
-            tasks.extend(started.tasks);
-            Some(started.gossip)
-        }
-        None => {
-            raft.initialize_alone().await?;
-            None
-        }
-    };
+    let Control { raft, gossip, mut tasks } =
+        start_control(&opts, (admin_addr, listen_ip), &metrics, &shutdown).await?;
     let (members_rx, names_task) = cluster::live_names(gossip.as_deref());
     tasks.extend(names_task);
     let backend_tls = certs::backend_client(opts.backend_ca.as_deref())?;
