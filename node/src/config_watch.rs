@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,9 @@ use tokio::signal::unix::Signal;
 
 use crate::config::{self, ConfigError, ConfigFile};
 use crate::control::ProposeError;
-use crate::node::NodeShared;
+use crate::control::raft::RaftNode;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// Pools from a file or the EC environment, proposed when their content changed.
 pub struct Source {
@@ -200,9 +202,20 @@ fn wanted_pools(file: &ConfigFile) -> Result<BTreeMap<String, Pool>, ConfigError
     Ok(file.validate()?.pools)
 }
 
+/// What a keeper needs of its node.
+#[derive(Clone)]
+pub struct Ctx {
+    pub raft: Arc<RaftNode>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Shutdown,
+    /// Sources not yet applied at start (the node is not ready before); a keeper takes its
+    /// own off once its first application is over.
+    pub pending: Arc<AtomicUsize>,
+}
+
 /// Keeps one source in force.
 pub struct Keeper {
-    node: Arc<NodeShared>,
+    node: Ctx,
     label: String,
     marker: PathBuf,
     file: ConfigFile,
@@ -211,7 +224,7 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    pub fn new(node: Arc<NodeShared>, source: Source, data_dir: &Path) -> Keeper {
+    pub fn new(node: Ctx, source: Source, data_dir: &Path) -> Keeper {
         Keeper {
             node,
             label: source.label,
@@ -232,7 +245,7 @@ impl Keeper {
     /// last applied; then the node may report ready.
     pub async fn apply_at_start(&mut self) {
         self.apply_if_changed().await;
-        self.node.sources_pending.fetch_sub(1, Ordering::Relaxed);
+        self.node.pending.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Proposes the source's difference once a leader accepts writes, unless this content was
@@ -263,7 +276,7 @@ impl Keeper {
     /// Proposes what `wanted` changes, logs each change, and records it once committed.
     async fn bring_in(&self, digest: &str, wanted: BTreeMap<String, Pool>) -> Result<usize, ProposeError> {
         let previous = read_record(&self.marker).and_then(|r| r.pools);
-        let plan = plan(previous.as_ref(), &self.node.state(), &wanted)?;
+        let plan = plan(previous.as_ref(), &self.node.raft.current(), &wanted)?;
         if !plan.commands.is_empty() {
             let applied = self.node.raft.propose(Command::Batch(plan.commands)).await?;
             for c in &plan.changes {

@@ -15,7 +15,7 @@ pub enum Phase {
 #[derive(Clone, Debug)]
 pub struct Shutdown(watch::Receiver<Phase>);
 
-/// Sender side, owned by `node.rs`.
+/// Sender side, owned by the `node` module.
 #[derive(Debug)]
 pub struct Trigger(watch::Sender<Phase>);
 

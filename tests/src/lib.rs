@@ -71,7 +71,7 @@ impl TestNode {
         let tls_ca = opts.admin_tls.as_ref().map(|files| files.cert.clone());
         let handle = node::start(opts).await.expect("node starts");
         // The node's admin token: the fixed one, or the token file's first admin token.
-        let token = handle.shared.admin_token.clone();
+        let token = handle.admin_token.clone();
         let mut admin =
             AdminClient::new(&handle.admin_addr().to_string()).expect("admin client").with_token(Some(token));
         if let Some(ca) = tls_ca {
@@ -109,7 +109,7 @@ impl TestNode {
     }
 
     pub fn token(&self) -> &str {
-        &self.handle.shared.admin_token
+        &self.handle.admin_token
     }
 
     /// Stops the node, keeping its data directory for a restart.

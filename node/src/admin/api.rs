@@ -11,6 +11,7 @@ use serde::Deserialize;
 use shoal_proto::admin::{ClusterView, NodeView, PoolHealth, RemovedNode, WriteResult};
 use shoal_proto::{Applied, BackendSpec, CheckKind, Command, Pool, PoolSpec, State};
 
+use super::NodeApi;
 use super::json::{ApiError, Body};
 use super::tokens::Scope;
 use crate::control::ProposeError;
@@ -18,11 +19,10 @@ use crate::control::gossip::Members;
 use crate::control::membership;
 use crate::control::raft::{RaftStatus, ShoalNode};
 use crate::health::probe;
-use crate::node::NodeShared;
 use crate::reconcile;
 use crate::shutdown::Phase;
 
-type Node = AxState<Arc<NodeShared>>;
+type Node = AxState<Arc<NodeApi>>;
 
 /// `GET /healthz`: liveness. The process is alive and its admin runtime answers; it stays `ok`
 /// while the node starts and drains, so a supervisor never restarts a node for being unready.
@@ -81,7 +81,7 @@ pub struct ReadQuery {
 }
 
 /// The state to answer a read from: local, or after a read barrier through the leader.
-async fn read_state(node: &NodeShared, q: &ReadQuery) -> Result<Arc<State>, ApiError> {
+async fn read_state(node: &NodeApi, q: &ReadQuery) -> Result<Arc<State>, ApiError> {
     if q.consistent {
         node.raft.linearize().await?;
     }
@@ -199,7 +199,7 @@ pub async fn put_backend(
 
 /// Seed 003: a backend that fails its first health check is not added (unless forced). Runs the
 /// pool's check once from this node; `Err` is the reason.
-pub(super) async fn first_check(node: &NodeShared, pool: &Pool, addr: SocketAddr) -> Result<(), String> {
+pub(super) async fn first_check(node: &NodeApi, pool: &Pool, addr: SocketAddr) -> Result<(), String> {
     let kind = pool.spec.check();
     if !matches!(kind, CheckKind::Http | CheckKind::Tcp) {
         return Ok(());
@@ -279,7 +279,7 @@ pub async fn leave_backend(
 }
 
 /// Polls cluster-wide work in flight until it has been zero for two gossip rounds.
-async fn wait_drained(node: &NodeShared, pool: &str, addr: SocketAddr, deadline: tokio::time::Instant) -> u64 {
+async fn wait_drained(node: &NodeApi, pool: &str, addr: SocketAddr, deadline: tokio::time::Instant) -> u64 {
     let id = (pool.to_string(), addr);
     let mut quiet = 0;
     loop {
@@ -392,7 +392,7 @@ pub async fn cluster(AxState(node): Node) -> Json<ClusterView> {
     })
 }
 
-fn member_view(node: &NodeShared, st: &RaftStatus, id: u64, n: &ShoalNode, members: &Members) -> NodeView {
+fn member_view(node: &NodeApi, st: &RaftStatus, id: u64, n: &ShoalNode, members: &Members) -> NodeView {
     let gossip = members.nodes.get(&n.name).filter(|m| m.raft_id == id);
     let me = id == node.raft.id;
     let role = if me {
@@ -451,13 +451,13 @@ pub async fn pick(
     Ok(Json(serde_json::json!({ "pool": pool, "client": q.client, "backend": chosen })))
 }
 
-async fn write(node: &NodeShared, cmd: Command) -> Result<Json<WriteResult>, ApiError> {
+async fn write(node: &NodeApi, cmd: Command) -> Result<Json<WriteResult>, ApiError> {
     let applied = propose(node, cmd).await?;
     Ok(Json(WriteResult { version: applied.version }))
 }
 
 /// Proposes an admin write (JSON or gRPC), counting proposals and failures.
-pub(super) async fn propose(node: &NodeShared, cmd: Command) -> Result<Applied, ProposeError> {
+pub(super) async fn propose(node: &NodeApi, cmd: Command) -> Result<Applied, ProposeError> {
     node.metrics.proposals.inc();
     node.raft.propose(cmd).await.inspect_err(|_| node.metrics.proposal_failures.inc())
 }

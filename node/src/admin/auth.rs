@@ -17,9 +17,9 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::NodeApi;
 use super::json::ApiError;
 use super::tokens::Scope;
-use crate::node::NodeShared;
 
 /// Writes a secret readable by its owner only.
 pub fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
@@ -36,13 +36,13 @@ pub fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
-fn is_public(node: &NodeShared, path: &str) -> bool {
+fn is_public(node: &NodeApi, path: &str) -> bool {
     matches!(path, "/" | "/healthz" | "/readyz") || (node.public_metrics && path == "/metrics")
 }
 
 /// The scope of the token in an `Authorization: Bearer` value; an unknown or missing token is
 /// counted and gets `None`.
-pub fn authenticate(node: &NodeShared, header: Option<&str>) -> Option<Scope> {
+pub fn authenticate(node: &NodeApi, header: Option<&str>) -> Option<Scope> {
     let presented = header.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
     let scope = if presented.is_empty() { None } else { node.tokens.scope_of(presented) };
     if scope.is_none() {
@@ -53,7 +53,7 @@ pub fn authenticate(node: &NodeShared, header: Option<&str>) -> Option<Scope> {
 
 /// Axum middleware (outer): a request without a known token gets a bare 401; a known one
 /// carries its [`Scope`] on to [`require_scope`].
-pub async fn require_token(State(node): State<Arc<NodeShared>>, mut req: Request, next: Next) -> Response {
+pub async fn require_token(State(node): State<Arc<NodeApi>>, mut req: Request, next: Next) -> Response {
     if is_public(&node, req.uri().path()) {
         req.extensions_mut().insert(Public);
         return next.run(req).await;
@@ -78,7 +78,7 @@ struct Public;
 /// Axum route middleware (inner, after routing): a token whose scope does not cover the
 /// matched route gets a 403 JSON error.
 pub async fn require_scope(
-    State(node): State<Arc<NodeShared>>,
+    State(node): State<Arc<NodeApi>>,
     route: MatchedPath,
     params: Result<RawPathParams, RawPathParamsRejection>,
     req: Request,

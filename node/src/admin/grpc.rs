@@ -18,9 +18,9 @@ use shoal_proto::{
 };
 use tonic::{Code, Request, Response, Status};
 
+use super::NodeApi;
 use super::tokens::Scope;
 use crate::control::ProposeError;
-use crate::node::NodeShared;
 use crate::reconcile;
 
 /// Code generated from `proto/rollout/lb.proto` (messages, server and client).
@@ -37,7 +37,7 @@ const MAX_MESSAGE: usize = 64 * 1024;
 const MAX_INTERVAL_SECS: i32 = 3600;
 
 /// The gRPC routes as an axum router; unknown services and methods answer `UNIMPLEMENTED`.
-pub fn router(node: Arc<NodeShared>) -> axum::Router {
+pub fn router(node: Arc<NodeApi>) -> axum::Router {
     let auth_node = node.clone();
     let server = LoadBalancerServer::new(Lb { node }).max_decoding_message_size(MAX_MESSAGE);
     let svc = tonic::service::interceptor::InterceptedService::new(server, move |req| authorize(&auth_node, req));
@@ -54,7 +54,7 @@ pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
 
 /// The token in the `authorization` metadata, its scope carried to the handlers; unless the
 /// operator allowed anonymous calls (every call is then an admin call).
-fn authorize(node: &NodeShared, mut req: Request<()>) -> Result<Request<()>, Status> {
+fn authorize(node: &NodeApi, mut req: Request<()>) -> Result<Request<()>, Status> {
     if node.grpc_allow_unauthenticated {
         req.extensions_mut().insert(Scope::Admin);
         return Ok(req);
@@ -71,7 +71,7 @@ fn authorize(node: &NodeShared, mut req: Request<()>) -> Result<Request<()>, Sta
 
 /// Refuses a call whose token may not `write` (or read). A join token has no gRPC calls: seed
 /// 003's AddBackend/RemoveBackend are not seed 002's drain-then-leave.
-fn require<T>(node: &NodeShared, req: &Request<T>, write: bool) -> Result<(), Status> {
+fn require<T>(node: &NodeApi, req: &Request<T>, write: bool) -> Result<(), Status> {
     let allowed = match req.extensions().get::<Scope>() {
         Some(Scope::Admin) => true,
         Some(Scope::Read) => !write,
@@ -87,7 +87,7 @@ fn require<T>(node: &NodeShared, req: &Request<T>, write: bool) -> Result<(), St
 
 /// The service over a node's shared state.
 struct Lb {
-    node: Arc<NodeShared>,
+    node: Arc<NodeApi>,
 }
 
 #[tonic::async_trait]

@@ -4,11 +4,13 @@
 //! router, so every gRPC caller gets a gRPC-shaped answer. It listens on its own socket and
 //! shares nothing with the data plane's connection limits. With `--admin-tls-cert/-key` the
 //! socket speaks TLS (h2 or HTTP/1.1 by ALPN, see `tls`); tokens and their scopes are in
-//! `tokens` and `auth`.
+//! `tokens` and `auth`. What it needs of the node is the narrow [`NodeApi`] handle (see
+//! `handle`), which the node builds; this module never imports the node module.
 
 mod api;
 pub mod auth;
 pub mod grpc;
+mod handle;
 mod json;
 mod tls;
 pub mod tokens;
@@ -23,13 +25,13 @@ use axum::routing::{MethodRouter, any, delete, get, post, put};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+pub use handle::{NodeApi, NodeStatus};
 pub use json::ApiError;
 
-use crate::node::NodeShared;
 use crate::shutdown::{Phase, Shutdown};
 
-/// Builds the admin service over a node's shared state: gRPC by content type, else JSON.
-pub fn router(node: Arc<NodeShared>) -> Router {
+/// Builds the admin service over a node's handle: gRPC by content type, else JSON.
+pub fn router(node: Arc<NodeApi>) -> Router {
     let json = json_router(node.clone());
     let grpc = grpc::router(node);
     Router::new().fallback_service(tower::service_fn(move |req: axum::extract::Request| {
@@ -39,7 +41,7 @@ pub fn router(node: Arc<NodeShared>) -> Router {
 }
 
 /// The JSON API behind the bearer-token middleware.
-fn json_router(node: Arc<NodeShared>) -> Router {
+fn json_router(node: Arc<NodeApi>) -> Router {
     Router::new()
         .route("/", get(api::status_page))
         .route("/v1/stats", get(api::stats))
@@ -72,12 +74,12 @@ fn json_router(node: Arc<NodeShared>) -> Router {
 }
 
 /// A fault-injection route: `handler` with `--fault-injection`, else a 404 for every method.
-fn fault_route(node: &NodeShared, handler: MethodRouter<Arc<NodeShared>>) -> MethodRouter<Arc<NodeShared>> {
+fn fault_route(node: &NodeApi, handler: MethodRouter<Arc<NodeApi>>) -> MethodRouter<Arc<NodeApi>> {
     if node.fault_injection { handler } else { any(api::fault_injection_off) }
 }
 
 /// Serves the admin API on `listener` until the node is fully stopped.
-pub async fn serve(listener: TcpListener, node: Arc<NodeShared>, mut shutdown: Shutdown) {
+pub async fn serve(listener: TcpListener, node: Arc<NodeApi>, mut shutdown: Shutdown) {
     if node.grpc_allow_unauthenticated {
         tracing::warn!(
             admin = %node.admin_addr,

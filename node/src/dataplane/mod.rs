@@ -133,28 +133,38 @@ pub struct Exported<'a> {
 pub struct DataPlane {
     workers: Vec<(mpsc::UnboundedSender<WorkerCmd>, JoinHandle<()>)>,
     ctx: Arc<DpCtx>,
-    open: Mutex<HashMap<ListenerKey, Open>>,
+    listening: Mutex<HashMap<ListenerKey, Open>>,
     /// Sockets received from the process this one took over, used instead of new ones when
     /// the same listener is wanted (dropped, and so closed, after the first `set_listeners`).
     inherited: Mutex<Option<HashMap<ListenerKey, Vec<std::net::TcpListener>>>>,
     /// Listeners that could not be opened, with the reason (shown by the admin API).
     pub errors: Mutex<BTreeMap<String, String>>,
+    /// Client connections open on every worker (a drain waits for none).
+    open: Arc<AtomicUsize>,
 }
 
 impl DataPlane {
     /// Starts `threads` workers.
     pub fn start(threads: usize, ctx: DpCtx) -> io::Result<DataPlane> {
         let ctx = Arc::new(ctx);
+        let conns = Arc::new(AtomicUsize::new(0));
         let mut workers = Vec::new();
         for id in 0..threads.max(1) {
             let (tx, rx) = mpsc::unbounded_channel();
-            let wctx = ctx.clone();
+            let (wctx, wconns) = (ctx.clone(), conns.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("shoal-worker-{id}"))
-                .spawn(move || worker_main(id, rx, wctx))?;
+                .spawn(move || worker_main(id, rx, wctx, wconns))?;
             workers.push((tx, thread));
         }
-        Ok(DataPlane { workers, ctx, open: Mutex::default(), inherited: Mutex::default(), errors: Mutex::default() })
+        Ok(DataPlane {
+            workers,
+            ctx,
+            listening: Mutex::default(),
+            inherited: Mutex::default(),
+            errors: Mutex::default(),
+            open: conns,
+        })
     }
 
     /// Sockets taken over from a running process, to be used by `set_listeners`.
@@ -165,7 +175,7 @@ impl DataPlane {
     /// Calls `f` with every open listener and its sockets (for a handover).
     pub fn export<R>(&self, f: impl FnOnce(Vec<Exported<'_>>) -> R) -> R {
         use std::os::fd::AsFd;
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let open = self.listening.lock().unwrap_or_else(|e| e.into_inner());
         let listeners = open
             .iter()
             .map(|((addr, kind), o)| Exported {
@@ -186,10 +196,22 @@ impl DataPlane {
         self.ctx.tunnels.load(Ordering::Relaxed)
     }
 
+    /// Client connections open on this node (upgraded ones included).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once no client connection and no tunnel is open (polled every 50 ms).
+    pub async fn drained(&self) {
+        while self.open_connections() > 0 || self.tunnels() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Opens, keeps or closes listeners so exactly `wanted` are served. Returns the bound
     /// addresses of the listeners opened now (port 0 resolves to a real port).
     pub fn set_listeners(&self, wanted: &[(SocketAddr, ListenerKind)]) -> Vec<(ListenerKind, SocketAddr)> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.listening.lock().unwrap_or_else(|e| e.into_inner());
         let mut inherited = self.inherited.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
         let closing: Vec<ListenerKey> = open.keys().filter(|k| !wanted.contains(k)).cloned().collect();
         for key in closing {
@@ -361,7 +383,7 @@ impl<const N: usize> Tried<N> {
     }
 }
 
-fn worker_main(id: usize, rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>) {
+fn worker_main(id: usize, rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>, conns: Arc<AtomicUsize>) {
     pool::set_worker(id);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -370,10 +392,10 @@ fn worker_main(id: usize, rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx
             return;
         }
     };
-    rt.block_on(run_worker(rx, ctx));
+    rt.block_on(run_worker(rx, ctx, conns));
 }
 
-async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>) {
+async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>, conns: Arc<AtomicUsize>) {
     let mut accepting: HashMap<ListenerKey, Vec<AbortHandle>> = HashMap::new();
     let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
     let mut shutdown = ctx.shutdown.clone();
@@ -383,7 +405,7 @@ async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>)
                 Some(WorkerCmd::Listen { key, socket, metrics }) => {
                     match TcpListener::from_std(socket) {
                         Ok(listener) => {
-                            let task = tokio::spawn(accept_loop(listener, key.1.clone(), ctx.clone(), slots.clone(), metrics));
+                            let task = tokio::spawn(accept_loop(listener, key.1.clone(), ctx.clone(), (slots.clone(), conns.clone()), metrics));
                             accepting.entry(key).or_default().push(task.abort_handle());
                         }
                         Err(e) => tracing::error!(addr = %key.0, error = %e, "worker cannot adopt listener"),
@@ -418,7 +440,7 @@ async fn accept_loop(
     listener: TcpListener,
     kind: ListenerKind,
     ctx: Arc<DpCtx>,
-    slots: Arc<Semaphore>,
+    (slots, conns): (Arc<Semaphore>, Arc<AtomicUsize>),
     lm: ListenerMetrics,
 ) {
     let mut gate = ctx.accepting.clone();
@@ -443,6 +465,7 @@ async fn accept_loop(
         let conn = http::ConnInfo { peer, local, tls: false };
         lm.accepted.inc();
         lm.active.inc();
+        let permit = Slot { _permit: permit, _conns: Counted::new(&conns) };
         let (ctx, lm2) = (ctx.clone(), lm.clone());
         // One spawn per kind: a task is sized for its largest state, so a plain HTTP
         // connection must not carry room for a TLS handshake or an L4 relay.
@@ -459,12 +482,31 @@ async fn accept_loop(
     }
 }
 
+/// A client connection's place: its permit among the worker's `max_connections`, and its
+/// count among the data plane's open connections, both given up when it ends.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _conns: Counted,
+}
+
+/// One in an open-connection count, for as long as it lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(count: &Arc<AtomicUsize>) -> Counted {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Runs one client connection; its slot is freed when it ends.
-fn spawn_conn(
-    conn: impl std::future::Future<Output = ()> + Send + 'static,
-    lm: ListenerMetrics,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
+fn spawn_conn(conn: impl std::future::Future<Output = ()> + Send + 'static, lm: ListenerMetrics, permit: Slot) {
     tokio::spawn(async move {
         conn.await;
         lm.active.dec();
