@@ -74,6 +74,17 @@ pub enum CheckKind {
     None,
 }
 
+impl CheckKind {
+    /// Whether nodes probe the backends themselves (sharded among the live nodes, needing a
+    /// verdict before a node is ready). No wildcard arm: a new kind must decide here.
+    pub fn is_active(self) -> bool {
+        match self {
+            CheckKind::Http | CheckKind::Tcp => true,
+            CheckKind::Heartbeat | CheckKind::None => false,
+        }
+    }
+}
+
 /// Health-check settings of a pool.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
