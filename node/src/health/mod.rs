@@ -2,7 +2,7 @@
 //! sockets and passive failures reported by the data plane feed one manager task, which
 //! applies rise/fall hysteresis and ejections and publishes an immutable [`HealthView`].
 //!
-//! The manager's decisions live in the pure [`core::Core`] (events in, commands out); this
+//! The manager's decisions live in the pure [`Core`](self::core::Core) (events in, commands out); this
 //! module is its driver: it turns channel messages into events and carries out the commands
 //! (spawning and aborting probers, binding heartbeat sockets, publishing the view).
 
