@@ -74,6 +74,17 @@ pub enum CheckKind {
     None,
 }
 
+impl CheckKind {
+    /// Whether nodes probe the backends themselves (sharded among the live nodes, needing a
+    /// verdict before a node is ready). No wildcard arm: a new kind must decide here.
+    pub fn is_active(self) -> bool {
+        match self {
+            CheckKind::Http | CheckKind::Tcp => true,
+            CheckKind::Heartbeat | CheckKind::None => false,
+        }
+    }
+}
+
 /// Health-check settings of a pool.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -569,4 +580,33 @@ pub fn backend_key(addr: &SocketAddr) -> String {
 
 fn invalid(key: &str, problem: &str) -> ApplyError {
     ApplyError::Invalid { key: key.to_string(), problem: problem.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flat health settings as the API, the config and Raft's JSON carry them: every field,
+    /// whatever the kind. Any reshaping of `HealthSpec` must keep these bytes.
+    #[test]
+    fn flat_health_json_round_trips_byte_for_byte() {
+        let forms = [
+            r#"{"check":"http","path":"/up","expect":["ok","OK"],"require_2xx":true,"interval_ms":500,"timeout_ms":400,"rise":1,"fall":2,"heartbeat_port":null,"heartbeat_timeout_ms":2000,"heartbeat_secret":null}"#,
+            r#"{"check":"tcp","path":"/healthz","expect":[],"require_2xx":false,"interval_ms":1000,"timeout_ms":1000,"rise":2,"fall":3,"heartbeat_port":null,"heartbeat_timeout_ms":2000,"heartbeat_secret":null}"#,
+            r#"{"check":"heartbeat","path":"/healthz","expect":["ok","OK"],"require_2xx":false,"interval_ms":1000,"timeout_ms":1000,"rise":2,"fall":3,"heartbeat_port":5000,"heartbeat_timeout_ms":3000,"heartbeat_secret":"k"}"#,
+            r#"{"check":"none","path":"/healthz","expect":["ok","OK"],"require_2xx":false,"interval_ms":1000,"timeout_ms":1000,"rise":2,"fall":3,"heartbeat_port":null,"heartbeat_timeout_ms":2000,"heartbeat_secret":null}"#,
+            r#"{"check":null,"path":"/healthz","expect":["ok","OK"],"require_2xx":false,"interval_ms":1000,"timeout_ms":1000,"rise":2,"fall":3,"heartbeat_port":null,"heartbeat_timeout_ms":2000,"heartbeat_secret":null}"#,
+        ];
+        for json in forms {
+            let spec: HealthSpec = serde_json::from_str(json).expect(json);
+            assert_eq!(serde_json::to_string(&spec).expect("serialize"), json);
+        }
+    }
+
+    #[test]
+    fn probed_kinds_are_the_active_ones() {
+        let all = [CheckKind::Http, CheckKind::Tcp, CheckKind::Heartbeat, CheckKind::None];
+        let active: Vec<CheckKind> = all.into_iter().filter(|k| k.is_active()).collect();
+        assert_eq!(active, [CheckKind::Http, CheckKind::Tcp]);
+    }
 }

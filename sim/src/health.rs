@@ -41,7 +41,7 @@ impl NodeHealth {
             let kind = pool.spec.check();
             for b in pool.backends.values() {
                 let id = (pool.name.clone(), b.addr);
-                if matches!(kind, CheckKind::Http | CheckKind::Tcp) && shard::assigned(me, live, &id, PROBE_REPLICAS) {
+                if kind.is_active() && shard::assigned(me, live, &id, PROBE_REPLICAS) {
                     wanted.insert(id, (kind, pool.spec.health.clone()));
                 }
             }

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use shoal_proto::admin::{ClusterView, NodeView, PoolHealth, RemovedNode, WriteResult};
-use shoal_proto::{Applied, BackendSpec, CheckKind, Command, Pool, PoolSpec, State};
+use shoal_proto::{Applied, BackendSpec, Command, Pool, PoolSpec, State};
 
 use super::NodeApi;
 use super::json::{ApiError, Body};
@@ -199,9 +199,9 @@ pub async fn put_backend(
 
 /// Seed 003: a backend that fails its first health check is not added (unless forced). Runs the
 /// pool's check once from this node; `Err` is the reason.
-pub(super) async fn first_check(node: &NodeApi, pool: &Pool, addr: SocketAddr) -> Result<(), String> {
+pub(super) async fn first_check(node: &NodeApi, pool: &Pool, addr: SocketAddr) -> Result<(), probe::ProbeError> {
     let kind = pool.spec.check();
-    if !matches!(kind, CheckKind::Http | CheckKind::Tcp) {
+    if !kind.is_active() {
         return Ok(());
     }
     let tls = match (pool.spec.backend_tls, node.backend_tls.clone()) {

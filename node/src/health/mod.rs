@@ -1,8 +1,13 @@
 //! Health: what this node observes about backends. Active probers (HTTP or TCP), heartbeat
 //! sockets and passive failures reported by the data plane feed one manager task, which
 //! applies rise/fall hysteresis and ejections and publishes an immutable [`HealthView`].
+//!
+//! The manager's decisions live in the pure [`Core`](self::core::Core) (events in, commands out); this
+//! module is its driver: it turns channel messages into events and carries out the commands
+//! (spawning and aborting probers, binding heartbeat sockets, publishing the view).
 
 pub mod combine;
+pub mod core;
 pub mod heartbeat;
 pub mod hysteresis;
 pub mod probe;
@@ -13,8 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_proto::proxy::Version as ProxyVersion;
-use shoal_proto::{CheckKind, HealthSpec, Pool, State};
+use shoal_proto::State;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
@@ -22,9 +26,10 @@ use tokio::time::Instant;
 
 pub use hysteresis::{Hysteresis, Verdict};
 
+use self::core::{Command, Core, Event, ProbeSpec};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use heartbeat::{HbEvent, PoolHbEvent, TrackerConfig};
+use heartbeat::{PoolHbEvent, TrackerConfig};
 
 /// `(pool, backend address)`.
 pub type BackendId = (String, SocketAddr);
@@ -107,62 +112,47 @@ pub struct HealthCtx {
 pub fn spawn(ctx: HealthCtx) -> (watch::Receiver<Arc<HealthView>>, Reporter) {
     let (view_tx, view_rx) = watch::channel(Arc::new(HealthView::default()));
     let (report_tx, report_rx) = mpsc::channel(1024);
-    tokio::spawn(Manager::new(ctx, view_tx).run(report_rx));
+    tokio::spawn(Driver::new(ctx, view_tx).run(report_rx));
     (view_rx, Reporter(report_tx))
 }
 
 struct ProbeResult {
     id: BackendId,
-    result: Result<(), String>,
-}
-
-/// What a prober checks: kind, settings, the TLS name when the pool speaks TLS, and the PROXY
-/// protocol version when the pool sends one.
-type ProbeKey = (CheckKind, HealthSpec, Option<Option<String>>, Option<ProxyVersion>);
-
-struct Prober {
-    key: ProbeKey,
-    task: AbortHandle,
+    result: Result<(), probe::ProbeError>,
 }
 
 struct HbTask {
-    port: u16,
     cfg: watch::Sender<TrackerConfig>,
     task: AbortHandle,
 }
 
-struct Manager {
+/// The manager task: the core's decisions carried out with sockets and tasks.
+struct Driver {
     ctx: HealthCtx,
+    core: Core,
     view_tx: watch::Sender<Arc<HealthView>>,
-    view: HealthView,
-    hysteresis: HashMap<BackendId, Hysteresis>,
-    ejected_until: HashMap<BackendId, Instant>,
-    probers: HashMap<BackendId, Prober>,
+    probers: HashMap<BackendId, AbortHandle>,
     hb_tasks: HashMap<String, HbTask>,
     probe_tx: mpsc::Sender<ProbeResult>,
     probe_rx: mpsc::Receiver<ProbeResult>,
     hb_tx: mpsc::Sender<PoolHbEvent>,
     hb_rx: mpsc::Receiver<PoolHbEvent>,
-    dynamic: HashSet<BackendId>,
 }
 
-impl Manager {
-    fn new(ctx: HealthCtx, view_tx: watch::Sender<Arc<HealthView>>) -> Manager {
+impl Driver {
+    fn new(ctx: HealthCtx, view_tx: watch::Sender<Arc<HealthView>>) -> Driver {
         let (probe_tx, probe_rx) = mpsc::channel(1024);
         let (hb_tx, hb_rx) = mpsc::channel(1024);
-        Manager {
+        Driver {
+            core: Core::new(ctx.me.clone(), ctx.probe_replicas),
             ctx,
             view_tx,
-            view: HealthView::default(),
-            hysteresis: HashMap::new(),
-            ejected_until: HashMap::new(),
             probers: HashMap::new(),
             hb_tasks: HashMap::new(),
             probe_tx,
             probe_rx,
             hb_tx,
             hb_rx,
-            dynamic: HashSet::new(),
         }
     }
 
@@ -174,14 +164,14 @@ impl Manager {
         let mut shutdown = self.ctx.shutdown.clone();
         let mut expiry = tokio::time::interval(Duration::from_millis(250));
         let state = state_rx.borrow_and_update().clone();
-        self.sync(&state).await;
+        self.step(self.desired(state)).await;
         loop {
-            tokio::select! {
+            let event = tokio::select! {
                 _ = shutdown.wait() => break,
                 changed = state_rx.changed() => {
                     if changed.is_err() { break }
                     let state = state_rx.borrow_and_update().clone();
-                    self.sync(&state).await;
+                    self.desired(state)
                 }
                 changed = members_rx.changed(), if members_open => {
                     if changed.is_err() {
@@ -190,287 +180,115 @@ impl Manager {
                     }
                     members_rx.borrow_and_update();
                     let state = state_rx.borrow().clone();
-                    self.sync(&state).await;
+                    self.desired(state)
                 }
-                Some(r) = self.probe_rx.recv() => self.on_probe(r),
-                Some(e) = self.hb_rx.recv() => self.on_heartbeat(e),
-                Some(r) = reports.recv() => self.on_report(r),
-                _ = expiry.tick() => self.expire(Instant::now()),
-            }
-            self.publish();
+                Some(r) = self.probe_rx.recv() => Event::Probe { id: r.id, result: r.result },
+                Some(e) = self.hb_rx.recv() => Event::Heartbeat(e),
+                Some(r) = reports.recv() => Event::Report(r),
+                _ = expiry.tick() => Event::Tick,
+            };
+            self.step(event).await;
         }
         self.stop_all();
     }
 
-    fn publish(&mut self) {
-        if **self.view_tx.borrow() != self.view {
-            self.view_tx.send_replace(Arc::new(self.view.clone()));
+    /// `state` with the latest membership (both decide placement).
+    fn desired(&self, state: Arc<State>) -> Event {
+        Event::Desired { state, live: self.ctx.members.borrow().clone() }
+    }
+
+    /// Feeds `event` to the core and carries out its commands, reporting failures back.
+    async fn step(&mut self, event: Event) {
+        let mut events = vec![event];
+        while let Some(event) = events.pop() {
+            for command in self.core.handle(event, Instant::now()) {
+                events.extend(self.execute(command).await);
+            }
         }
     }
 
-    /// Starts, restarts and stops probers and heartbeat sockets to match desired state.
-    async fn sync(&mut self, state: &State) {
-        let members = self.ctx.members.borrow().clone();
-        let k = self.ctx.probe_replicas;
-        let mut wanted: HashMap<BackendId, ProbeKey> = HashMap::new();
-        for pool in state.pools.values() {
-            let kind = pool.spec.check();
-            for b in pool.backends.values() {
-                let id = (pool.name.clone(), b.addr);
-                if matches!(kind, CheckKind::Http | CheckKind::Tcp) && shard::assigned(&self.ctx.me, &members, &id, k) {
-                    let tls = pool.spec.backend_tls.then(|| pool.spec.backend_tls_name.clone());
-                    wanted.insert(id, (kind, pool.spec.health.clone(), tls, pool.spec.send_proxy));
+    async fn execute(&mut self, command: Command) -> Option<Event> {
+        match command {
+            Command::StartProbe { id, spec } => self.start_probe(id, spec),
+            Command::StopProbe { id } => {
+                if let Some(task) = self.probers.remove(&id) {
+                    task.abort();
                 }
             }
-        }
-        self.sync_probers(wanted);
-        self.sync_heartbeats(state).await;
-        self.forget_removed(state);
-    }
-
-    fn sync_probers(&mut self, mut wanted: HashMap<BackendId, ProbeKey>) {
-        let mut stopped = Vec::new();
-        self.probers.retain(|id, p| {
-            let keep = wanted.get(id) == Some(&p.key);
-            if keep {
-                wanted.remove(id);
-            } else {
-                p.task.abort();
-                stopped.push(id.clone());
-            }
-            keep
-        });
-        // A verdict this node no longer maintains must not linger in its gossip.
-        for id in stopped {
-            self.view.verdicts.remove(&id);
-            self.hysteresis.remove(&id);
-        }
-        for (id, key) in wanted {
-            let tls = key.2.clone().and_then(|name| Some((self.ctx.backend_tls.clone()?, name)));
-            let task =
-                tokio::spawn(probe_loop(id.clone(), key.clone(), tls, self.probe_tx.clone(), self.ctx.metrics.clone()));
-            self.probers.insert(id, Prober { key, task: task.abort_handle() });
-        }
-    }
-
-    async fn sync_heartbeats(&mut self, state: &State) {
-        let pools: HashMap<&str, &Pool> = state
-            .pools
-            .values()
-            .filter(|p| p.spec.check() == CheckKind::Heartbeat)
-            .map(|p| (p.name.as_str(), p))
-            .collect();
-        self.hb_tasks.retain(|name, t| {
-            let keep = pools.get(name.as_str()).and_then(|p| p.spec.health.heartbeat_port) == Some(t.port);
-            if !keep {
-                t.task.abort();
-            }
-            keep
-        });
-        for (name, pool) in pools {
-            let cfg = tracker_config(pool);
-            if let Some(t) = self.hb_tasks.get(name) {
-                if t.cfg.send_if_modified(|c| (*c != cfg).then(|| *c = cfg).is_some()) {
-                    warn_if_unauthenticated(pool);
+            Command::StartHeartbeat { pool, port, config } => return self.start_heartbeat(pool, port, config).await,
+            Command::ConfigureHeartbeat { pool, config } => {
+                if let Some(t) = self.hb_tasks.get(&pool) {
+                    t.cfg.send_replace(config);
                 }
-                continue;
             }
-            let Some(port) = pool.spec.health.heartbeat_port else { continue };
-            warn_if_unauthenticated(pool);
-            match UdpSocket::bind((self.ctx.listen_ip, port)).await {
-                Ok(socket) => {
-                    tracing::info!(pool = name, addr = %SocketAddr::new(self.ctx.listen_ip, port), "heartbeat socket listening");
-                    let (cfg_tx, cfg_rx) = watch::channel(cfg);
-                    let task = tokio::spawn(heartbeat::serve(
-                        name.to_string(),
-                        socket,
-                        cfg_rx,
-                        self.hb_tx.clone(),
-                        self.ctx.metrics.clone(),
-                        self.ctx.shutdown.clone(),
-                    ));
-                    self.hb_tasks.insert(name.to_string(), HbTask { port, cfg: cfg_tx, task: task.abort_handle() });
+            Command::StopHeartbeat { pool } => {
+                if let Some(t) = self.hb_tasks.remove(&pool) {
+                    t.task.abort();
                 }
-                Err(e) => tracing::error!(pool = name, port, error = %e, "cannot bind heartbeat socket"),
             }
+            Command::CountEjection { pool } => {
+                self.ctx.metrics.ejections.with_label_values(&[pool.as_str(), "passive"]).inc();
+            }
+            Command::Publish(view) => {
+                self.view_tx.send_replace(view);
+            }
+        }
+        None
+    }
+
+    fn start_probe(&mut self, id: BackendId, spec: ProbeSpec) {
+        let tls = spec.tls.clone().and_then(|name| Some((self.ctx.backend_tls.clone()?, name)));
+        let task = tokio::spawn(probe_loop(id.clone(), spec, tls, self.probe_tx.clone(), self.ctx.metrics.clone()));
+        if let Some(old) = self.probers.insert(id, task.abort_handle()) {
+            old.abort();
         }
     }
 
-    /// Drops observations of pools and backends that left desired state.
-    fn forget_removed(&mut self, state: &State) {
-        let exists = |id: &BackendId| {
-            state.pools.get(&id.0).is_some_and(|p| {
-                p.backends.contains_key(&id.1.to_string()) || (p.spec.self_register && self.dynamic.contains(id))
-            })
+    async fn start_heartbeat(&mut self, pool: String, port: u16, config: TrackerConfig) -> Option<Event> {
+        let addr = SocketAddr::new(self.ctx.listen_ip, port);
+        let socket = match UdpSocket::bind(addr).await {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::error!(pool, port, error = %e, "cannot bind heartbeat socket");
+                return Some(Event::HeartbeatFailed { pool });
+            }
         };
-        let stale: Vec<BackendId> = self
-            .view
-            .verdicts
-            .keys()
-            .chain(self.view.heard.keys())
-            .chain(self.view.reasons.keys())
-            .filter(|id| !exists(id))
-            .cloned()
-            .collect();
-        for id in stale {
-            self.view.verdicts.remove(&id);
-            self.view.heard.remove(&id);
-            self.view.reasons.remove(&id);
-            self.view.ejected.remove(&id);
-            self.hysteresis.remove(&id);
-            self.ejected_until.remove(&id);
+        tracing::info!(pool, %addr, "heartbeat socket listening");
+        let (cfg_tx, cfg_rx) = watch::channel(config);
+        let task = tokio::spawn(heartbeat::serve(
+            pool.clone(),
+            socket,
+            cfg_rx,
+            self.hb_tx.clone(),
+            self.ctx.metrics.clone(),
+            self.ctx.shutdown.clone(),
+        ));
+        if let Some(old) = self.hb_tasks.insert(pool, HbTask { cfg: cfg_tx, task: task.abort_handle() }) {
+            old.task.abort();
         }
-        self.dynamic.retain(|id| state.pools.get(&id.0).is_some_and(|p| p.spec.self_register));
-    }
-
-    fn on_probe(&mut self, r: ProbeResult) {
-        let Some(prober) = self.probers.get(&r.id) else { return };
-        let (rise, fall) = (prober.key.1.rise, prober.key.1.fall);
-        if let Err(reason) = &r.result {
-            self.view.reasons.insert(r.id.clone(), reason.clone());
-        }
-        let h = self.hysteresis.entry(r.id.clone()).or_default();
-        if let Some(verdict) = h.record(r.result.is_ok(), rise, fall) {
-            log_verdict(&r.id, verdict, self.view.reasons.get(&r.id));
-            self.view.verdicts.insert(r.id.clone(), verdict);
-        }
-        if r.result.is_ok() {
-            self.view.reasons.remove(&r.id);
-        }
-    }
-
-    fn on_heartbeat(&mut self, e: PoolHbEvent) {
-        let id = (
-            e.pool,
-            match &e.event {
-                HbEvent::Up { tcp, .. }
-                | HbEvent::Down { tcp }
-                | HbEvent::Registered { tcp, .. }
-                | HbEvent::Forgotten { tcp } => *tcp,
-            },
-        );
-        match e.event {
-            HbEvent::Up { source, .. } => {
-                let dynamic = self.dynamic.contains(&id);
-                self.view.heard.insert(id.clone(), Heard { up: true, udp: source, dynamic });
-                self.view.reasons.remove(&id);
-            }
-            HbEvent::Down { .. } => {
-                if let Some(h) = self.view.heard.get_mut(&id) {
-                    h.up = false;
-                }
-                self.view.reasons.insert(id, "no heartbeat within the timeout".into());
-            }
-            HbEvent::Registered { .. } => {
-                self.dynamic.insert(id);
-            }
-            HbEvent::Forgotten { .. } => {
-                self.dynamic.remove(&id);
-                self.view.heard.remove(&id);
-                self.view.reasons.remove(&id);
-            }
-        }
-    }
-
-    fn on_report(&mut self, r: Report) {
-        match r {
-            Report::PassiveFailure { pool, addr, reason } => {
-                let id = (pool, addr);
-                if self.eject(id.clone(), EJECTION, &reason) {
-                    tracing::warn!(pool = %id.0, backend = %id.1, %reason, "backend ejected after a passive failure");
-                    self.ctx.metrics.ejections.with_label_values(&[id.0.as_str(), "passive"]).inc();
-                }
-            }
-            Report::Outlier { pool, addr, reason, duration } => {
-                let id = (pool, addr);
-                self.eject(id.clone(), duration, &reason);
-                tracing::warn!(pool = %id.0, backend = %id.1, %reason, ?duration, "backend ejected as an outlier");
-            }
-        }
-    }
-
-    /// Keeps `id` out of rotation for at least `duration`; true when it was not ejected yet.
-    fn eject(&mut self, id: BackendId, duration: Duration, reason: &str) -> bool {
-        let until = Instant::now() + duration;
-        let prev = self.ejected_until.get(&id).copied();
-        self.ejected_until.insert(id.clone(), prev.map_or(until, |p| p.max(until)));
-        self.view.reasons.insert(id.clone(), reason.to_string());
-        self.view.ejected.insert(id);
-        prev.is_none()
-    }
-
-    fn expire(&mut self, now: Instant) {
-        let done: Vec<BackendId> =
-            self.ejected_until.iter().filter(|(_, t)| **t <= now).map(|(id, _)| id.clone()).collect();
-        for id in done {
-            self.ejected_until.remove(&id);
-            self.view.ejected.remove(&id);
-            tracing::info!(pool = %id.0, backend = %id.1, "ejection over; backend back in rotation if healthy");
-        }
+        None
     }
 
     fn stop_all(&mut self) {
-        self.probers.values().for_each(|p| p.task.abort());
+        self.probers.values().for_each(AbortHandle::abort);
         self.hb_tasks.values().for_each(|t| t.task.abort());
-    }
-}
-
-fn tracker_config(pool: &Pool) -> TrackerConfig {
-    TrackerConfig {
-        servers: pool.backends.values().filter_map(|b| Some((b.addr, b.spec.heartbeat_addr?))).collect(),
-        self_register: pool.spec.self_register,
-        max_self_registered: pool.spec.max_self_registered as usize,
-        timeout: Duration::from_millis(pool.spec.health.heartbeat_timeout_ms),
-        secret: pool.spec.health.heartbeat_secret.clone(),
-    }
-}
-
-/// Names each pool whose heartbeats anyone who reaches its port can forge (at start and apply).
-fn warn_if_unauthenticated(pool: &Pool) {
-    if pool.spec.health.heartbeat_secret.is_some() {
-        return;
-    }
-    let port = pool.spec.health.heartbeat_port.unwrap_or(0);
-    if pool.spec.allow_unauthenticated_heartbeats {
-        tracing::warn!(
-            pool = %pool.name,
-            port,
-            "allow_unauthenticated_heartbeats = true: anyone who reaches this UDP port can add backends to the pool"
-        );
-    } else {
-        tracing::warn!(
-            pool = %pool.name,
-            port,
-            "heartbeats are unauthenticated (seed 004): anyone who reaches this UDP port can mark the configured \
-             backends up; set health.heartbeat_secret"
-        );
-    }
-}
-
-fn log_verdict(id: &BackendId, verdict: Verdict, reason: Option<&String>) {
-    match verdict {
-        Verdict::Up => tracing::info!(pool = %id.0, backend = %id.1, "backend healthy"),
-        Verdict::Down => {
-            tracing::warn!(pool = %id.0, backend = %id.1, reason = reason.map(String::as_str).unwrap_or(""), "backend sick")
-        }
-        Verdict::Unknown => {}
     }
 }
 
 /// Probes one backend now and then every interval until aborted.
 async fn probe_loop(
     id: BackendId,
-    (kind, spec, _, proxy): ProbeKey,
+    spec: ProbeSpec,
     tls: Option<probe::ProbeTls>,
     tx: mpsc::Sender<ProbeResult>,
     metrics: Arc<Metrics>,
 ) {
-    let interval = Duration::from_millis(spec.interval_ms);
+    let interval = Duration::from_millis(spec.health.interval_ms);
     let checks = metrics.health_checks.with_label_values(&[id.0.as_str()]);
     let failures = metrics.health_check_failures.with_label_values(&[id.0.as_str()]);
     loop {
         let started = Instant::now();
-        let result = probe::probe(kind, id.1, &spec, tls.as_ref(), proxy).await;
+        let result = probe::probe(spec.kind, id.1, &spec.health, tls.as_ref(), spec.proxy).await;
         checks.inc();
         if result.is_err() {
             failures.inc();

@@ -90,7 +90,7 @@ fn unknown_backends(state: &State, view: &HealthView) -> usize {
     state
         .pools
         .values()
-        .filter(|p| matches!(p.spec.check(), shoal_proto::CheckKind::Http | shoal_proto::CheckKind::Tcp))
+        .filter(|p| p.spec.check().is_active())
         .flat_map(|p| p.backends.values().map(move |b| (p.name.clone(), b.addr)))
         .filter(|id: &BackendId| view.verdicts.get(id).copied().unwrap_or_default() == Verdict::Unknown)
         .count()
