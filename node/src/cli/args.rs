@@ -137,7 +137,9 @@ mod tests {
         let tcp = pool_body("shoal pool add db --protocol tcp --algorithm maglev --check tcp --send-proxy v1");
         assert_eq!((&tcp["protocol"], &tcp["algorithm"]), (&"tcp".into(), &"maglev".into()));
         assert_eq!((&tcp["health"]["check"], &tcp["send_proxy"]), (&"tcp".into(), &"v1".into()));
-        for rejected in ["--algorithm round_robin", "--check HTTP2", "--protocol udp", "--send-proxy v3"] {
+        let copied = pool_body("shoal pool add web --pattern / --algorithm least_conn");
+        assert_eq!(copied["algorithm"], "least_conn", "the config file's spelling is taken too");
+        for rejected in ["--algorithm round-robbin", "--check HTTP2", "--protocol udp", "--send-proxy v3"] {
             let line = format!("shoal pool add web --pattern / {rejected}");
             assert!(Cli::try_parse_from(hoist(&line)).is_err(), "{rejected}");
         }

@@ -1,6 +1,7 @@
 //! Proto enums as command-line values. A flag accepts each variant by its serde name, in the
 //! kebab case clap spells values in (`round-robin` for the API's `round_robin`), so the proto
-//! enum alone decides both what the flag takes and what the CLI sends to the admin API.
+//! enum alone decides both what the flag takes and what the CLI sends to the admin API. The
+//! serde name itself (`round_robin`, as README and config files spell it) is accepted too.
 
 use clap::ValueEnum;
 use clap::builder::PossibleValue;
@@ -24,7 +25,10 @@ impl<T: Choices> ValueEnum for Choice<T> {
     }
 
     fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(PossibleValue::new(cli_name(self.0)))
+        let (cli, serde) = (cli_name(self.0), serde_name(self.0));
+        let value = PossibleValue::new(cli.clone());
+        // A hidden alias: help lists one spelling, and a value copied from a config file works.
+        Some(if serde == cli { value } else { value.alias(serde) })
     }
 }
 
@@ -79,6 +83,7 @@ mod tests {
             assert_eq!(cli_name(c.0), serde.replace('_', "-"));
             assert_eq!(serde_json::from_value::<T>(serde.clone().into()).ok(), Some(c.0), "{serde}");
             assert_eq!(Choice::<T>::from_str(&cli_name(c.0), false), Ok(*c));
+            assert_eq!(Choice::<T>::from_str(&serde, false), Ok(*c), "the config's spelling {serde}");
         }
     }
 
