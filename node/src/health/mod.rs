@@ -2,12 +2,12 @@
 //! sockets and passive failures reported by the data plane feed one manager task, which
 //! applies rise/fall hysteresis and ejections and publishes an immutable [`HealthView`].
 //!
-//! The manager's decisions live in the pure [`Core`](self::core::Core) (events in, commands out); this
+//! The manager's decisions live in the pure [`Core`](self::engine::Core) (events in, commands out); this
 //! module is its driver: it turns channel messages into events and carries out the commands
 //! (spawning and aborting probers, binding heartbeat sockets, publishing the view).
 
 pub mod combine;
-pub mod core;
+pub mod engine;
 pub mod heartbeat;
 pub mod hysteresis;
 pub mod probe;
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 pub use hysteresis::{Hysteresis, Verdict};
 
-use self::core::{Command, Core, Event, ProbeSpec};
+use self::engine::{Command, Core, Event, ProbeSpec};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use heartbeat::{PoolHbEvent, TrackerConfig};
