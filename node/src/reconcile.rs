@@ -13,6 +13,7 @@ use shoal_proto::proxy::Cidr;
 use shoal_proto::{Algorithm, CheckKind, Pool, State};
 
 use crate::dataplane::balancer::Balancer;
+use crate::dataplane::limits::PoolLimits;
 use crate::dataplane::mux::Mux;
 use crate::health::{BackendId, HealthView, Verdict};
 use crate::metrics::Metrics;
@@ -58,14 +59,14 @@ fn build_pool(pool: &Pool, health: &HealthView, ctx: &NodeCtx, prev: Option<&Poo
     let fail_open =
         !healthy.is_empty() && healthy.len() * 100 < usize::from(pool.spec.panic_threshold) * eligible.len();
     let chosen = if fail_open { eligible } else { healthy };
-    let queue = prev.map(|p| p.queue.clone()).unwrap_or_default();
+    let queue = prev.map(|p| p.limits.queue.clone()).unwrap_or_default();
     let mut shared: HashMap<SocketAddr, Arc<BackendShared>> = HashMap::new();
     for c in &candidates {
         let s = prev
             .and_then(|p| p.shared.get(&c.addr).cloned())
             .unwrap_or_else(|| Arc::new(BackendShared::new(ctx.workers.max(1), queue.clone())));
         // The health view's turn to healthy, as this table applies it, starts slow start.
-        s.set_healthy(c.status == BackendStatus::Healthy);
+        s.limits.set_healthy(c.status == BackendStatus::Healthy);
         shared.insert(c.addr, s);
     }
     let routable: Vec<Arc<BackendRt>> = chosen
@@ -104,12 +105,14 @@ fn build_pool(pool: &Pool, health: &HealthView, ctx: &NodeCtx, prev: Option<&Poo
         slots,
         rotation,
         metrics: prev.map(|p| p.metrics.clone()).unwrap_or_else(|| Arc::new(metrics.pool(&pool.name))),
-        max_connections: spec.max_connections,
-        queue,
-        queue_max: spec.queue_max,
-        queue_timeout: Duration::from_millis(spec.queue_timeout_ms),
-        slow_start: Duration::from_secs(u64::from(spec.slow_start_s)),
-        outlier: spec.outlier.clone(),
+        limits: PoolLimits {
+            max_connections: spec.max_connections,
+            queue,
+            queue_max: spec.queue_max,
+            queue_timeout: Duration::from_millis(spec.queue_timeout_ms),
+            slow_start: Duration::from_secs(u64::from(spec.slow_start_s)),
+            outlier: spec.outlier.clone(),
+        },
     }
 }
 
@@ -303,12 +306,12 @@ mod tests {
         up(&mut view, 1, Verdict::Up);
         let m = Metrics::new("t");
         let t1 = build(&st, &view, &ctx(), &Table::default(), &m);
-        let _guard = t1.pools[0].routable()[0].shared.track();
+        let _guard = crate::routing::ActiveGuard::track(&t1.pools[0].routable()[0].shared);
         up(&mut view, 0, Verdict::Down);
         let t2 = build(&st, &view, &ctx(), &t1, &m);
         up(&mut view, 0, Verdict::Up);
         let t3 = build(&st, &view, &ctx(), &t2, &m);
-        assert_eq!(t3.pools[0].routable()[0].shared.active(), 1, "in-flight count carried over");
+        assert_eq!(t3.pools[0].routable()[0].shared.limits.active(), 1, "in-flight count carried over");
         assert_eq!(t3.generation, 3);
     }
 
@@ -323,12 +326,12 @@ mod tests {
         let shared = t1.pools[0].shared.values().next().expect("backend").clone();
         std::thread::sleep(Duration::from_millis(50));
         let t2 = build(&st, &view, &ctx(), &t1, &m);
-        assert!(shared.up_for(now_ms()) >= 50, "still healthy: its ramp goes on");
+        assert!(shared.limits.up_for(now_ms()) >= 50, "still healthy: its ramp goes on");
         up(&mut view, 0, Verdict::Down);
         let t3 = build(&st, &view, &ctx(), &t2, &m);
         up(&mut view, 0, Verdict::Up);
         build(&st, &view, &ctx(), &t3, &m);
-        assert!(shared.up_for(now_ms()) < 50, "healthy again: the ramp starts over");
+        assert!(shared.limits.up_for(now_ms()) < 50, "healthy again: the ramp starts over");
     }
 
     #[test]

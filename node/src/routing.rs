@@ -2,11 +2,15 @@
 //! rebuilt by `reconcile` whenever intent or observations change. Per-backend runtime state
 //! (in-flight counters, idle HTTP connections) lives in [`BackendShared`], which rebuilds carry
 //! over, so a swap never resets counters or drops pooled connections of surviving backends.
+//!
+//! Routing depends on `dataplane::balancer` and `dataplane::limits`, never the reverse: it
+//! implements their traits (`Candidate`; `limits::Pool`, `Backend`, `Tracked`, `Tables`) for
+//! its types and embeds the protection state `limits` owns.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -14,7 +18,7 @@ use shoal_proto::Protocol;
 use shoal_proto::proxy::{Cidr, Version as ProxyVersion};
 
 use crate::dataplane::balancer::{self, Balancer, Candidate};
-use crate::dataplane::limits::{self, Queue};
+use crate::dataplane::limits::{self, BackendState, PoolLimits, Queue};
 use crate::dataplane::mux::Mux;
 use crate::dataplane::pool::ConnPool;
 use crate::metrics::PoolMetrics;
@@ -74,15 +78,8 @@ pub struct PoolRt {
     /// Carried across rebuilds so the rotation continues where it was.
     pub rotation: Arc<AtomicUsize>,
     pub metrics: Arc<PoolMetrics>,
-    /// Most work in flight per backend; 0: no limit.
-    pub max_connections: u32,
-    /// Waiters for a backend below `max_connections`; carried across rebuilds.
-    pub queue: Arc<Queue>,
-    pub queue_max: u32,
-    pub queue_timeout: Duration,
-    /// Ramp time of a backend that turned healthy; zero: off.
-    pub slow_start: Duration,
-    pub outlier: Option<shoal_proto::OutlierSpec>,
+    /// `max_connections`, the queue (carried across rebuilds), slow start, outlier detection.
+    pub limits: PoolLimits,
 }
 
 /// Backends of one preference tier and their balancer.
@@ -107,20 +104,21 @@ impl PoolRt {
     /// client's hash instead of at random, so a client stays where it landed as the ramp grows.
     /// When every candidate is ramping and passed over, the pick is retried without the ramp.
     pub fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<&Arc<BackendRt>> {
+        let PoolLimits { max_connections, slow_start, .. } = self.limits;
         self.tiers.iter().find_map(|t| {
             let closed = |i: usize| {
                 let b = &t.backends[i];
-                tried.contains(&b.addr) || b.shared.full(self.max_connections)
+                tried.contains(&b.addr) || b.shared.limits.full(max_connections)
             };
             // No clock read or draw on the hot path unless slow start is on.
-            if !self.slow_start.is_zero() {
+            if !slow_start.is_zero() {
                 let now = limits::now_ms();
                 let draw = match t.balancer {
                     Balancer::Maglev { .. } => limits::client_draw(client),
                     _ => balancer::fast_random(1000) as u32,
                 };
                 let held = |i: usize| {
-                    closed(i) || draw >= limits::ramp_permille(t.backends[i].shared.up_for(now), self.slow_start)
+                    closed(i) || draw >= limits::ramp_permille(t.backends[i].shared.limits.up_for(now), slow_start)
                 };
                 if let Some(i) = t.balancer.pick(&t.backends, client, &held) {
                     return Some(&t.backends[i]);
@@ -132,11 +130,10 @@ impl PoolRt {
 
     /// Whether a backend `want` could use is only held back by `max_connections`.
     pub fn busy(&self, tried: &[SocketAddr], slot: Option<u32>) -> bool {
-        self.max_connections > 0
+        let max = self.limits.max_connections;
+        max > 0
             && self.routable().iter().any(|b| {
-                !tried.contains(&b.addr)
-                    && slot.is_none_or(|s| b.slot == Some(s))
-                    && b.shared.full(self.max_connections)
+                !tried.contains(&b.addr) && slot.is_none_or(|s| b.slot == Some(s)) && b.shared.limits.full(max)
             })
     }
 
@@ -148,6 +145,44 @@ impl PoolRt {
     /// The routable backend in `slot`, for pinned requests.
     pub fn by_slot(&self, slot: u32) -> Option<&Arc<BackendRt>> {
         self.routable().iter().find(|b| b.slot == Some(slot))
+    }
+}
+
+impl limits::Pool for PoolRt {
+    type Backend = BackendRt;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn limits(&self) -> &PoolLimits {
+        &self.limits
+    }
+
+    fn metrics(&self) -> &PoolMetrics {
+        &self.metrics
+    }
+
+    fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<&Arc<BackendRt>> {
+        PoolRt::pick(self, client, tried)
+    }
+
+    fn by_slot(&self, slot: u32) -> Option<&Arc<BackendRt>> {
+        PoolRt::by_slot(self, slot)
+    }
+
+    fn busy(&self, tried: &[SocketAddr], slot: Option<u32>) -> bool {
+        PoolRt::busy(self, tried, slot)
+    }
+
+    fn states(&self) -> impl ExactSizeIterator<Item = &BackendState> {
+        self.shared.values().map(|s| &s.limits)
+    }
+}
+
+impl limits::Tables<PoolRt> for SharedTable {
+    fn with_pool<R>(&self, name: &str, f: impl FnOnce(&PoolRt) -> R) -> Option<R> {
+        self.load_full().pool(name).map(f)
     }
 }
 
@@ -174,24 +209,27 @@ impl Candidate for BackendRt {
     }
 
     fn load(&self) -> u64 {
-        self.shared.active()
+        self.shared.limits.active()
+    }
+}
+
+impl limits::Backend for BackendRt {
+    type Shared = BackendShared;
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn shared(&self) -> &Arc<BackendShared> {
+        &self.shared
     }
 }
 
 /// Runtime state of a backend that outlives routing snapshots.
 #[derive(Debug, Default)]
 pub struct BackendShared {
-    active: AtomicU64,
-    /// Woken when work on this backend ends (the pool's queue).
-    queue: Arc<Queue>,
-    /// Healthy in the last routing table built.
-    healthy: AtomicBool,
-    /// When it last turned healthy ([`limits::now_ms`]), for slow start; 0: long ago.
-    up_since: AtomicU64,
-    /// Outlier detection: 5xx answers in a row.
-    pub consecutive_5xx: AtomicU32,
-    /// Outlier detection: the ejection history.
-    pub outlier: std::sync::Mutex<limits::OutlierState>,
+    /// In-flight count, slow start and outlier history.
+    pub limits: BackendState,
     /// Upgraded (WebSocket) connections open on this node.
     pub upgraded: AtomicU64,
     /// Of those, pinned by the client to this backend.
@@ -202,61 +240,22 @@ pub struct BackendShared {
 
 impl BackendShared {
     pub fn new(workers: usize, queue: Arc<Queue>) -> BackendShared {
-        BackendShared { pool: ConnPool::new(workers), queue, ..BackendShared::default() }
-    }
-
-    /// Records the backend's health in a new table; a turn to healthy starts its slow start.
-    pub fn set_healthy(&self, healthy: bool) {
-        if healthy && !self.healthy.swap(true, Ordering::Relaxed) {
-            self.up_since.store(limits::now_ms(), Ordering::Relaxed);
-        } else if !healthy {
-            self.healthy.store(false, Ordering::Relaxed);
-        }
-    }
-
-    /// Milliseconds since the backend turned healthy (`u64::MAX`: never tracked).
-    pub fn up_for(&self, now_ms: u64) -> u64 {
-        match self.up_since.load(Ordering::Relaxed) {
-            0 => u64::MAX,
-            t => now_ms.saturating_sub(t),
-        }
-    }
-
-    /// Whether `max` (0: none) units of work are in flight already.
-    pub fn full(&self, max: u32) -> bool {
-        max > 0 && self.active() >= u64::from(max)
-    }
-
-    /// Counts one unit of work if fewer than `max` (0: no limit) are in flight: checked and
-    /// counted in one step, so racing picks never exceed the limit.
-    pub fn try_track(self: &Arc<Self>, max: u32) -> Option<ActiveGuard> {
-        if max == 0 {
-            return Some(self.track());
-        }
-        self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < u64::from(max)).then_some(n + 1))
-            .ok()
-            .map(|_| ActiveGuard(self.clone()))
-    }
-
-    /// Connections or requests in flight on this node.
-    pub fn active(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
+        BackendShared { pool: ConnPool::new(workers), limits: BackendState::new(queue), ..BackendShared::default() }
     }
 
     /// This node's counts for gossip and the health API.
     pub fn counts(&self) -> Counts {
         Counts {
-            active: self.active(),
+            active: self.limits.active(),
             upgraded: self.upgraded.load(Ordering::Relaxed),
             pinned: self.pinned.load(Ordering::Relaxed),
         }
     }
+}
 
-    /// Counts one unit of work until the guard drops.
-    pub fn track(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(self.clone())
+impl limits::Tracked for BackendShared {
+    fn state(&self) -> &BackendState {
+        &self.limits
     }
 }
 
@@ -276,13 +275,5 @@ impl std::ops::AddAssign for Counts {
     }
 }
 
-/// Decrements a backend's in-flight count when dropped.
-#[derive(Debug)]
-pub struct ActiveGuard(Arc<BackendShared>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-        self.0.queue.slot_freed();
-    }
-}
+/// Work in flight on a backend, counted until dropped.
+pub type ActiveGuard = limits::ActiveGuard<BackendShared>;

@@ -53,7 +53,7 @@ pub async fn stats(AxState(node): Node) -> Json<serde_json::Value> {
         .iter()
         .map(|p| {
             let (requests, errors) = p.metrics.totals();
-            let active: u64 = p.shared.values().map(|s| s.active()).sum();
+            let active: u64 = p.shared.values().map(|s| s.limits.active()).sum();
             let v = serde_json::json!({
                 "requests": requests,
                 "errors": errors,
@@ -283,7 +283,8 @@ async fn wait_drained(node: &NodeApi, pool: &str, addr: SocketAddr, deadline: to
     let id = (pool.to_string(), addr);
     let mut quiet = 0;
     loop {
-        let local = node.table.load().pool(pool).and_then(|p| p.shared.get(&addr)).map(|s| s.active()).unwrap_or(0);
+        let local =
+            node.table.load().pool(pool).and_then(|p| p.shared.get(&addr)).map(|s| s.limits.active()).unwrap_or(0);
         let remote = node.remote_counts().get(&id).map(|c| c.active).unwrap_or(0);
         let active = local + remote;
         quiet = if active == 0 { quiet + 1 } else { 0 };

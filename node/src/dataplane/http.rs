@@ -375,7 +375,7 @@ async fn forward<T: Transport>(c: &mut Client<T>, mut req: Req, ctx: &Arc<DpCtx>
         let via = Via { backend, pool, ctx, conn, reused, ids: &req.ids };
         let result = exchange::run(c, &req.head, vm_path.as_deref(), via, guard, pin.is_some()).await;
         let status = result.as_ref().map_or_else(|e| e.status().unwrap_or(0), |(s, _)| *s);
-        limits::observe(ctx, pool, backend, status);
+        limits::observe(&ctx.reporter, pool, backend, status);
         pool.metrics.duration.observe(started.elapsed().as_secs_f64());
         if let Some(b) = req.log.as_mut() {
             b.rec.backend = Some(backend.key.to_string());

@@ -107,7 +107,7 @@ impl Reconciler {
         let tcp_ports: Vec<u16> = next.tcp.keys().copied().collect();
         self.table.store(Arc::new(next));
         // Queued requests pick again from the new table (backends may have come or gone).
-        self.table.load().pools.iter().for_each(|p| p.queue.rebuilt());
+        self.table.load().pools.iter().for_each(|p| p.limits.queue.rebuilt());
         listeners::apply(&self.dp, &self.fixed, &self.bound, &tcp_ports);
     }
 }
