@@ -371,6 +371,7 @@ impl World {
         };
         // A restart is a new gossip generation (shoal takes the wall clock; here virtual time).
         self.gossip.start(id, member, self.trace.now_ms() + 1);
+        let health = NodeHealth::new(&name);
         let node = Node {
             raft,
             log: LogStore::new(db),
@@ -382,7 +383,7 @@ impl World {
             gate: BootstrapGate::default(),
             seen: Seen::default(),
             busy: Arc::default(),
-            health: NodeHealth::default(),
+            health,
         };
         self.nodes.insert(id, node);
         self.trace.event(format!("start {id}"));
@@ -453,7 +454,9 @@ impl World {
         for (id, node) in self.nodes.iter_mut() {
             let members = self.gossip.members(*id, now);
             let state = node.sm.current();
-            node.health.sync(&node.name, &state, &members.live_names(), now);
+            for line in node.health.sync(state.clone(), members.live_names(), now) {
+                self.trace.event(format!("health {id}: {line}"));
+            }
             let truth = &self.truth;
             for ((pool, addr), v) in node.health.probe(now, |a| truth.get(&a).copied().unwrap_or(true)) {
                 self.trace.event(format!("health {id}: {pool}/{addr} {v:?}"));
