@@ -7,8 +7,9 @@
 //! of them, often a partition while they form) and let `BootstrapGate` form the
 //! cluster; the others initialize three nodes directly. Each node runs, on its own phase, the
 //! loops shoal runs: bootstrap every 500 ms, reconcile every second (every node tracks liveness
-//! through `Seen`, the leader plans), and every gossip round its health (probe, publish,
-//! combine). The backends' true health flips by seed until the world heals.
+//! through `Seen`, the leader plans), and every gossip round its health (desired state to the
+//! health core, due probes, publish, combine). The backends' true health flips by seed until
+//! the world heals.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -435,8 +436,9 @@ impl World {
         }
     }
 
-    /// Every node publishes its keys, gossip runs a round, then every node's health runs:
-    /// probers follow desired state and gossip's live set, due probes run, verdicts combine.
+    /// Every node publishes its keys, gossip runs a round, then every node's health runs: its
+    /// core is told desired state and gossip's live set (probers follow), due probes run,
+    /// verdicts combine.
     fn gossip_round(&mut self, now: Instant) {
         for (id, node) in &self.nodes {
             let obs = node.health.published(&node.name);
