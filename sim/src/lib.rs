@@ -2,7 +2,8 @@
 //! `LogStore`, `StateMachine` and cluster `Identity`, in one process on tokio's paused clock,
 //! every Raft message and gossip datagram through a seeded simulated network, the cluster
 //! formed by shoal's bootstrap gate or directly, membership driven by `membership::plan` over
-//! each leader's gossip view, backend health combined by `health::combine`, and checkers over
+//! each leader's gossip view, backend health decided by the node's own health manager core
+//! (`health::engine::Core`) and combined by `health::combine`, and checkers over
 //! what the run observed. A seed replays exactly; the trace hash proves it.
 
 pub mod check;

@@ -7,8 +7,9 @@
 //! of them, often a partition while they form) and let `BootstrapGate` form the
 //! cluster; the others initialize three nodes directly. Each node runs, on its own phase, the
 //! loops shoal runs: bootstrap every 500 ms, reconcile every second (every node tracks liveness
-//! through `Seen`, the leader plans), and every gossip round its health (probe, publish,
-//! combine). The backends' true health flips by seed until the world heals.
+//! through `Seen`, the leader plans), and every gossip round its health (desired state to the
+//! health core, due probes, publish, combine). The backends' true health flips by seed until
+//! the world heals.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -371,6 +372,7 @@ impl World {
         };
         // A restart is a new gossip generation (shoal takes the wall clock; here virtual time).
         self.gossip.start(id, member, self.trace.now_ms() + 1);
+        let health = NodeHealth::new(&name);
         let node = Node {
             raft,
             log: LogStore::new(db),
@@ -382,7 +384,7 @@ impl World {
             gate: BootstrapGate::default(),
             seen: Seen::default(),
             busy: Arc::default(),
-            health: NodeHealth::default(),
+            health,
         };
         self.nodes.insert(id, node);
         self.trace.event(format!("start {id}"));
@@ -434,8 +436,9 @@ impl World {
         }
     }
 
-    /// Every node publishes its keys, gossip runs a round, then every node's health runs:
-    /// probers follow desired state and gossip's live set, due probes run, verdicts combine.
+    /// Every node publishes its keys, gossip runs a round, then every node's health runs: its
+    /// core is told desired state and gossip's live set (probers follow), due probes run,
+    /// verdicts combine.
     fn gossip_round(&mut self, now: Instant) {
         for (id, node) in &self.nodes {
             let obs = node.health.published(&node.name);
@@ -453,7 +456,9 @@ impl World {
         for (id, node) in self.nodes.iter_mut() {
             let members = self.gossip.members(*id, now);
             let state = node.sm.current();
-            node.health.sync(&node.name, &state, &members.live_names(), now);
+            for line in node.health.sync(state.clone(), members.live_names(), now) {
+                self.trace.event(format!("health {id}: {line}"));
+            }
             let truth = &self.truth;
             for ((pool, addr), v) in node.health.probe(now, |a| truth.get(&a).copied().unwrap_or(true)) {
                 self.trace.event(format!("health {id}: {pool}/{addr} {v:?}"));
