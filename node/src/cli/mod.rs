@@ -1003,6 +1003,88 @@ mod tests {
         assert_eq!(ec_ipv6(false, None), None, "only EC mode (the nginx image) adds [::]");
     }
 
+    /// What `shoal node ARGS` refuses to start with: the line it prints after `error: `.
+    fn refusal(args: &[&str]) -> String {
+        let cli = Cli::try_parse_from(["shoal", "node"].iter().chain(args)).expect("the flags parse");
+        let Command::Node(node) = cli.command else { panic!("not `shoal node`") };
+        match node.options() {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn bad_node_flags_name_the_flag_and_the_problem() {
+        assert_eq!(refusal(&["--tls-cert", "c.pem"]), "--tls-cert and --tls-key must come in pairs");
+        assert_eq!(refusal(&["--https-port", "8443"]), "--https-port needs --tls-cert and --tls-key");
+        assert_eq!(refusal(&["--access-log", ""]), "--access-log: must be off, stdout or a file path");
+        assert_eq!(
+            refusal(&["--cluster", "127.0.0.1:7946"]),
+            "--cluster needs --cluster-tls DIR: this node's certificate, the cluster CA and the gossip key \
+             (make them with `shoal cert ca --out CA` once, then `shoal cert node --ca CA --id ID --out DIR` per node)"
+        );
+        let missing = "No such file or directory (os error 2)";
+        assert_eq!(
+            refusal(&["--cluster", "127.0.0.1:7946", "--cluster-tls", "/nonexistent-shoal"]),
+            format!("--cluster-tls /nonexistent-shoal/node.key: {missing}")
+        );
+        assert_eq!(
+            refusal(&["--ec-env", "/nonexistent-shoal.env"]),
+            format!("--ec-env /nonexistent-shoal.env: {missing}")
+        );
+        // config::load names the file itself, so the path shows twice (kept as it was).
+        assert_eq!(
+            refusal(&["--config", "/nonexistent-shoal.toml"]),
+            format!("/nonexistent-shoal.toml: /nonexistent-shoal.toml: cannot read: {missing}")
+        );
+    }
+
+    #[test]
+    fn bad_node_files_name_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = |name: &str| dir.path().join(name).to_str().expect("utf8").to_string();
+        std::fs::write(path("no-list.env"), "DNS_NAME=lb.example.test\n").expect("env");
+        assert_eq!(
+            refusal(&["--ec-env", &path("no-list.env")]),
+            format!("{}: GATEWAY_LIST: missing: list the gateways as \"ip:port ip:port\"", path("no-list.env"))
+        );
+        std::fs::write(path("garbled.env"), "GATEWAY_LIST\n").expect("env");
+        assert_eq!(
+            refusal(&["--ec-env", &path("garbled.env")]),
+            format!("{}: line 1: \"GATEWAY_LIST\" is not KEY=VALUE", path("garbled.env"))
+        );
+        std::fs::write(path("no-name.env"), "GATEWAY_LIST=127.0.0.1:9000\n").expect("env");
+        assert_eq!(
+            refusal(&["--ec-env", &path("no-name.env"), "--tls-cert", "c.pem", "--tls-key", "k.pem"]),
+            "--ec-env: DNS_NAME: is needed with a certificate: port 80 redirects to https://DNS_NAME"
+        );
+        std::fs::write(path("short.token"), "short\n").expect("token");
+        std::fs::set_permissions(path("short.token"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("mode");
+        assert_eq!(
+            refusal(&["--data-dir", &path("data"), "--token-file", &path("short.token")]),
+            format!("--token-file {}: line 1: a token must be at least 16 characters", path("short.token"))
+        );
+
+        let ca = dir.path().join("ca");
+        cert::make_ca("prod", &ca, 10).expect("ca");
+        cert::make_node(&ca, "n1", &dir.path().join("n1"), 10).expect("node");
+        let cluster = ["--cluster", "127.0.0.1:7946", "--cluster-tls", &path("n1")];
+        assert_eq!(
+            refusal(&[&cluster[..], &["--raft-heartbeat-ms", "200", "--election-timeout-ms", "500"]].concat()),
+            "--election-timeout-ms 500 must be at least three times --raft-heartbeat-ms 200 \
+             (followers would elect while the leader is healthy)"
+        );
+        std::fs::write(dir.path().join("n1").join("cluster.key"), "not hex\n").expect("key");
+        assert_eq!(
+            refusal(&cluster),
+            format!(
+                "--cluster-tls {}/cluster.key: a cluster key is 64 hex digits (`shoal cert ca` makes one)",
+                path("n1")
+            )
+        );
+    }
+
     #[test]
     fn the_client_sends_the_first_token_of_a_file() {
         assert_eq!(first_token("abc\n"), "abc");
