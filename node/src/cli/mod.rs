@@ -21,12 +21,15 @@ use shoal_proto::admin::{ClusterView, PoolHealth, RemovedNode, WriteResult};
 use shoal_proto::proxy::Version;
 use shoal_proto::{Algorithm, CheckKind, Pool, Protocol};
 
+use crate::admin::tokens::TokenError;
+use crate::config::ConfigError;
 use crate::control::raft::{CoreFailure, RaftTiming};
 use crate::dataplane::Limits;
 use crate::dataplane::accesslog;
+use crate::dataplane::accesslog::AccessLogError;
 use crate::dataplane::reqid::IdSettings;
 use crate::dataplane::tls::CertFiles;
-use crate::node::{AccessLogOptions, ClusterCreds, ClusterOptions, NodeOptions};
+use crate::node::{AccessLogOptions, ClusterCreds, ClusterOptions, CredsError, NodeOptions};
 pub use args::parse;
 use choice::Choice;
 use client::{AdminClient, ApiFailure};
@@ -276,11 +279,52 @@ pub struct NodeArgs {
     pub fault_clock_offset_ms: Option<i64>,
 }
 
+/// Why `shoal node` will not start with its flags: it prints the text and exits 2. Each names
+/// the flag or file and the problem. A cause is part of the text and deliberately not a
+/// `source` (as in `TlsError`), so reporters walking the chain do not print it twice.
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    #[error("--tls-cert and --tls-key must come in pairs")]
+    UnpairedTls,
+    #[error("--https-port needs --tls-cert and --tls-key")]
+    HttpsWithoutCert,
+    #[error("--ec-env {}: {error}", path.display())]
+    ReadEcEnv { path: PathBuf, error: std::io::Error },
+    /// The EC env file (or the environment, for "-") is not a usable EC setup.
+    #[error("{}: {error}", path.display())]
+    EcEnv { path: PathBuf, error: ConfigError },
+    /// A certificate was found or given, but no DNS_NAME for port 80 to redirect to.
+    #[error("--ec-env: {0}")]
+    EcRedirect(ConfigError),
+    /// The --config file, read at start for its `[node]` table, is not valid.
+    #[error("{}: {error}", path.display())]
+    Config { path: PathBuf, error: ConfigError },
+    #[error("--access-log: {0}")]
+    AccessLog(AccessLogError),
+    #[error("--access-log-format: {0}")]
+    AccessLogFormat(AccessLogError),
+    #[error(
+        "--cluster needs --cluster-tls DIR: this node's certificate, the cluster CA and the gossip key \
+         (make them with `shoal cert ca --out CA` once, then `shoal cert node --ca CA --id ID --out DIR` per node)"
+    )]
+    ClusterWithoutTls,
+    #[error("--cluster-tls {0}")]
+    ClusterTls(CredsError),
+    #[error(
+        "--election-timeout-ms {election_ms} must be at least three times --raft-heartbeat-ms {heartbeat_ms} \
+         (followers would elect while the leader is healthy)"
+    )]
+    ElectionTimeout { election_ms: u64, heartbeat_ms: u64 },
+    /// The admin token file is unreadable, not private, or holds a bad line.
+    #[error("--token-file {}: {error}", path.display())]
+    TokenFile { path: PathBuf, error: TokenError },
+}
+
 impl NodeArgs {
     /// Node options from the flags (and the EC environment, with --ec-env).
-    pub fn options(&self) -> Result<NodeOptions, String> {
+    pub fn options(&self) -> Result<NodeOptions, OptionsError> {
         if self.tls_cert.len() != self.tls_key.len() {
-            return Err("--tls-cert and --tls-key must come in pairs".into());
+            return Err(OptionsError::UnpairedTls);
         }
         let mut tls: Vec<CertFiles> = self
             .tls_cert
@@ -295,12 +339,12 @@ impl NodeArgs {
             tls.push(found);
         }
         let redirect = match &ec {
-            Some(e) => e.redirect_host(!tls.is_empty()).map_err(|e| format!("--ec-env: {e}"))?,
+            Some(e) => e.redirect_host(!tls.is_empty()).map_err(OptionsError::EcRedirect)?,
             _ => None,
         };
         let https_port = self.https_port.or((ec.is_some() && !tls.is_empty()).then_some(443));
         if https_port.is_some() && tls.is_empty() {
-            return Err("--https-port needs --tls-cert and --tls-key".into());
+            return Err(OptionsError::HttpsWithoutCert);
         }
         let cluster = self.cluster_options()?;
         let (access_log, ids) = self.observability()?;
@@ -351,9 +395,11 @@ impl NodeArgs {
     }
 
     /// The access log and request-id settings: flags first, then the --config file's `[node]` table.
-    fn observability(&self) -> Result<(Option<AccessLogOptions>, IdSettings), String> {
+    fn observability(&self) -> Result<(Option<AccessLogOptions>, IdSettings), OptionsError> {
         let file = match &self.config {
-            Some(path) => crate::config::load(path).map_err(|e| format!("{}: {e}", path.display()))?.node,
+            Some(path) => {
+                crate::config::load(path).map_err(|error| OptionsError::Config { path: path.clone(), error })?.node
+            }
             None => Default::default(),
         };
         let on = |flag: Option<Switch>, file: Option<bool>| flag.map_or(file.unwrap_or(true), |s| s == Switch::On);
@@ -362,19 +408,16 @@ impl NodeArgs {
             traceparent: on(self.traceparent, file.traceparent),
         };
         let target = self.access_log.as_deref().or(file.access_log.as_deref()).unwrap_or("off");
-        let target = accesslog::parse_target(target).map_err(|e| format!("--access-log: {e}"))?;
+        let target = accesslog::parse_target(target).map_err(OptionsError::AccessLog)?;
         let format = self.access_log_format.as_deref().or(file.access_log_format.as_deref()).unwrap_or("json");
-        let format: accesslog::Format = format.parse().map_err(|e| format!("--access-log-format: {e}"))?;
+        let format: accesslog::Format = format.parse().map_err(OptionsError::AccessLogFormat)?;
         Ok((target.map(|target| AccessLogOptions { target, format }), ids))
     }
 
-    fn cluster_options(&self) -> Result<Option<ClusterOptions>, String> {
+    fn cluster_options(&self) -> Result<Option<ClusterOptions>, OptionsError> {
         let Some(addr) = self.cluster else { return Ok(None) };
-        let dir = self.cluster_tls.as_ref().ok_or(
-            "--cluster needs --cluster-tls DIR: this node's certificate, the cluster CA and the gossip key \
-             (make them with `shoal cert ca --out CA` once, then `shoal cert node --ca CA --id ID --out DIR` per node)",
-        )?;
-        let creds = ClusterCreds::load(dir).map_err(|e| format!("--cluster-tls {e}"))?;
+        let dir = self.cluster_tls.as_ref().ok_or(OptionsError::ClusterWithoutTls)?;
+        let creds = ClusterCreds::load(dir).map_err(OptionsError::ClusterTls)?;
         let expect = self.expect.unwrap_or(if self.join.is_empty() { 1 } else { 0 });
         let mut c = ClusterOptions::new(addr, self.join.clone(), expect, creds);
         if let Some(name) = &self.cluster_name {
@@ -384,11 +427,10 @@ impl NodeArgs {
         c.policy.dead_grace = Duration::from_secs(self.dead_voter_grace);
         c.gossip_interval = Duration::from_millis(self.gossip_interval_ms.max(10));
         if self.election_timeout_ms < 3 * self.raft_heartbeat_ms.max(10) {
-            return Err(format!(
-                "--election-timeout-ms {} must be at least three times --raft-heartbeat-ms {} \
-                 (followers would elect while the leader is healthy)",
-                self.election_timeout_ms, self.raft_heartbeat_ms
-            ));
+            return Err(OptionsError::ElectionTimeout {
+                election_ms: self.election_timeout_ms,
+                heartbeat_ms: self.raft_heartbeat_ms,
+            });
         }
         c.raft = RaftTiming::new(
             Duration::from_millis(self.raft_heartbeat_ms.max(10)),
@@ -398,10 +440,12 @@ impl NodeArgs {
     }
 
     /// The token file, checked and created (one admin token, mode 0600) when missing.
-    fn admin_token_file(&self) -> Result<PathBuf, String> {
+    fn admin_token_file(&self) -> Result<PathBuf, OptionsError> {
         let path = self.token_file.clone().unwrap_or_else(|| self.data_dir.join("admin.token"));
-        crate::admin::tokens::load_or_create(&path).map_err(|e| format!("--token-file {}: {e}", path.display()))?;
-        Ok(path)
+        match crate::admin::tokens::load_or_create(&path) {
+            Ok(_) => Ok(path),
+            Err(error) => Err(OptionsError::TokenFile { path, error }),
+        }
     }
 }
 
@@ -413,15 +457,17 @@ fn ec_ipv6(ec: bool, listen_ip: Option<IpAddr>) -> Option<IpAddr> {
 }
 
 /// Reads an EC env file, or the process environment for "-".
-fn ec_setup(path: &std::path::Path) -> Result<crate::ec::EcSetup, String> {
+fn ec_setup(path: &std::path::Path) -> Result<crate::ec::EcSetup, OptionsError> {
+    let bad = |error| OptionsError::EcEnv { path: path.to_path_buf(), error };
     let vars = if path.as_os_str() == "-" {
         crate::ec::process_env()
     } else {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("--ec-env {}: {e}", path.display()))?;
-        crate::ec::parse_env(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| OptionsError::ReadEcEnv { path: path.to_path_buf(), error })?;
+        crate::ec::parse_env(&text).map_err(bad)?
     };
     let home = std::env::var_os("HOME").map(PathBuf::from);
-    crate::ec::setup(&vars, home.as_deref()).map_err(|e| format!("{}: {e}", path.display()))
+    crate::ec::setup(&vars, home.as_deref()).map_err(bad)
 }
 
 fn default_id() -> String {
@@ -665,7 +711,7 @@ fn run_node(args: NodeArgs) -> ExitCode {
     catch_file_size_signal(&rt);
     let opts = match args.options() {
         Ok(o) => o,
-        Err(e) => return fail(2, e),
+        Err(e) => return fail(2, e.to_string()),
     };
     // The clock is the process's: set here, before anything reads it (a node's first gossip
     // generation and sequence come from it).
@@ -1001,6 +1047,97 @@ mod tests {
         assert_eq!(ec_ipv6(true, Some(IpAddr::from([0, 0, 0, 0]))), any6);
         assert_eq!(ec_ipv6(true, Some(IpAddr::from([127, 0, 0, 1]))), None, "one chosen address stays one");
         assert_eq!(ec_ipv6(false, None), None, "only EC mode (the nginx image) adds [::]");
+    }
+
+    /// Why `shoal node ARGS` would not start.
+    fn refused(args: &[&str]) -> OptionsError {
+        let cli = Cli::try_parse_from(["shoal", "node"].iter().chain(args)).expect("the flags parse");
+        let Command::Node(node) = cli.command else { panic!("not `shoal node`") };
+        match node.options() {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    /// The line `shoal node ARGS` prints after `error: `.
+    fn refusal(args: &[&str]) -> String {
+        refused(args).to_string()
+    }
+
+    #[test]
+    fn bad_node_flags_name_the_flag_and_the_problem() {
+        assert_eq!(refusal(&["--tls-cert", "c.pem"]), "--tls-cert and --tls-key must come in pairs");
+        assert_eq!(refusal(&["--https-port", "8443"]), "--https-port needs --tls-cert and --tls-key");
+        assert_eq!(refusal(&["--access-log", ""]), "--access-log: must be off, stdout or a file path");
+        assert_eq!(
+            refusal(&["--cluster", "127.0.0.1:7946"]),
+            "--cluster needs --cluster-tls DIR: this node's certificate, the cluster CA and the gossip key \
+             (make them with `shoal cert ca --out CA` once, then `shoal cert node --ca CA --id ID --out DIR` per node)"
+        );
+        let missing = "No such file or directory (os error 2)";
+        assert_eq!(
+            refusal(&["--cluster", "127.0.0.1:7946", "--cluster-tls", "/nonexistent-shoal"]),
+            format!("--cluster-tls /nonexistent-shoal/node.key: {missing}")
+        );
+        assert_eq!(
+            refusal(&["--ec-env", "/nonexistent-shoal.env"]),
+            format!("--ec-env /nonexistent-shoal.env: {missing}")
+        );
+        // config::load names the file itself, so the path shows twice (kept as it was).
+        assert_eq!(
+            refusal(&["--config", "/nonexistent-shoal.toml"]),
+            format!("/nonexistent-shoal.toml: /nonexistent-shoal.toml: cannot read: {missing}")
+        );
+    }
+
+    #[test]
+    fn bad_node_files_name_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = |name: &str| dir.path().join(name).to_str().expect("utf8").to_string();
+        std::fs::write(path("no-list.env"), "DNS_NAME=lb.example.test\n").expect("env");
+        assert_eq!(
+            refusal(&["--ec-env", &path("no-list.env")]),
+            format!("{}: GATEWAY_LIST: missing: list the gateways as \"ip:port ip:port\"", path("no-list.env"))
+        );
+        std::fs::write(path("garbled.env"), "GATEWAY_LIST\n").expect("env");
+        assert_eq!(
+            refusal(&["--ec-env", &path("garbled.env")]),
+            format!("{}: line 1: \"GATEWAY_LIST\" is not KEY=VALUE", path("garbled.env"))
+        );
+        std::fs::write(path("no-name.env"), "GATEWAY_LIST=127.0.0.1:9000\n").expect("env");
+        assert_eq!(
+            refusal(&["--ec-env", &path("no-name.env"), "--tls-cert", "c.pem", "--tls-key", "k.pem"]),
+            "--ec-env: DNS_NAME: is needed with a certificate: port 80 redirects to https://DNS_NAME"
+        );
+        std::fs::write(path("short.token"), "short\n").expect("token");
+        std::fs::set_permissions(path("short.token"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("mode");
+        let short = refused(&["--data-dir", &path("data"), "--token-file", &path("short.token")]);
+        assert!(matches!(short, OptionsError::TokenFile { error: TokenError::Line { .. }, .. }), "{short:?}");
+        assert_eq!(
+            short.to_string(),
+            format!("--token-file {}: line 1: a token must be at least 16 characters", path("short.token"))
+        );
+
+        let ca = dir.path().join("ca");
+        cert::make_ca("prod", &ca, 10).expect("ca");
+        cert::make_node(&ca, "n1", &dir.path().join("n1"), 10).expect("node");
+        let cluster = ["--cluster", "127.0.0.1:7946", "--cluster-tls", &path("n1")];
+        assert_eq!(
+            refusal(&[&cluster[..], &["--raft-heartbeat-ms", "200", "--election-timeout-ms", "500"]].concat()),
+            "--election-timeout-ms 500 must be at least three times --raft-heartbeat-ms 200 \
+             (followers would elect while the leader is healthy)"
+        );
+        std::fs::write(dir.path().join("n1").join("cluster.key"), "not hex\n").expect("key");
+        let bad_key = refused(&cluster);
+        assert!(matches!(bad_key, OptionsError::ClusterTls(CredsError::Key(_))), "{bad_key:?}");
+        assert_eq!(
+            refusal(&cluster),
+            format!(
+                "--cluster-tls {}/cluster.key: a cluster key is 64 hex digits (`shoal cert ca` makes one)",
+                path("n1")
+            )
+        );
     }
 
     #[test]

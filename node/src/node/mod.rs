@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use options::{AccessLogOptions, ClusterCreds, ClusterOptions, NodeOptions};
+pub use options::{AccessLogOptions, ClusterCreds, ClusterOptions, CredsError, NodeOptions};
 pub use stop::Released;
 
 use self::listeners::{Bound, Fixed};

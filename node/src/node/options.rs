@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use crate::control::gossip_auth::GossipFilter;
 use crate::control::membership::Policy;
+use crate::control::pki::PkiError;
 use crate::control::raft::RaftTiming;
 use crate::control::raft::channel::{RaftTls, TlsFiles};
 use crate::control::raft::network::LinkFilter;
-use crate::control::secure::ClusterKey;
+use crate::control::secure::{ClusterKey, KeyError};
 use crate::dataplane::Limits;
 use crate::dataplane::accesslog;
 use crate::dataplane::reqid::IdSettings;
@@ -46,11 +47,21 @@ pub struct ClusterCreds {
     pub key: ClusterKey,
 }
 
+/// Why a `--cluster-tls` directory could not be used: its certificates, or its gossip key.
+/// Both name the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CredsError {
+    #[error(transparent)]
+    Tls(#[from] PkiError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
 impl ClusterCreds {
     /// Reads a directory `shoal cert node --out DIR` wrote; errors name the file.
-    pub fn load(dir: &std::path::Path) -> Result<ClusterCreds, String> {
-        let tls = RaftTls::load(TlsFiles::in_dir(dir)).map_err(|e| e.to_string())?;
-        let key = ClusterKey::load(&dir.join(crate::control::pki::GOSSIP_KEY)).map_err(|e| e.to_string())?;
+    pub fn load(dir: &std::path::Path) -> Result<ClusterCreds, CredsError> {
+        let tls = RaftTls::load(TlsFiles::in_dir(dir))?;
+        let key = ClusterKey::load(&dir.join(crate::control::pki::GOSSIP_KEY))?;
         Ok(ClusterCreds { tls: Arc::new(tls), key })
     }
 }
