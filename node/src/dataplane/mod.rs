@@ -15,6 +15,7 @@ pub mod pool;
 pub mod proxy;
 pub mod relay;
 pub mod reqid;
+mod slots;
 pub mod splice;
 pub mod tcp;
 pub mod tls;
@@ -31,13 +32,14 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol as SockProto, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 
 use crate::health::Reporter;
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::routing::SharedTable;
 use crate::shutdown::{Phase, Shutdown};
+use slots::{Slot, Slots};
 
 /// Limits that protect the node from its clients. Defaults are safe for an edge proxy.
 #[derive(Clone, Debug)]
@@ -139,23 +141,27 @@ pub struct DataPlane {
     inherited: Mutex<Option<HashMap<ListenerKey, Vec<std::net::TcpListener>>>>,
     /// Listeners that could not be opened, with the reason (shown by the admin API).
     pub errors: Mutex<BTreeMap<String, String>>,
-    /// Client connections open on every worker (a drain waits for none).
-    open: Arc<AtomicUsize>,
+    /// Every worker's connection slots (a drain waits until none is open).
+    slots: Vec<Arc<Slots>>,
+    /// Woken when a worker's last connection closes while a drain waits.
+    drained: Arc<Notify>,
 }
 
 impl DataPlane {
     /// Starts `threads` workers.
     pub fn start(threads: usize, ctx: DpCtx) -> io::Result<DataPlane> {
         let ctx = Arc::new(ctx);
-        let conns = Arc::new(AtomicUsize::new(0));
-        let mut workers = Vec::new();
+        let drained = Arc::new(Notify::new());
+        let (mut workers, mut slots) = (Vec::new(), Vec::new());
         for id in 0..threads.max(1) {
             let (tx, rx) = mpsc::unbounded_channel();
-            let (wctx, wconns) = (ctx.clone(), conns.clone());
+            let wslots = Arc::new(Slots::new(ctx.limits.max_connections, drained.clone()));
+            let (wctx, ws) = (ctx.clone(), wslots.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("shoal-worker-{id}"))
-                .spawn(move || worker_main(id, rx, wctx, wconns))?;
+                .spawn(move || worker_main(id, rx, wctx, ws))?;
             workers.push((tx, thread));
+            slots.push(wslots);
         }
         Ok(DataPlane {
             workers,
@@ -163,7 +169,8 @@ impl DataPlane {
             listening: Mutex::default(),
             inherited: Mutex::default(),
             errors: Mutex::default(),
-            open: conns,
+            slots,
+            drained,
         })
     }
 
@@ -198,14 +205,13 @@ impl DataPlane {
 
     /// Client connections open on this node (upgraded ones included).
     pub fn open_connections(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
+        slots::open(&self.slots)
     }
 
-    /// Resolves once no client connection and no tunnel is open (polled every 50 ms).
+    /// Resolves once no client connection is open, woken by the last one's close. Tunnels
+    /// run in their client connection's task, so none is left either.
     pub async fn drained(&self) {
-        while self.open_connections() > 0 || self.tunnels() > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        slots::drained(&self.slots, &self.drained).await
     }
 
     /// Opens, keeps or closes listeners so exactly `wanted` are served. Returns the bound
@@ -383,7 +389,7 @@ impl<const N: usize> Tried<N> {
     }
 }
 
-fn worker_main(id: usize, rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>, conns: Arc<AtomicUsize>) {
+fn worker_main(id: usize, rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>, slots: Arc<Slots>) {
     pool::set_worker(id);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -392,12 +398,11 @@ fn worker_main(id: usize, rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx
             return;
         }
     };
-    rt.block_on(run_worker(rx, ctx, conns));
+    rt.block_on(run_worker(rx, ctx, slots));
 }
 
-async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>, conns: Arc<AtomicUsize>) {
+async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>, slots: Arc<Slots>) {
     let mut accepting: HashMap<ListenerKey, Vec<AbortHandle>> = HashMap::new();
-    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
     let mut shutdown = ctx.shutdown.clone();
     loop {
         tokio::select! {
@@ -405,7 +410,7 @@ async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>,
                 Some(WorkerCmd::Listen { key, socket, metrics }) => {
                     match TcpListener::from_std(socket) {
                         Ok(listener) => {
-                            let task = tokio::spawn(accept_loop(listener, key.1.clone(), ctx.clone(), (slots.clone(), conns.clone()), metrics));
+                            let task = tokio::spawn(accept_loop(listener, key.1.clone(), ctx.clone(), slots.clone(), metrics));
                             accepting.entry(key).or_default().push(task.abort_handle());
                         }
                         Err(e) => tracing::error!(addr = %key.0, error = %e, "worker cannot adopt listener"),
@@ -423,7 +428,7 @@ async fn run_worker(mut rx: mpsc::UnboundedReceiver<WorkerCmd>, ctx: Arc<DpCtx>,
     accepting.values().flatten().for_each(AbortHandle::abort);
     let max = ctx.limits.max_connections as u32;
     tokio::select! {
-        _ = slots.acquire_many(max) => {}
+        _ = slots.permits.acquire_many(max) => {}
         _ = shutdown.wait_for(Phase::Stopped) => {}
     }
     // Upgraded connections end with close frames once `Stopped`; let them write those.
@@ -440,7 +445,7 @@ async fn accept_loop(
     listener: TcpListener,
     kind: ListenerKind,
     ctx: Arc<DpCtx>,
-    (slots, conns): (Arc<Semaphore>, Arc<AtomicUsize>),
+    slots: Arc<Slots>,
     lm: ListenerMetrics,
 ) {
     let mut gate = ctx.accepting.clone();
@@ -449,7 +454,7 @@ async fn accept_loop(
         return;
     }
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = slots.permits.acquire().await else { return };
         let (stream, peer) = match listener.accept().await {
             Ok(pair) => pair,
             Err(e) => {
@@ -465,52 +470,29 @@ async fn accept_loop(
         let conn = http::ConnInfo { peer, local, tls: false };
         lm.accepted.inc();
         lm.active.inc();
-        let permit = Slot { _permit: permit, _conns: Counted::new(&conns) };
+        let slot = Slot::open(&slots, permit);
         let (ctx, lm2) = (ctx.clone(), lm.clone());
         // One spawn per kind: a task is sized for its largest state, so a plain HTTP
         // connection must not carry room for a TLS handshake or an L4 relay.
         match kind {
             ListenerKind::Http if ctx.accept_proxy_from.is_none() => {
-                spawn_conn(http::serve(stream, conn, ctx, lm2), lm.clone(), permit);
+                spawn_conn(http::serve(stream, conn, ctx, lm2), lm.clone(), slot);
             }
-            ListenerKind::Http => spawn_conn(serve_proxied(stream, conn, ctx, lm2), lm.clone(), permit),
+            ListenerKind::Http => spawn_conn(serve_proxied(stream, conn, ctx, lm2), lm.clone(), slot),
             ListenerKind::Https => {
-                spawn_conn(async move { serve_tls(stream, conn, ctx, &lm2).await }, lm.clone(), permit)
+                spawn_conn(async move { serve_tls(stream, conn, ctx, &lm2).await }, lm.clone(), slot)
             }
-            ListenerKind::Tcp(port) => spawn_conn(tcp::serve(stream, conn, port, ctx, lm2), lm.clone(), permit),
+            ListenerKind::Tcp(port) => spawn_conn(tcp::serve(stream, conn, port, ctx, lm2), lm.clone(), slot),
         }
     }
 }
 
-/// A client connection's place: its permit among the worker's `max_connections`, and its
-/// count among the data plane's open connections, both given up when it ends.
-struct Slot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    _conns: Counted,
-}
-
-/// One in an open-connection count, for as long as it lives.
-struct Counted(Arc<AtomicUsize>);
-
-impl Counted {
-    fn new(count: &Arc<AtomicUsize>) -> Counted {
-        count.fetch_add(1, Ordering::Relaxed);
-        Counted(count.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Runs one client connection; its slot is freed when it ends.
-fn spawn_conn(conn: impl std::future::Future<Output = ()> + Send + 'static, lm: ListenerMetrics, permit: Slot) {
+fn spawn_conn(conn: impl std::future::Future<Output = ()> + Send + 'static, lm: ListenerMetrics, slot: Slot) {
     tokio::spawn(async move {
         conn.await;
         lm.active.dec();
-        drop(permit);
+        drop(slot);
     });
 }
 
