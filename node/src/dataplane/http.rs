@@ -484,7 +484,7 @@ mod tests {
         use tokio::net::TcpStream;
         assert!(std::mem::size_of::<Tunnel>() <= 128, "Tunnel: {} bytes", std::mem::size_of::<Tunnel>());
         let f = |c: &'static mut Client<TcpStream>, t: Box<Tunnel>, ctx: &'static Arc<DpCtx>| run_tunnel(c, t, ctx);
-        assert!(future_size(&f) <= 1152, "tunnel future: {} bytes", future_size(&f));
+        assert!(future_size(&f) <= 1024, "tunnel future: {} bytes", future_size(&f));
     }
 
     #[test]

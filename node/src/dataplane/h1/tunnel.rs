@@ -61,13 +61,16 @@ pub async fn relay<C: Transport, B: Transport>(
         if up.done && down.done {
             break Ended::Closed;
         }
+        // One timer for both deadlines: an idle tunnel's task holds every branch's state.
         let idle_at = idle.map(|d| last + d);
+        let grace_at = stopping.map(|t| t + CLOSE_GRACE);
         let event = tokio::select! {
             r = hio::read(client, &mut up.buf), if !up.done => Event::Up(r),
             r = hio::read(backend, &mut down.buf), if !down.done => Event::Down(r),
-            _ = sleep_until_opt(idle_at) => Event::Idle,
+            _ = sleep_until_opt(earliest(idle_at, grace_at)) => {
+                if grace_at.is_some_and(|g| Instant::now() >= g) { Event::Grace } else { Event::Idle }
+            }
             _ = shutdown.wait_for(Phase::Stopped), if stopping.is_none() => Event::Stop,
-            _ = sleep_until_opt(stopping.map(|t| t + CLOSE_GRACE)) => Event::Grace,
         };
         let step = match event {
             Event::Up(r) => on_read(&mut up, backend, r).await,
@@ -85,6 +88,13 @@ pub async fn relay<C: Transport, B: Transport>(
         last = Instant::now();
     };
     (Moved { up: up.moved, down: down.moved }, ended)
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
